@@ -1,0 +1,171 @@
+"""Builds a ready model (and its tokenizer) from a preset name or a weight path."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from model.config import ModelConfig, QuantConfig
+from model.kv_cache import ContiguousKVCache
+from model.presets import ANALYTIC, PRESETS, get_preset
+from model.quant import QEmbedding, QLinear, smoothing_factors
+from model.tokenizer import Tokenizer
+from model.transformer import RMSNorm, Transformer
+from model.weights import (WeightFileError, config_from_gguf, config_from_hf, load_checkpoint, load_gguf,
+                           load_hf_dir, smollm2_gguf_path)
+
+
+@dataclasses.dataclass
+class Loaded:
+    model: Transformer
+    tokenizer: Tokenizer | None
+
+
+def load(name_or_path: str, quant: QuantConfig | None = None, seed: int = 0) -> Loaded:
+    """A preset name (``smollm2-135m``...) or a path: ``.gguf`` file, HF Llama directory, pdserve ``.safetensors``."""
+    if name_or_path in PRESETS:
+        return _load_preset(get_preset(name_or_path), quant, seed)
+    path = Path(name_or_path)
+    if not path.exists():
+        get_preset(name_or_path)  # raises the "unknown preset" error listing the known ones
+    if path.suffix == ".gguf":
+        gg = load_gguf(path)
+        config = config_from_gguf(gg.metadata, path.stem)
+        config = dataclasses.replace(config, tie_embeddings="lm_head.weight" not in gg.tensors)
+        config = config.with_quant(quant) if quant else config
+        return Loaded(build(config, gg.tensors), Tokenizer.from_gguf(path))
+    if path.is_dir():
+        hf, state = load_hf_dir(path)
+        config = config_from_hf(hf, path.name)
+        config = config.with_quant(quant) if quant else config
+        return Loaded(build(config, state), Tokenizer.from_hf_dir(path, config.bos_token_id, config.eos_token_id))
+    if path.suffix == ".safetensors":
+        config, state = load_checkpoint(path)
+        if quant is not None and quant != config.quant:
+            raise ValueError(f"{path} was saved as {config.quant.tag}; it cannot be reloaded as {quant.tag}")
+        model = Transformer(config)
+        _load_exact(model, state, path)
+        return Loaded(model, None)
+    raise ValueError(f"don't know how to load {path}: expected a preset, a .gguf file, an HF directory "
+                     f"or a pdserve .safetensors checkpoint")
+
+
+def _load_preset(config: ModelConfig, quant: QuantConfig | None, seed: int) -> Loaded:
+    if config.name in ANALYTIC:
+        raise ValueError(f"preset {config.name!r} is an analytic config (cost models only): it has no weights")
+    config = config.with_quant(quant) if quant else config
+    if config.weights is None:
+        return Loaded(build(config, random_state(config, seed)), None)
+    path = smollm2_gguf_path()
+    gg = load_gguf(path)
+    state = gg.tensors
+    if config.weights == "smollm2:skv":
+        from model.convert import to_shared_kv
+
+        state = to_shared_kv(state, config)
+    return Loaded(build(config, state), Tokenizer.from_gguf(path))
+
+
+def random_state(config: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
+    """Float weights for a random model, scaled so that its logits are peaked (no greedy near-ties)."""
+    shapes = float_shapes(config)
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, shape in shapes.items():
+        if name.endswith("layernorm.weight") or name == "norm.weight":
+            state[name] = 1.0 + 0.1 * torch.randn(shape, generator=gen)
+        else:
+            state[name] = torch.randn(shape, generator=gen) / (shape[-1] ** 0.5 if len(shape) > 1 else 1.0)
+    state["embed_tokens.weight"] = torch.randn(shapes["embed_tokens.weight"], generator=gen)
+    return state
+
+
+def float_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every float tensor a model of this config reads."""
+    probe = Transformer(config.with_quant(QuantConfig.off()))
+    shapes = {k: tuple(v.shape) for k, v in probe.state_dict().items()}
+    if config.tie_embeddings:
+        shapes.pop("lm_head.weight")
+    return shapes
+
+
+def build(config: ModelConfig, state: dict[str, torch.Tensor], calibration: torch.Tensor | None = None) -> Transformer:
+    """Quantizes float weights into a model of ``config``; smoothing is calibrated on real activations."""
+    smooth: dict[str, torch.Tensor] = {}
+    q = config.quant
+    if q.weights and q.activations and q.smooth_alpha is not None:
+        ref = Transformer(config.with_quant(QuantConfig.off()))
+        load_float_state(ref, state)
+        if calibration is None:
+            calibration = calibration_tokens(config)
+        for name, absmax in activation_absmax(ref, calibration).items():
+            weight = state.get(name + ".weight", state.get("embed_tokens.weight"))
+            f = smoothing_factors(absmax, weight, q.smooth_alpha)
+            if f is not None:
+                smooth[name] = f
+    model = Transformer(config)
+    load_float_state(model, state, smooth)
+    return model
+
+
+def calibration_tokens(config: ModelConfig) -> torch.Tensor:
+    if config.weights and config.weights.startswith("smollm2"):
+        from model.texts import CALIBRATION
+
+        tok = Tokenizer.from_gguf(smollm2_gguf_path())
+        return torch.tensor([t for text in CALIBRATION for t in tok.encode(text)])
+    return torch.randint(0, config.vocab_size, (256,), generator=torch.Generator().manual_seed(1234))
+
+
+@torch.inference_mode()
+def activation_absmax(model: Transformer, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-input-channel max |x| seen by each linear layer over ``tokens``."""
+    seen: dict[str, torch.Tensor] = {}
+    hooks = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, QLinear):
+            def hook(_m, args, _out, name=name):
+                a = args[0].reshape(-1, args[0].shape[-1]).abs().amax(0).float()
+                seen[name] = torch.maximum(seen[name], a) if name in seen else a
+            hooks.append(mod.register_forward_hook(hook))
+    try:
+        model(tokens, ContiguousKVCache(model.config, len(tokens)).extend(len(tokens)))
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def load_float_state(model: Transformer, state: dict[str, torch.Tensor],
+                     smooth: dict[str, torch.Tensor] | None = None) -> None:
+    smooth = smooth or {}
+    state = dict(state)
+    if model.config.tie_embeddings:
+        state.setdefault("lm_head.weight", state.get("embed_tokens.weight"))
+    expected = set()
+    for name, mod in model.named_modules():
+        if isinstance(mod, (QLinear, QEmbedding, RMSNorm)):
+            key = name + ".weight"
+            expected.add(key)
+            if state.get(key) is None:
+                raise WeightFileError(f"weights for {model.config.name!r} lack tensor {key!r}")
+            if isinstance(mod, QLinear):
+                mod.load_float(state[key], smooth.get(name))
+            elif isinstance(mod, QEmbedding):
+                mod.load_float(state[key])
+            else:
+                if mod.weight.shape != state[key].shape:
+                    raise WeightFileError(f"tensor {key!r} has shape {tuple(state[key].shape)}, "
+                                          f"expected {tuple(mod.weight.shape)}")
+                mod.weight.data.copy_(state[key])
+    extra = sorted(set(state) - expected - {"rotary_emb.inv_freq"})
+    if extra:
+        raise WeightFileError(f"weights for {model.config.name!r} hold tensors the config has no place for: "
+                              f"{', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}")
+
+
+def _load_exact(model: Transformer, state: dict[str, torch.Tensor], path: Path) -> None:
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise WeightFileError(f"{path} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")

