@@ -33,7 +33,7 @@ class QuantConfig:
     activations: bool = True  # per token, dynamic, symmetric
     kv: bool = True  # per token and KV head, float32 scale
     rotate: bool = True  # Hadamard-rotate each int8 linear's input (QuaRot): spreads outlier channels
-    smooth_alpha: float | None = 0.5  # SmoothQuant strength, applied where outlier channels remain; None = off
+    smooth_alpha: float | None = None  # SmoothQuant strength, applied where outlier channels remain; None = off
     compute: Precision = "float32"  # dtype of everything not held in int8
 
     @classmethod
@@ -155,6 +155,19 @@ class ModelConfig:
             return 2 * self.n_kv_heads * (self.head_dim + 4)
         width = 2 if self.quant.compute == "bfloat16" else 4
         return 2 * self.n_kv_heads * self.head_dim * width
+
+    def kv_blocks(self, group: KVGroup, context: int) -> int:
+        """Blocks a paged pool holds for ``group`` after ``context`` tokens: the ones a future step can read."""
+        first = 0 if group.window is None else max(0, context - group.window)
+        return 0 if context == 0 else (context - 1) // self.block_size - first // self.block_size + 1
+
+    def kv_bytes(self, context: int) -> int:
+        """KV bytes held for one sequence of ``context`` tokens, counted in whole blocks."""
+        per_block = self.block_size * self.kv_bytes_per_token_per_group
+        return sum(self.kv_blocks(g, context) for g in self.kv_groups) * per_block
+
+    def kv_bytes_per_token(self, context: int) -> float:
+        return self.kv_bytes(context) / context
 
     def with_quant(self, quant: QuantConfig) -> "ModelConfig":
         return dataclasses.replace(self, quant=quant)

@@ -1,0 +1,92 @@
+"""The ``pdserve`` command line."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pdserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="stream a completion of a prompt to stdout")
+    g.add_argument("prompt")
+    g.add_argument("--model", default=None, help="preset name or weight path (default: the cluster's default preset)")
+    g.add_argument("--max-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
+    g.add_argument("--precision", choices=["int8", "float32", "bfloat16"], default="int8")
+    g.set_defaults(func=_generate)
+
+    c = sub.add_parser("compare", help="teacher-forced agreement of a student model with a teacher")
+    c.add_argument("--teacher", default="smollm2-135m")
+    c.add_argument("--student", default="smollm2-135m-skv")
+    c.add_argument("--teacher-precision", choices=["int8", "float32", "bfloat16"], default="float32")
+    c.add_argument("--student-precision", choices=["int8", "float32", "bfloat16"], default="int8")
+    c.set_defaults(func=_compare)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"pdserve: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _quant(precision: str):
+    from model.config import QuantConfig
+
+    return QuantConfig() if precision == "int8" else QuantConfig.off(precision)
+
+
+def _generate(args) -> int:
+    from model.generate import Sampling, TextStream, generate
+    from model.loader import load
+    from model.presets import DEFAULT_PRESET
+
+    sampling = Sampling(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
+    sampling.validate()
+    name = args.model or DEFAULT_PRESET
+    t0 = time.perf_counter()
+    loaded = load(name, quant=_quant(args.precision))
+    tok = loaded.tokenizer
+    if tok is None:
+        raise ValueError(f"model {name!r} has no tokenizer; give a model with one (a preset or a GGUF file)")
+    text = tok.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
+    prompt = tok.encode(text)
+    print(f"[{name}, {loaded.model.config.quant.tag}, loaded in {time.perf_counter() - t0:.1f}s, "
+          f"{len(prompt)} prompt tokens]", file=sys.stderr)
+    stream = TextStream(tok.decode)
+    stops = tuple(t for t in (tok.eos_token_id, tok.token_id("<|endoftext|>")) if t is not None)
+    t1, n = time.perf_counter(), 0
+    for token in generate(loaded.model, prompt, sampling, stops):
+        n += 1
+        sys.stdout.write(stream.push(token))
+        sys.stdout.flush()
+    dt = time.perf_counter() - t1
+    print(f"\n[{n} tokens in {dt:.2f}s, {n / dt if dt else 0:.1f} tok/s]", file=sys.stderr)
+    return 0
+
+
+def _compare(args) -> int:
+    from model.loader import load
+    from model.quality import compare
+    from model.texts import EVAL
+
+    teacher = load(args.teacher, quant=_quant(args.teacher_precision))
+    student = load(args.student, quant=_quant(args.student_precision))
+    if teacher.tokenizer is None:
+        raise ValueError(f"teacher {args.teacher!r} has no tokenizer to encode the prompt set")
+    seqs = [teacher.tokenizer.encode(t) for t in EVAL]
+    result = compare(teacher.model, student.model, seqs)
+    ctx = 1024
+    print(f"{args.student} ({args.student_precision}) vs {args.teacher} ({args.teacher_precision}): {result}")
+    for who, m in (("teacher", teacher.model), ("student", student.model)):
+        print(f"  {who} KV bytes/token at {ctx}: {m.config.kv_bytes_per_token(ctx):.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

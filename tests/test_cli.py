@@ -1,0 +1,37 @@
+"""The ``pdserve`` command as a user runs it."""
+import subprocess
+import sys
+
+import pytest
+
+
+def run(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "pdserve.cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_generate_streams_a_chat_answer_on_the_default_preset():
+    out = run("generate", "--chat", "--max-tokens", "12", "What is the capital of France?")
+    assert out.returncode == 0, out.stderr
+    assert "smollm2-135m, w8-a8-kv8" in out.stderr
+    assert len(out.stdout.strip()) > 0
+    assert "tok/s" in out.stderr
+
+
+@pytest.mark.slow
+def test_generate_float32_greedy_answers_the_question():
+    out = run("generate", "--chat", "--precision", "float32", "--max-tokens", "12", "What is the capital of France?")
+    assert out.returncode == 0, out.stderr
+    assert "Paris" in out.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (("generate", "--model", "nope", "hi"), "unknown model preset 'nope'"),
+    (("generate", "--max-tokens", "0", "hi"), "max_tokens must be a positive integer"),
+    (("generate", "--temperature", "-1", "hi"), "temperature must be"),
+    (("generate", "--model", "llama3-70b", "hi"), "analytic config"),
+])
+def test_bad_arguments_exit_2_with_a_message(args, message):
+    out = run(*args)
+    assert out.returncode == 2
+    assert message in out.stderr
