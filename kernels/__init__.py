@@ -3,6 +3,8 @@
 Every op has a torch reference (``kernels.reference``), which is the CPU path and the
 oracle the Triton kernels (GPU, a later issue) are tested against.
 """
-from kernels.dispatch import attention, dequantize_rows, int8_matmul, quantize_rows
+from kernels.dispatch import (attention, dequantize_rows, gather_kv, int8_matmul, paged_decode_attention,
+                              paged_prefill_attention, quantize_rows, write_kv)
 
-__all__ = ["attention", "dequantize_rows", "int8_matmul", "quantize_rows"]
+__all__ = ["attention", "dequantize_rows", "gather_kv", "int8_matmul", "paged_decode_attention",
+           "paged_prefill_attention", "quantize_rows", "write_kv"]

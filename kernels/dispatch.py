@@ -11,3 +11,7 @@ quantize_rows = reference.quantize_rows
 dequantize_rows = reference.dequantize_rows
 int8_matmul = reference.int8_matmul
 attention = reference.attention
+write_kv = reference.write_kv
+gather_kv = reference.gather_kv
+paged_decode_attention = reference.paged_decode_attention
+paged_prefill_attention = reference.paged_prefill_attention

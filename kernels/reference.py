@@ -76,3 +76,83 @@ def attention(
     probs = torch.softmax(scores, dim=-1).to(q.dtype)
     out = torch.matmul(probs, vt.unsqueeze(1))  # [Hkv, G, Tq, D]
     return out.permute(2, 0, 1, 3).reshape(tq, h, d)
+
+
+# -- paged KV: pools of shape [num_blocks, block_size, Hkv, D] (int8) with scales [..., Hkv, 1] --
+def write_kv(
+    k_pool: torch.Tensor, v_pool: torch.Tensor, k_scale: torch.Tensor, v_scale: torch.Tensor,
+    k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor,
+) -> None:
+    """Quantize new K/V [N, Hkv, D] to int8 per token and KV head and scatter them to flat ``slots`` [N].
+
+    Float pools (``k_scale is None``) take K/V as they are: the reference path for fp32 / bf16 runs.
+    """
+    hkv, d = k.shape[1], k.shape[2]
+    if k_scale is None:
+        k_pool.view(-1, hkv, d)[slots] = k.to(k_pool.dtype)
+        v_pool.view(-1, hkv, d)[slots] = v.to(v_pool.dtype)
+        return
+    kq, ks = quantize_rows(k)
+    vq, vs = quantize_rows(v)
+    k_pool.view(-1, hkv, d)[slots] = kq
+    v_pool.view(-1, hkv, d)[slots] = vq
+    k_scale.view(-1, hkv, 1)[slots] = ks
+    v_scale.view(-1, hkv, 1)[slots] = vs
+
+
+def gather_kv(
+    k_pool: torch.Tensor, v_pool: torch.Tensor, k_scale: torch.Tensor, v_scale: torch.Tensor,
+    slots: torch.Tensor, dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dequantized K, V at flat ``slots`` (any shape S) -> [*S, Hkv, D]."""
+    hkv, d = k_pool.shape[-2], k_pool.shape[-1]
+    if k_scale is None:
+        return k_pool.view(-1, hkv, d)[slots].to(dtype), v_pool.view(-1, hkv, d)[slots].to(dtype)
+    k = k_pool.view(-1, hkv, d)[slots].to(torch.float32) * k_scale.view(-1, hkv, 1)[slots]
+    v = v_pool.view(-1, hkv, d)[slots].to(torch.float32) * v_scale.view(-1, hkv, 1)[slots]
+    return k.to(dtype), v.to(dtype)
+
+
+def key_slots(block_table: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Flat pool slots of ``positions`` through a block table ([..., max_blocks], -1 = not held)."""
+    blocks = block_table.gather(-1, positions // block_size) if block_table.dim() > 1 else block_table[positions // block_size]
+    return blocks * block_size + positions % block_size
+
+
+def paged_decode_attention(
+    q: torch.Tensor,  # [B, H, D], one query per sequence, at position seq_lens - 1
+    k_pool: torch.Tensor, v_pool: torch.Tensor, k_scale: torch.Tensor, v_scale: torch.Tensor,
+    block_tables: torch.Tensor,  # [B, max_blocks] int64, -1 where a block is not held
+    seq_lens: torch.Tensor,  # [B] tokens in each sequence, the current one included
+    window: int | None = None,
+) -> torch.Tensor:
+    """Decode attention over int8 paged KV; blocks wholly outside the window are never read."""
+    b, h, d = q.shape
+    bs, hkv = k_pool.shape[1], k_pool.shape[2]
+    first = (seq_lens - window).clamp_min(0) if window is not None else torch.zeros_like(seq_lens)
+    span = int((seq_lens - first).max())
+    pos = first[:, None] + torch.arange(span, device=q.device)[None, :]  # [B, L]
+    valid = pos < seq_lens[:, None]
+    pos = torch.where(valid, pos, first[:, None])
+    k, v = gather_kv(k_pool, v_pool, k_scale, v_scale, key_slots(block_tables, pos, bs), q.dtype)  # [B, L, Hkv, D]
+    qg = q.view(b, hkv, h // hkv, d)
+    scores = torch.einsum("bkgd,blkd->bkgl", qg, k).float() * (1.0 / math.sqrt(d))
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(q.dtype)
+    return torch.einsum("bkgl,blkd->bkgd", probs, v).reshape(b, h, d)
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,  # [T, H, D] queries of one sequence at positions start .. start+T-1
+    k_pool: torch.Tensor, v_pool: torch.Tensor, k_scale: torch.Tensor, v_scale: torch.Tensor,
+    block_table: torch.Tensor,  # [max_blocks]
+    start: int,
+    window: int | None = None,
+) -> torch.Tensor:
+    """Causal attention of a prefill chunk over its cached prefix and itself (all in the pool already)."""
+    t = q.shape[0]
+    first = 0 if window is None else max(0, start - window + 1)
+    k_pos = torch.arange(first, start + t, device=q.device)
+    k, v = gather_kv(k_pool, v_pool, k_scale, v_scale, key_slots(block_table, k_pos, k_pool.shape[1]), q.dtype)
+    q_pos = torch.arange(start, start + t, device=q.device)
+    return attention(q, k, v, q_pos, k_pos, window)

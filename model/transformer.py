@@ -118,6 +118,8 @@ class Transformer(nn.Module):
         for layer, rope in zip(self.layers, self._layer_rope):
             x = layer(x, rope, kv)
         if logits_at is not None:
+            if logits_at.numel() == 0:
+                return x.new_zeros((0, self.config.vocab_size), dtype=torch.float32)
             x = x[logits_at]
         return self.lm_head(self.norm(x)).float()
 

@@ -1,0 +1,70 @@
+"""The ``KVBackend`` of a batched step: K/V written to and read from the block pool through block tables."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+import kernels
+from model.engine.block_pool import BlockPool
+
+
+@dataclass
+class Segment:
+    tables: list[list[int]]  # per group
+    start: int  # position of the first token of this step
+    n: int  # tokens of this step
+
+
+class PagedBatch:
+    """Flattened tokens of several sequences. One-token segments (decode) share one batched
+    attention call per group; longer ones (prefill chunks) attend one sequence at a time."""
+
+    def __init__(self, pool: BlockPool, segments: list[Segment]):
+        self.pool = pool
+        bs = pool.block_size
+        self.segments = segments
+        self.positions = torch.cat([torch.arange(s.start, s.start + s.n) for s in segments])
+        offsets = [0]
+        for s in segments:
+            offsets.append(offsets[-1] + s.n)
+        self.offsets = offsets
+        n_groups = len(pool.k)
+        self.tables = [[torch.tensor(s.tables[g], dtype=torch.long) for s in segments] for g in range(n_groups)]
+        self.slots = [
+            torch.cat([kernels.reference.key_slots(t, torch.arange(s.start, s.start + s.n), bs)
+                       for t, s in zip(self.tables[g], segments)])
+            for g in range(n_groups)
+        ]
+        self.decode_idx = [i for i, s in enumerate(segments) if s.n == 1]
+        self.prefill_idx = [i for i, s in enumerate(segments) if s.n > 1]
+        if self.decode_idx:
+            self.decode_rows = torch.tensor([offsets[i] for i in self.decode_idx])
+            self.decode_lens = torch.tensor([segments[i].start + 1 for i in self.decode_idx])
+            width = max(len(segments[i].tables[0]) for i in self.decode_idx)
+            self.decode_tables = [
+                torch.stack([torch.nn.functional.pad(self.tables[g][i], (0, width - len(self.tables[g][i])), value=-1)
+                             for i in self.decode_idx])
+                for g in range(n_groups)
+            ]
+
+    def _pool(self, group: int):
+        p = self.pool
+        return p.k[group], p.v[group], p.k_scale[group], p.v_scale[group]
+
+    def store(self, group: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        kernels.write_kv(*self._pool(group), k, v, self.slots[group])
+
+    def attend(self, group: int, q: torch.Tensor, window: int | None) -> torch.Tensor:
+        if not self.prefill_idx:
+            return kernels.paged_decode_attention(q, *self._pool(group), self.decode_tables[group],
+                                                  self.decode_lens, window)
+        out = torch.empty_like(q)
+        if self.decode_idx:
+            out[self.decode_rows] = kernels.paged_decode_attention(
+                q[self.decode_rows], *self._pool(group), self.decode_tables[group], self.decode_lens, window)
+        for i in self.prefill_idx:
+            a, b = self.offsets[i], self.offsets[i + 1]
+            out[a:b] = kernels.paged_prefill_attention(q[a:b], *self._pool(group), self.tables[group][i],
+                                                        self.segments[i].start, window)
+        return out

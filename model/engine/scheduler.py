@@ -1,0 +1,138 @@
+"""Which sequences run in the next step, and the blocks they need.
+
+Each step fills a token budget: running sequences first (one token each when decoding, or
+their next prefill chunk), then waiting ones in arrival order. Blocks are taken per KV
+group before a sequence is scheduled; when the pool runs dry, the most recently admitted
+running sequence is preempted (its blocks freed, recomputed later) rather than failing.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from model.config import ModelConfig
+from model.engine.block_pool import BlockPool
+from model.engine.sequence import Sequence, Status
+
+
+@dataclass
+class Scheduled:
+    seq: Sequence
+    start: int
+    n: int
+
+    @property
+    def completes(self) -> bool:
+        """Whether this chunk reaches the sequence's last token, so a new token is sampled."""
+        return self.start + self.n == len(self.seq)
+
+
+class Scheduler:
+    def __init__(self, config: ModelConfig, pool: BlockPool, max_batched_tokens: int, max_seqs: int):
+        self.config = config
+        self.pool = pool
+        self.max_batched_tokens = max_batched_tokens
+        self.max_seqs = max_seqs
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.preemptions = 0
+
+    def schedule(self) -> list[Scheduled]:
+        budget = self.max_batched_tokens
+        batch: list[Scheduled] = []
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq.status is not Status.RUNNING:  # preempted earlier in this loop
+                continue
+            n = min(seq.pending, budget)
+            while not self._reserve(seq, n):
+                victim = next((s for s in reversed(self.running) if s is not seq and
+                               all(b.seq is not s for b in batch)), None)
+                if victim is None:
+                    victim = seq
+                self.preempt(victim)
+                if victim is seq:
+                    break
+            if seq.status is Status.RUNNING:
+                batch.append(Scheduled(seq, seq.computed, n))
+                budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.max_seqs:
+            seq = self.waiting[0]
+            n = min(seq.pending, budget)
+            if not self._reserve(seq, n):
+                break
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            batch.append(Scheduled(seq, seq.computed, n))
+            budget -= n
+        return batch
+
+    def preempt(self, seq: Sequence) -> None:
+        """Free everything ``seq`` holds; it goes back to the front of the queue and is recomputed."""
+        self.release_blocks(seq)
+        seq.computed = 0
+        seq.cached = 0
+        seq.status = Status.WAITING
+        self.running.remove(seq)
+        self.waiting.appendleft(seq)
+        self.preemptions += 1
+
+    def release_blocks(self, seq: Sequence) -> None:
+        for g, table in enumerate(seq.tables):
+            for b in table:
+                if b >= 0:
+                    self.pool.decref(g, b)
+            table.clear()
+
+    def fits_ever(self, total_tokens: int) -> str | None:
+        """Why a sequence of ``total_tokens`` could never be held, or None."""
+        for g in self.config.kv_groups:
+            need = self.config.kv_blocks(g, total_tokens)
+            if g.window is not None:  # a prefill chunk is written whole before its head leaves the window
+                need += self.max_batched_tokens // self.pool.block_size + 1
+            need = min(need, -(-total_tokens // self.pool.block_size))
+            if need > self.pool.capacity[g.index]:
+                return (f"needs {need} KV blocks in group {g.index} but the pool holds "
+                        f"{self.pool.capacity[g.index]}")
+        return None
+
+    # -- blocks ----------------------------------------------------------------------------------
+    def _reserve(self, seq: Sequence, n: int) -> bool:
+        """Make positions [computed, computed+n) writable in every group, or change nothing."""
+        start, end = seq.computed, seq.computed + n
+        self._drop_out_of_window(seq, start)
+        bs = self.pool.block_size
+        plans = []
+        for g in self.config.kv_groups:
+            table = seq.tables[g.index]
+            wanted = range(start // bs, (end - 1) // bs + 1)
+            fresh = [i for i in wanted if i >= len(table) or table[i] < 0 or self.pool.shared(g.index, table[i])]
+            if len(fresh) > self.pool.num_free(g.index):
+                return False
+            plans.append((g.index, fresh))
+        for g, fresh in plans:
+            table = seq.tables[g]
+            for i in fresh:
+                if i >= len(table):
+                    table.extend([-1] * (i + 1 - len(table)))
+                new = self.pool.allocate(g)
+                if table[i] >= 0:  # copy-on-write of a shared, partially filled block
+                    self.pool.copy_block(g, table[i], new)
+                    self.pool.decref(g, table[i])
+                table[i] = new
+        return True
+
+    def _drop_out_of_window(self, seq: Sequence, next_pos: int) -> None:
+        """Local groups free the blocks that no query from ``next_pos`` on can read."""
+        bs = self.pool.block_size
+        for g in self.config.kv_groups:
+            if g.window is None:
+                continue
+            first_needed = max(0, next_pos - g.window + 1) // bs
+            table = seq.tables[g.index]
+            for i in range(min(first_needed, len(table))):
+                if table[i] >= 0:
+                    self.pool.decref(g.index, table[i])
+                    table[i] = -1

@@ -1,0 +1,61 @@
+"""A request's life inside the engine: its tokens, its blocks, its text."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from model.engine.sampling import Sampler, SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"  # not admitted yet, or preempted: holds no block
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request; the last one has ``finished`` set."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str = ""
+    logprobs: list[float] | None = None
+    finished: bool = False
+    finish_reason: str | None = None  # "stop", "length", "abort", or "error: ..."
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV came in as a prefix
+    completion_tokens: int = 0
+
+
+@dataclass
+class Sequence:
+    request_id: str
+    prompt: list[int]
+    params: SamplingParams
+    tables: list[list[int]]  # per KV group: logical block -> block id, -1 = not held
+    hold_kv: bool = False  # keep the blocks after finishing, until Engine.release
+    computed: int = 0  # leading tokens whose KV is in the pool
+    cached: int = 0
+    output: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    status: Status = Status.WAITING
+    finish_reason: str | None = None
+    text: str = ""  # decoded output so far (with a tokenizer)
+    text_sent: int = 0  # characters of ``text`` already streamed
+    sampler: Sampler = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.sampler = Sampler(self.params)
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.output
+
+    def __len__(self) -> int:
+        return len(self.prompt) + len(self.output)
+
+    @property
+    def pending(self) -> int:
+        """Tokens still to run through the model before the next sample."""
+        return len(self) - self.computed

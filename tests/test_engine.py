@@ -1,0 +1,216 @@
+"""The paged, batched engine against the unbatched contiguous-cache model."""
+import numpy as np
+import pytest
+import torch
+
+from model.config import QuantConfig
+from model.engine import Engine, EngineConfig, SamplingParams
+from model.generate import Sampling, generate
+from model.loader import build, random_state
+from model.presets import get_preset
+from model.quality import full_logits
+
+QUANTS = {"float32": QuantConfig.off(), "w8-kv8": QuantConfig(activations=False), "w8-a8-kv8": QuantConfig()}
+
+
+@pytest.fixture(scope="module", params=list(QUANTS))
+def tiny(request):
+    cfg = get_preset("skv-tiny").with_quant(QUANTS[request.param])
+    return build(cfg, random_state(cfg, 0))
+
+
+def prompts(n=16, seed=0, lo=1, hi=90):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(lo, hi, (n,), generator=g)
+    return [torch.randint(3, 512, (int(k),), generator=g).tolist() for k in lengths]
+
+
+def reference(model, prompt, max_tokens):
+    return list(generate(model, prompt, Sampling(max_tokens=max_tokens)))
+
+
+def assert_same_greedy(model, prompt, expected, got):
+    """Identical, or diverging only where the reference's top-2 logits are nearly tied.
+
+    Exact in float and with float activations (int8 GEMMs accumulate exactly); with int8
+    activations, a last-bit difference in a float sum can move one rounding step.
+    """
+    if got == expected:
+        return
+    assert model.config.quant.activations, "float activations must give identical tokens"
+    j = next((k for k, (a, b) in enumerate(zip(expected, got)) if a != b), min(len(expected), len(got)))
+    top2 = full_logits(model, prompt + expected[:j])[-1].topk(2).values
+    assert float(top2[0] - top2[1]) < 0.05, f"diverged at {j} with a clear margin {float(top2[0] - top2[1])}"
+
+
+def engine(model, **kw):
+    e = Engine(model, EngineConfig(**kw))
+    e.eos_ids = set()  # random weights: don't let token 2 end sequences early
+    return e
+
+
+def test_batched_chunked_engine_matches_contiguous(tiny):
+    ps = prompts()
+    assert max(map(len, ps)) > 3 * 24  # longer than the local window
+    expected = [reference(tiny, p, 40) for p in ps]
+    e = engine(tiny, max_batched_tokens=37)  # chunked prefill mixed with decode steps
+    got = e.generate(ps, SamplingParams(max_tokens=40))
+    for p, a, b in zip(ps, expected, got):
+        assert len(b) == 40
+        assert_same_greedy(tiny, p, a, b)
+    if not tiny.config.quant.activations:
+        assert got == expected
+    assert e.pool.free_counts() == e.pool.capacity
+
+
+def test_prefix_reuse_in_place_with_a_partial_tail_block(tiny):
+    e = engine(tiny, max_batched_tokens=64)
+    history = prompts(1, seed=3, lo=53, hi=54)[0]  # 53 tokens: the last block (16) is partial
+    first = e.add_request(history, SamplingParams(max_tokens=1), hold_kv=True)
+    list(e.stream())
+    before = e.export_kv(first)
+    prefix = e.share_prefix(first, 53)
+    follow = history + [7, 8, 9, 10, 11]
+    rid = e.add_request(follow, SamplingParams(max_tokens=12), prefix=prefix)
+    e.release_prefix(prefix)
+    outs = list(e.stream())
+    got = [t for o in outs for t in o.token_ids]
+    assert outs[-1].cached_tokens == 53
+    assert_same_greedy(tiny, follow, reference(tiny, follow, 12), got)
+    after = e.export_kv(first)  # copy-on-write left the shared tail block untouched
+    for a, b in zip(before.groups, after.groups):
+        np.testing.assert_array_equal(a.k, b.k)
+        np.testing.assert_array_equal(a.v, b.v)
+    e.release(first)
+    assert e.pool.free_counts() == e.pool.capacity
+    assert rid not in e.sequences
+
+
+def test_export_import_round_trip_into_another_engine(tiny):
+    src = engine(tiny, max_batched_tokens=40)
+    conv = prompts(1, seed=5, lo=70, hi=71)[0]
+    rid = src.add_request(conv, SamplingParams(max_tokens=9), hold_kv=True)
+    turn1 = [t for o in src.stream() for t in o.token_ids]
+    exported = src.export_kv(rid)  # prompt + 8 generated tokens computed (the 9th is not yet)
+    assert exported.end == len(conv) + 8
+    local = [g for g, spec in zip(exported.groups, tiny.config.kv_groups) if spec.window is not None]
+    assert all(g.first_block > 0 for g in local)  # window-aware: early local blocks are not shipped
+    src.release(rid)
+    assert src.pool.free_counts() == src.pool.capacity
+
+    dst = engine(tiny, max_batched_tokens=40)
+    prefix = dst.import_kv(exported)
+    turn2 = conv + turn1 + [40, 41, 42]
+    rid2 = dst.add_request(turn2, SamplingParams(max_tokens=10), prefix=prefix)
+    dst.release_prefix(prefix)
+    outs = list(dst.stream())
+    assert outs[-1].cached_tokens == exported.end
+    assert_same_greedy(tiny, turn2, reference(tiny, turn2, 10), [t for o in outs for t in o.token_ids])
+    assert dst.pool.free_counts() == dst.pool.capacity and rid2 not in dst.sequences
+
+
+def test_preemption_under_a_tiny_pool_completes_everything(tiny):
+    ps = prompts(8, seed=7, lo=10, hi=60)
+    free = engine(tiny, max_batched_tokens=64)
+    expected = free.generate(ps, SamplingParams(max_tokens=30))
+    small = engine(tiny, num_blocks=9, max_batched_tokens=64)
+    got = small.generate(ps, SamplingParams(max_tokens=30))
+    assert small.scheduler.preemptions > 0
+    for p, a, b in zip(ps, expected, got):
+        assert len(b) == 30
+        assert_same_greedy(tiny, p, a, b)
+    assert small.pool.free_counts() == small.pool.capacity
+
+
+def test_request_that_can_never_fit_is_refused(tiny):
+    e = engine(tiny, num_blocks=4)
+    with pytest.raises(ValueError, match="can never fit the KV pool"):
+        e.add_request(list(range(3, 100)), SamplingParams(max_tokens=10))
+
+
+def test_abort_mid_prefill_and_mid_decode_returns_every_block(tiny):
+    e = engine(tiny, max_batched_tokens=16)
+    initial = e.pool.free_counts()
+    long_ids = [e.add_request(p, SamplingParams(max_tokens=50)) for p in prompts(4, seed=9, lo=60, hi=80)]
+    e.step()
+    assert e.scheduler.running[0].pending > 0  # mid-prefill
+    assert e.pool.free_counts() != initial
+    aborted = e.abort(long_ids[0])
+    assert aborted.finished and aborted.finish_reason == "abort"
+    for _ in range(20):
+        e.step()
+    decoding = [s for s in e.scheduler.running if s.output]
+    assert decoding  # mid-decode
+    for rid in long_ids[1:]:
+        e.abort(rid)
+    assert not e.has_work()
+    assert e.pool.free_counts() == initial
+    assert e.abort("nope") is None
+
+
+def test_seeded_sampling_is_reproducible_whatever_the_batch(tiny):
+    sp = SamplingParams(max_tokens=20, temperature=0.9, top_k=50, top_p=0.9, seed=123)
+    p = prompts(1, seed=11)[0]
+    alone = engine(tiny).generate([p], sp)[0]
+    e = engine(tiny, max_batched_tokens=30)
+    others = prompts(5, seed=12)
+    mixed = e.generate(others[:2] + [p] + others[2:], [SamplingParams(max_tokens=20, temperature=1.0)] * 2 + [sp]
+                       + [SamplingParams(max_tokens=20, temperature=1.0)] * 3)[2]
+    if not tiny.config.quant.activations:
+        assert mixed == alone
+    other_seed = engine(tiny).generate([p], SamplingParams(max_tokens=20, temperature=0.9, top_k=50, top_p=0.9, seed=7))[0]
+    assert alone != other_seed
+    assert engine(tiny).generate([p], sp)[0] == alone
+
+
+def test_logprobs_are_those_of_the_chosen_tokens(tiny):
+    e = engine(tiny)
+    p = prompts(1, seed=13)[0]
+    e.add_request(p, SamplingParams(max_tokens=5, logprobs=True))
+    outs = list(e.stream())
+    tokens = [t for o in outs for t in o.token_ids]
+    logprobs = [lp for o in outs for lp in o.logprobs]
+    logits = full_logits(tiny, p + tokens)
+    expected = [float(torch.log_softmax(logits[len(p) - 1 + i], -1)[t]) for i, t in enumerate(tokens)]
+    np.testing.assert_allclose(logprobs, expected, atol=0.05)
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(max_tokens=0), "max_tokens"), (dict(temperature=-1.0), "temperature"),
+    (dict(top_k=-2), "top_k"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
+    (dict(seed=-1), "seed"), (dict(stop=("",)), "stop"), (dict(temperature=float("nan")), "temperature"),
+])
+def test_invalid_sampling_parameters_are_refused(kwargs, field):
+    with pytest.raises(ValueError, match=f"invalid sampling parameter {field}="):
+        SamplingParams(**kwargs)
+
+
+def test_bad_requests_are_refused(tiny):
+    e = engine(tiny)
+    with pytest.raises(ValueError, match="prompt is empty"):
+        e.add_request([])
+    with pytest.raises(ValueError, match="token ids must lie in"):
+        e.add_request([1, 100000])
+    with pytest.raises(ValueError, match="stop strings need a tokenizer"):
+        e.add_request([1, 2], SamplingParams(stop=("x",)))
+    e.add_request([5], request_id="a")
+    with pytest.raises(ValueError, match="already in use"):
+        e.add_request([5], request_id="a")
+
+
+def test_import_of_mismatched_blocks_is_refused(tiny):
+    e = engine(tiny)
+    rid = e.add_request(list(range(3, 40)), SamplingParams(max_tokens=1), hold_kv=True)
+    list(e.stream())
+    data = e.export_kv(rid)
+    data.block_size = 32
+    with pytest.raises(ValueError, match="block size"):
+        e.import_kv(data)
+    data = e.export_kv(rid)
+    with pytest.raises(ValueError, match="block boundary"):
+        e.export_kv(rid, start=5)
+    before = e.pool.free_counts()
+    data.groups[-1].k = data.groups[-1].k[:, :, :, :8]
+    with pytest.raises(ValueError, match="shape"):
+        e.import_kv(data)
+    assert e.pool.free_counts() == before
