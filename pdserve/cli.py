@@ -15,7 +15,10 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--model", default=None, help="preset name or weight path (default: the cluster's default preset)")
     g.add_argument("--max-tokens", type=int, default=128)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=0, help="0 = off")
+    g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
     g.add_argument("--precision", choices=["int8", "float32", "bfloat16"], default="int8")
     g.set_defaults(func=_generate)
@@ -42,31 +45,37 @@ def _quant(precision: str):
 
 
 def _generate(args) -> int:
-    from model.generate import Sampling, TextStream, generate
+    from model.engine import Engine, SamplingParams
     from model.loader import load
     from model.presets import DEFAULT_PRESET
 
-    sampling = Sampling(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
-    sampling.validate()
     name = args.model or DEFAULT_PRESET
     t0 = time.perf_counter()
     loaded = load(name, quant=_quant(args.precision))
     tok = loaded.tokenizer
     if tok is None:
         raise ValueError(f"model {name!r} has no tokenizer; give a model with one (a preset or a GGUF file)")
+    endoftext = tok.token_id("<|endoftext|>")
+    sampling = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, seed=args.seed, stop=tuple(args.stop),
+                              stop_token_ids=(endoftext,) if endoftext is not None else ())
     text = tok.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
     prompt = tok.encode(text)
+    engine = Engine(loaded.model, tokenizer=tok)
+    engine.add_request(prompt, sampling)
     print(f"[{name}, {loaded.model.config.quant.tag}, loaded in {time.perf_counter() - t0:.1f}s, "
           f"{len(prompt)} prompt tokens]", file=sys.stderr)
-    stream = TextStream(tok.decode)
-    stops = tuple(t for t in (tok.eos_token_id, tok.token_id("<|endoftext|>")) if t is not None)
-    t1, n = time.perf_counter(), 0
-    for token in generate(loaded.model, prompt, sampling, stops):
-        n += 1
-        sys.stdout.write(stream.push(token))
+    t1, first, n, reason = time.perf_counter(), None, 0, None
+    for out in engine.stream():
+        first = first or time.perf_counter()
+        n += len(out.token_ids)
+        sys.stdout.write(out.text)
         sys.stdout.flush()
-    dt = time.perf_counter() - t1
-    print(f"\n[{n} tokens in {dt:.2f}s, {n / dt if dt else 0:.1f} tok/s]", file=sys.stderr)
+        reason = out.finish_reason or reason
+    end = time.perf_counter()
+    decode = (n - 1) / (end - first) if n > 1 and end > first else 0.0
+    print(f"\n[{n} tokens, finish: {reason}, time to first token {first - t1:.2f}s, "
+          f"decode {decode:.1f} tok/s]", file=sys.stderr)
     return 0
 
 

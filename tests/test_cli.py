@@ -15,7 +15,7 @@ def test_generate_streams_a_chat_answer_on_the_default_preset():
     assert out.returncode == 0, out.stderr
     assert "smollm2-135m, w8-a8-kv8" in out.stderr
     assert len(out.stdout.strip()) > 0
-    assert "tok/s" in out.stderr
+    assert "tok/s" in out.stderr and "finish: " in out.stderr
 
 
 @pytest.mark.slow
@@ -27,8 +27,9 @@ def test_generate_float32_greedy_answers_the_question():
 
 @pytest.mark.parametrize("args, message", [
     (("generate", "--model", "nope", "hi"), "unknown model preset 'nope'"),
-    (("generate", "--max-tokens", "0", "hi"), "max_tokens must be a positive integer"),
-    (("generate", "--temperature", "-1", "hi"), "temperature must be"),
+    (("generate", "--max-tokens", "0", "hi"), "invalid sampling parameter max_tokens=0"),
+    (("generate", "--top-p", "0", "hi"), "invalid sampling parameter top_p=0.0"),
+    (("generate", "--temperature", "-1", "hi"), "invalid sampling parameter temperature=-1.0"),
     (("generate", "--model", "llama3-70b", "hi"), "analytic config"),
 ])
 def test_bad_arguments_exit_2_with_a_message(args, message):

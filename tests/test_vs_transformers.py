@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from model.config import QuantConfig
-from model.generate import Sampling, generate
+from model.engine import SamplingParams
+from model.generate import generate
 from model.loader import load
 from model.quality import full_logits
 
@@ -44,5 +45,5 @@ def test_incremental_decode_matches_transformers_greedy(tmp_path):
     with torch.no_grad():
         expected = ref.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False,
                                 eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
-    got = list(generate(ours, prompt, Sampling(max_tokens=20)))
+    got = list(generate(ours, prompt, SamplingParams(max_tokens=20)))
     assert got == expected
