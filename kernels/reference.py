@@ -126,20 +126,34 @@ def paged_decode_attention(
     seq_lens: torch.Tensor,  # [B] tokens in each sequence, the current one included
     window: int | None = None,
 ) -> torch.Tensor:
-    """Decode attention over int8 paged KV; blocks wholly outside the window are never read."""
+    """Decode attention over int8 paged KV; blocks wholly outside the window are never read.
+
+    Whole blocks are gathered; K's scales multiply the scores and V's the probabilities, so
+    the int8 tensors are only widened, never rescaled element by element.
+    """
     b, h, d = q.shape
     bs, hkv = k_pool.shape[1], k_pool.shape[2]
     first = (seq_lens - window).clamp_min(0) if window is not None else torch.zeros_like(seq_lens)
-    span = int((seq_lens - first).max())
-    pos = first[:, None] + torch.arange(span, device=q.device)[None, :]  # [B, L]
-    valid = pos < seq_lens[:, None]
-    pos = torch.where(valid, pos, first[:, None])
-    k, v = gather_kv(k_pool, v_pool, k_scale, v_scale, key_slots(block_tables, pos, bs), q.dtype)  # [B, L, Hkv, D]
+    lo = first // bs
+    hi = (seq_lens - 1) // bs
+    nblk = int((hi - lo).max()) + 1
+    logical = lo[:, None] + torch.arange(nblk, device=q.device)[None, :]  # [B, nblk]
+    held = logical <= hi[:, None]
+    ids = block_tables.gather(1, torch.minimum(logical, hi[:, None]))
+    ids = torch.where(held, ids, ids[:, :1])
+    pos = (logical[:, :, None] * bs + torch.arange(bs, device=q.device)).reshape(b, -1)  # [B, L]
+    valid = (pos >= first[:, None]) & (pos < seq_lens[:, None])
+    k = k_pool[ids].reshape(b, -1, hkv, d).to(q.dtype)  # [B, L, Hkv, D]
+    v = v_pool[ids].reshape(b, -1, hkv, d).to(q.dtype)
     qg = q.view(b, hkv, h // hkv, d)
     scores = torch.einsum("bkgd,blkd->bkgl", qg, k).float() * (1.0 / math.sqrt(d))
+    if k_scale is not None:
+        scores = scores * k_scale[ids].reshape(b, -1, hkv).transpose(1, 2)[:, :, None, :]
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(q.dtype)
-    return torch.einsum("bkgl,blkd->bkgd", probs, v).reshape(b, h, d)
+    probs = torch.softmax(scores, dim=-1)
+    if v_scale is not None:
+        probs = probs * v_scale[ids].reshape(b, -1, hkv).transpose(1, 2)[:, :, None, :]
+    return torch.einsum("bkgl,blkd->bkgd", probs.to(q.dtype), v).reshape(b, h, d)
 
 
 def paged_prefill_attention(

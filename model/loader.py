@@ -82,11 +82,19 @@ def random_state(config: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
 
 
 def float_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every float tensor a model of this config reads."""
-    probe = Transformer(config.with_quant(QuantConfig.off()))
-    shapes = {k: tuple(v.shape) for k, v in probe.state_dict().items()}
-    if config.tie_embeddings:
-        shapes.pop("lm_head.weight")
+    """Name -> shape of every checkpoint tensor (Hugging Face names) a model of this config reads."""
+    c, qd, kvd = config, config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
+    shapes = {"embed_tokens.weight": (c.vocab_size, c.dim), "norm.weight": (c.dim,)}
+    if not c.tie_embeddings:
+        shapes["lm_head.weight"] = (c.vocab_size, c.dim)
+    for i in range(c.n_layers):
+        p = f"layers.{i}."
+        shapes.update({p + "input_layernorm.weight": (c.dim,), p + "post_attention_layernorm.weight": (c.dim,),
+                       p + "self_attn.q_proj.weight": (qd, c.dim), p + "self_attn.o_proj.weight": (c.dim, qd),
+                       p + "mlp.gate_proj.weight": (c.ffn_dim, c.dim), p + "mlp.up_proj.weight": (c.ffn_dim, c.dim),
+                       p + "mlp.down_proj.weight": (c.dim, c.ffn_dim)})
+        if c.produces_kv(i):
+            shapes.update({p + "self_attn.k_proj.weight": (kvd, c.dim), p + "self_attn.v_proj.weight": (kvd, c.dim)})
     return shapes
 
 
@@ -100,8 +108,7 @@ def build(config: ModelConfig, state: dict[str, torch.Tensor], calibration: torc
         if calibration is None:
             calibration = calibration_tokens(config)
         for name, absmax in activation_absmax(ref, calibration).items():
-            weight = state.get(name + ".weight", state.get("embed_tokens.weight"))
-            f = smoothing_factors(absmax, weight, q.smooth_alpha)
+            f = smoothing_factors(absmax, module_weight(state, name, config), q.smooth_alpha)
             if f is not None:
                 smooth[name] = f
     model = Transformer(config)
@@ -137,29 +144,57 @@ def activation_absmax(model: Transformer, tokens: torch.Tensor) -> dict[str, tor
     return seen
 
 
+# Our fused projections and the checkpoint tensors (Hugging Face names) they are made of.
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def module_parts(name: str, config: ModelConfig) -> list[str]:
+    """Checkpoint tensor names that make up the float weight of module ``name``."""
+    if name == "lm_head" and config.tie_embeddings:
+        return ["embed_tokens.weight"]
+    prefix, _, leaf = name.rpartition(".")
+    if leaf not in FUSED:
+        return [name + ".weight"]
+    parts = FUSED[leaf]
+    if leaf == "qkv_proj" and not config.produces_kv(int(name.split(".")[1])):
+        parts = parts[:1]
+    return [f"{prefix}.{p}.weight" for p in parts]
+
+
+def module_weight(state: dict[str, torch.Tensor], name: str, config: ModelConfig) -> torch.Tensor:
+    parts = module_parts(name, config)
+    for key in parts:
+        if state.get(key) is None:
+            raise WeightFileError(f"weights for {config.name!r} lack tensor {key!r}")
+    widths = {tuple(state[k].shape[1:]) for k in parts}
+    if len(widths) > 1:
+        raise WeightFileError(f"tensors {', '.join(parts)} have mismatched shapes "
+                              f"{[tuple(state[k].shape) for k in parts]}")
+    return state[parts[0]] if len(parts) == 1 else torch.cat([state[k] for k in parts])
+
+
 def load_float_state(model: Transformer, state: dict[str, torch.Tensor],
                      smooth: dict[str, torch.Tensor] | None = None) -> None:
     smooth = smooth or {}
-    state = dict(state)
-    if model.config.tie_embeddings:
-        state.setdefault("lm_head.weight", state.get("embed_tokens.weight"))
-    expected = set()
+    config = model.config
+    used = set()
     for name, mod in model.named_modules():
-        if isinstance(mod, (QLinear, QEmbedding, RMSNorm)):
-            key = name + ".weight"
-            expected.add(key)
-            if state.get(key) is None:
-                raise WeightFileError(f"weights for {model.config.name!r} lack tensor {key!r}")
+        if not isinstance(mod, (QLinear, QEmbedding, RMSNorm)):
+            continue
+        used.update(module_parts(name, config))
+        weight = module_weight(state, name, config)
+        try:
             if isinstance(mod, QLinear):
-                mod.load_float(state[key], smooth.get(name))
+                mod.load_float(weight, smooth.get(name))
             elif isinstance(mod, QEmbedding):
-                mod.load_float(state[key])
+                mod.load_float(weight)
             else:
-                if mod.weight.shape != state[key].shape:
-                    raise WeightFileError(f"tensor {key!r} has shape {tuple(state[key].shape)}, "
-                                          f"expected {tuple(mod.weight.shape)}")
-                mod.weight.data.copy_(state[key])
-    extra = sorted(set(state) - expected - {"rotary_emb.inv_freq"})
+                if mod.weight.shape != weight.shape:
+                    raise ValueError(f"shape {tuple(weight.shape)}, expected {tuple(mod.weight.shape)}")
+                mod.weight.data.copy_(weight)
+        except ValueError as e:
+            raise WeightFileError(f"weights for {config.name!r}, {' + '.join(module_parts(name, config))}: {e}") from e
+    extra = sorted(set(state) - used - {"rotary_emb.inv_freq"})
     if extra:
         raise WeightFileError(f"weights for {model.config.name!r} hold tensors the config has no place for: "
                               f"{', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}")

@@ -53,19 +53,20 @@ class Attention(nn.Module):
         self.group = config.group_of_layer(layer)
         self.produces_kv = config.produces_kv(layer)
         q = config.quant
-        self.q_proj = QLinear(config.dim, config.n_heads * config.head_dim, q)
-        if self.produces_kv:
-            self.k_proj = QLinear(config.dim, config.n_kv_heads * config.head_dim, q)
-            self.v_proj = QLinear(config.dim, config.n_kv_heads * config.head_dim, q)
+        # Q, K and V read the same input: one fused projection (one quantization, one GEMM).
+        # A layer that reads another layer's KV has Q alone.
+        self.q_width = config.n_heads * config.head_dim
+        kv_width = 2 * config.n_kv_heads * config.head_dim if self.produces_kv else 0
+        self.qkv_proj = QLinear(config.dim, self.q_width + kv_width, q)
         self.o_proj = QLinear(config.n_heads * config.head_dim, config.dim, q)
 
     def forward(self, x: torch.Tensor, rope: Rotary, kv: KVBackend) -> torch.Tensor:
         n = x.shape[0]
-        q = rope(self.q_proj(x).view(n, self.n_heads, self.head_dim), kv.positions)
+        qkv = self.qkv_proj(x)
+        q = rope(qkv[:, :self.q_width].reshape(n, self.n_heads, self.head_dim), kv.positions)
         if self.produces_kv:
-            k = rope(self.k_proj(x).view(n, self.n_kv_heads, self.head_dim), kv.positions)
-            v = self.v_proj(x).view(n, self.n_kv_heads, self.head_dim)
-            kv.store(self.group, k, v)
+            k, v = qkv[:, self.q_width:].reshape(n, 2, self.n_kv_heads, self.head_dim).unbind(1)
+            kv.store(self.group, rope(k, kv.positions), v)
         out = kv.attend(self.group, q, self.window)
         return self.o_proj(out.reshape(n, self.n_heads * self.head_dim))
 
@@ -74,12 +75,13 @@ class FeedForward(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         q = config.quant
-        self.gate_proj = QLinear(config.dim, config.ffn_dim, q)
-        self.up_proj = QLinear(config.dim, config.ffn_dim, q)
+        self.ffn_dim = config.ffn_dim
+        self.gate_up_proj = QLinear(config.dim, 2 * config.ffn_dim, q)  # fused, as Q/K/V
         self.down_proj = QLinear(config.ffn_dim, config.dim, q)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).split(self.ffn_dim, dim=-1)
+        return self.down_proj(nn.functional.silu(gate) * up)
 
 
 class Block(nn.Module):

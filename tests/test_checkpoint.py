@@ -16,7 +16,7 @@ def test_int8_checkpoint_round_trip_is_bit_exact(tmp_path):
     save_checkpoint(path, cfg, model.state_dict())
     again = load(str(path)).model
     assert again.config == cfg
-    assert again.layers[1].self_attn.q_proj.weight_q.dtype == torch.int8
+    assert again.layers[1].self_attn.qkv_proj.weight_q.dtype == torch.int8
     tokens = list(range(3, 40))
     assert torch.equal(full_logits(model, tokens), full_logits(again, tokens))
     assert list(generate(model, [5, 6], SamplingParams(max_tokens=10))) == list(generate(again, [5, 6], SamplingParams(max_tokens=10)))

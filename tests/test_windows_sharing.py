@@ -103,4 +103,7 @@ def test_int8_incremental_matches_int8_prefill():
     # int8 rounding of activations flips by one step where float sums differ in their last bit,
     # so the two orders agree closely but not exactly
     assert float((step - full).abs().max()) < 0.03 * float(full.abs().max())
-    assert float((step.argmax(-1) == full.argmax(-1)).float().mean()) >= 0.95
+    differ = step.argmax(-1) != full.argmax(-1)
+    assert int(differ.sum()) <= 3
+    top2 = full[differ].topk(2, dim=-1).values
+    assert bool(((top2[:, 0] - top2[:, 1]) < 0.01 * full[differ].abs().amax(-1)).all())  # near ties only
