@@ -119,6 +119,11 @@ def key_slots(block_table: torch.Tensor, positions: torch.Tensor, block_size: in
     return blocks * block_size + positions % block_size
 
 
+def _widen(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """int8 -> float; through bf16 (exact for |x| <= 256), which torch's CPU casts do twice as fast."""
+    return x.to(torch.bfloat16).to(dtype) if x.dtype == torch.int8 else x.to(dtype)
+
+
 def paged_decode_attention(
     q: torch.Tensor,  # [B, H, D], one query per sequence, at position seq_lens - 1
     k_pool: torch.Tensor, v_pool: torch.Tensor, k_scale: torch.Tensor, v_scale: torch.Tensor,
@@ -143,17 +148,23 @@ def paged_decode_attention(
     ids = torch.where(held, ids, ids[:, :1])
     pos = (logical[:, :, None] * bs + torch.arange(bs, device=q.device)).reshape(b, -1)  # [B, L]
     valid = (pos >= first[:, None]) & (pos < seq_lens[:, None])
-    k = k_pool[ids].reshape(b, -1, hkv, d).to(q.dtype)  # [B, L, Hkv, D]
-    v = v_pool[ids].reshape(b, -1, hkv, d).to(q.dtype)
+    # [B, nblk, bs, Hkv, D] -> [B, Hkv, L, D], widened and laid out for batched matmuls in one copy
+    flat = ids.reshape(-1)
+
+    def take(pool: torch.Tensor) -> torch.Tensor:  # [B, nblk, bs, Hkv, X] -> [B, Hkv, L, X]
+        got = pool.index_select(0, flat).view(b, nblk, bs, hkv, -1).permute(0, 3, 1, 2, 4)
+        return got.reshape(b, hkv, nblk * bs, got.shape[-1]).contiguous()
+
+    k, v = _widen(take(k_pool), q.dtype), _widen(take(v_pool), q.dtype)
     qg = q.view(b, hkv, h // hkv, d)
-    scores = torch.einsum("bkgd,blkd->bkgl", qg, k).float() * (1.0 / math.sqrt(d))
+    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * (1.0 / math.sqrt(d))  # [B, Hkv, G, L]
     if k_scale is not None:
-        scores = scores * k_scale[ids].reshape(b, -1, hkv).transpose(1, 2)[:, :, None, :]
+        scores = scores * take(k_scale).transpose(-1, -2)
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     if v_scale is not None:
-        probs = probs * v_scale[ids].reshape(b, -1, hkv).transpose(1, 2)[:, :, None, :]
-    return torch.einsum("bkgl,blkd->bkgd", probs.to(q.dtype), v).reshape(b, h, d)
+        probs = probs * take(v_scale).transpose(-1, -2)
+    return torch.matmul(probs.to(q.dtype), v).reshape(b, h, d)
 
 
 def paged_prefill_attention(

@@ -7,6 +7,7 @@ earlier producer of the same attention kind. A producer plus its consumers is a
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass, field
 from typing import Literal
@@ -130,7 +131,7 @@ class ModelConfig:
     def produces_kv(self, layer: int) -> bool:
         return self.layers[layer].kv_source == layer
 
-    @property
+    @functools.cached_property
     def kv_groups(self) -> tuple[KVGroup, ...]:
         groups = []
         for i, spec in enumerate(self.layers):

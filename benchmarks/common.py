@@ -1,0 +1,36 @@
+"""Shared helpers for the benchmark scripts: timing medians, random prompts, machine description."""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def median_time(fn: Callable[[], object], runs: int) -> tuple[float, object]:
+    """Median wall time of ``runs`` calls (after none: the callers warm up themselves) and the last result."""
+    times, result = [], None
+    for _ in range(runs):
+        t = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), result
+
+
+def random_prompts(n: int, length: int, vocab: int = 49152, seed: int = 0) -> list[list[int]]:
+    """Random in-vocabulary tokens (ids 100.. avoid the special tokens), as in ../shared/anchors.md."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(100, vocab, (n, length), generator=g).tolist()
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
