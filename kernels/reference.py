@@ -119,6 +119,9 @@ def key_slots(block_table: torch.Tensor, positions: torch.Tensor, block_size: in
     return blocks * block_size + positions % block_size
 
 
+DECODE_SLICE_BYTES = 8 * 2**20
+
+
 def _widen(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """int8 -> float; through bf16 (exact for |x| <= 256), which torch's CPU casts do twice as fast."""
     return x.to(torch.bfloat16).to(dtype) if x.dtype == torch.int8 else x.to(dtype)
@@ -134,9 +137,17 @@ def paged_decode_attention(
     """Decode attention over int8 paged KV; blocks wholly outside the window are never read.
 
     Whole blocks are gathered; K's scales multiply the scores and V's the probabilities, so
-    the int8 tensors are only widened, never rescaled element by element.
+    the int8 tensors are only widened, never rescaled element by element. Large batches go
+    in slices whose temporaries stay small (cache-resident, and below malloc's mmap threshold).
     """
     b, h, d = q.shape
+    span = int((seq_lens - (seq_lens - window).clamp_min(0) if window is not None else seq_lens).max())
+    per_seq = k_pool.shape[2] * (span + k_pool.shape[1]) * d * 4
+    step = max(1, DECODE_SLICE_BYTES // per_seq)
+    if b > step:
+        return torch.cat([paged_decode_attention(q[i:i + step], k_pool, v_pool, k_scale, v_scale,
+                                                 block_tables[i:i + step], seq_lens[i:i + step], window)
+                          for i in range(0, b, step)])
     bs, hkv = k_pool.shape[1], k_pool.shape[2]
     first = (seq_lens - window).clamp_min(0) if window is not None else torch.zeros_like(seq_lens)
     lo = first // bs

@@ -35,3 +35,53 @@ def test_attention_matches_sdpa_with_a_window_mask():
         q.transpose(0, 1), k.repeat_interleave(rep, 1).transpose(0, 1), v.repeat_interleave(rep, 1).transpose(0, 1),
         attn_mask=mask).transpose(0, 1)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def _paged_setup(g, b=5, bs=16, hkv=2, d=16, max_len=150, min_len=1):
+    lens = torch.randint(min_len, max_len, (b,), generator=g)
+    nblk = int((lens + bs - 1).div(bs, rounding_mode="floor").sum())
+    k = torch.randn(nblk, bs, hkv, d, generator=g)
+    v = torch.randn(nblk, bs, hkv, d, generator=g)
+    kq, ks = kernels.quantize_rows(k)
+    vq, vs = kernels.quantize_rows(v)
+    order = torch.randperm(nblk, generator=g).tolist()  # shuffled physical blocks
+    tables, at = [], 0
+    for n in lens.tolist():
+        m = (n + bs - 1) // bs
+        tables.append(order[at:at + m])
+        at += m
+    width = max(map(len, tables))
+    table = torch.tensor([t + [-1] * (width - len(t)) for t in tables])
+    return lens, kq, vq, ks, vs, table
+
+
+def test_paged_decode_attention_matches_dense_attention_over_the_same_kv(monkeypatch):
+    g = torch.Generator().manual_seed(3)
+    lens, kq, vq, ks, vs, table = _paged_setup(g)
+    bs, hkv, d = kq.shape[1], kq.shape[2], kq.shape[3]
+    q = torch.randn(len(lens), 6, d, generator=g)
+    for window in (None, 7, 40, 1000):
+        got = kernels.paged_decode_attention(q, kq, vq, ks, vs, table, lens, window)
+        monkeypatch.setattr(kernels.reference, "DECODE_SLICE_BYTES", 1)  # one sequence per slice
+        sliced = kernels.paged_decode_attention(q, kq, vq, ks, vs, table, lens, window)
+        monkeypatch.undo()
+        for i, n in enumerate(lens.tolist()):
+            pos = torch.arange(n)
+            slots = table[i][pos // bs] * bs + pos % bs
+            k = kernels.dequantize_rows(kq.view(-1, hkv, d)[slots], ks.view(-1, hkv, 1)[slots])
+            v = kernels.dequantize_rows(vq.view(-1, hkv, d)[slots], vs.view(-1, hkv, 1)[slots])
+            expected = kernels.attention(q[i:i + 1], k, v, pos[-1:], pos, window)[0]
+            torch.testing.assert_close(got[i], expected, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(sliced[i], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_paged_decode_attention_never_reads_blocks_outside_the_window():
+    g = torch.Generator().manual_seed(4)
+    lens, kq, vq, ks, vs, table = _paged_setup(g, b=3, max_len=200, min_len=100)
+    q = torch.randn(3, 4, kq.shape[3], generator=g)
+    expected = kernels.paged_decode_attention(q, kq, vq, ks, vs, table, lens, 20)
+    damaged = table.clone()
+    bs = kq.shape[1]
+    for i, n in enumerate(lens.tolist()):
+        damaged[i, : (n - 20) // bs] = -1  # blocks wholly before the window are gone
+    torch.testing.assert_close(kernels.paged_decode_attention(q, kq, vq, ks, vs, damaged, lens, 20), expected)
