@@ -1,0 +1,212 @@
+"""The KV-cache-centric store of one node: index, host and disk tiers, leases, events and stats.
+
+A plain class; ``kvstore.actor`` runs it as the node's Ray actor. Every method takes and
+returns plain data (token lists, ``KVExport``, dataclasses), never tensors or handles.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from kvstore.blocks import BlockSpec, join_export, split_export
+from kvstore.index import KVLayout, PrefixIndex
+from kvstore.keys import block_keys
+from kvstore.leases import Leases
+from kvstore.tiers import DiskTier, HostTier
+from model.engine.block_pool import KVExport
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    node: str = "node-0"
+    host_capacity_blocks: int = 4096
+    disk_capacity_blocks: int = 0  # 0 = no disk tier
+    disk_dir: str | None = None
+    policy: str = "lru"
+    lease_ttl_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.host_capacity_blocks < 1 or self.disk_capacity_blocks < 0:
+            raise ValueError("store capacities: host_capacity_blocks >= 1 and disk_capacity_blocks >= 0")
+        if self.disk_capacity_blocks and not self.disk_dir:
+            raise ValueError("a disk tier needs disk_dir")
+
+
+@dataclass
+class StoreMatch:
+    tokens: int  # prefix tokens whose KV the store can supply
+    keys: list[int]
+    tiers: list[str]  # where each matched block lives now
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: str  # "stored" | "removed"
+    key: int
+    node: str
+    tier: str
+
+
+@dataclass
+class Stats:
+    hit_tokens: dict[str, int] = field(default_factory=lambda: {"host": 0, "disk": 0})
+    hit_blocks: dict[str, int] = field(default_factory=lambda: {"host": 0, "disk": 0})
+    miss_tokens: int = 0
+    miss_blocks: int = 0
+    evictions: int = 0
+    demotions: int = 0
+    promotions: int = 0
+    corrupt_blocks: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    seconds_moving: float = 0.0
+
+
+class KVStore:
+    def __init__(self, spec: BlockSpec, fingerprint: int, layout: KVLayout = KVLayout(),
+                 config: StoreConfig = StoreConfig(), use_ray: bool = False):
+        self.spec, self.fingerprint, self.config = spec, fingerprint, config
+        self.host = HostTier(config.host_capacity_blocks, use_ray)
+        self.disk = DiskTier(Path(config.disk_dir), config.disk_capacity_blocks) if config.disk_capacity_blocks else None
+        capacity = config.host_capacity_blocks + config.disk_capacity_blocks
+        self.index = PrefixIndex(spec.block_size, capacity, config.policy, layout, fingerprint, self._dropped)
+        self.leases = Leases(self.index.pin, self.index.unpin)
+        self.events: list[Event] = []
+        self.stats = Stats()
+
+    # -- the API -----------------------------------------------------------------------------------
+    def put(self, tokens: list[int], data: KVExport, fingerprint: int) -> list[int]:
+        """Cache the KV of ``tokens[:data.end]``; returns the keys newly stored. Validates everything
+        before changing anything, so a refused put leaves the store as it was."""
+        if fingerprint != self.fingerprint:
+            raise ValueError(f"model fingerprint {fingerprint:#x} does not match the store's {self.fingerprint:#x}")
+        if len(tokens) < data.end:
+            raise ValueError(f"{len(tokens)} tokens for KV of {data.end} positions")
+        blocks = split_export(self.spec, data)
+        t0 = time.perf_counter()
+        self.leases.reclaim_expired()
+        prefix = list(tokens[:data.end])
+        added = set(self.index.insert(prefix, groups=[m for m, _ in blocks]))
+        chain = block_keys(self.fingerprint, prefix, self.spec.block_size, partial=True)
+        keys = list(itertools.takewhile(lambda k: k in self.index, chain))  # capacity may cut the chain
+        new = []
+        for key, (mask, buf) in zip(keys, blocks):
+            if key in added:
+                self._place(key, mask, buf)
+                new.append(key)
+            elif mask & ~self._mask(key) and self._mask(key) & ~mask == 0:  # a fuller copy of a cached block
+                self._forget_bytes(key)
+                self._place(key, mask, buf)
+            self.index.entries[key].groups = self._mask(key)
+            self.stats.bytes_in += buf.nbytes
+        self.stats.seconds_moving += time.perf_counter() - t0
+        return new
+
+    def match(self, tokens: list[int]) -> StoreMatch:
+        self.leases.reclaim_expired()
+        m = self.index.match(list(tokens))
+        tiers = [self._tier_of(k) for k in m.keys]
+        for i, tier in enumerate(tiers):
+            n = min(self.spec.block_size, m.tokens - i * self.spec.block_size)
+            self.stats.hit_tokens[tier] += n
+            self.stats.hit_blocks[tier] += 1
+        total_blocks = -(-len(tokens) // self.spec.block_size)
+        self.stats.miss_tokens += len(tokens) - m.tokens
+        self.stats.miss_blocks += total_blocks - len(m.keys)
+        return StoreMatch(m.tokens, m.keys, tiers)
+
+    def get(self, keys: list[int], end: int) -> KVExport | None:
+        """The KV of a matched prefix of ``end`` tokens over ``keys``; None if a block is gone or
+        damaged (a damaged disk block is dropped and reads as a miss, never as data)."""
+        t0 = time.perf_counter()
+        blocks = []
+        for key in keys:
+            got = self._read(key)
+            if got is None:
+                return None
+            blocks.append(got)
+        out = join_export(self.spec, blocks, end)
+        self.stats.bytes_out += sum(b.nbytes for _, b in blocks)
+        self.stats.seconds_moving += time.perf_counter() - t0
+        return out
+
+    def lease(self, keys: list[int], ttl_s: float | None = None, owner: str = "") -> str:
+        missing = [k for k in keys if k not in self.index]
+        if missing:
+            raise KeyError(f"unknown block keys: {', '.join(f'{k:#x}' for k in missing[:3])}")
+        return self.leases.grant(keys, ttl_s or self.config.lease_ttl_s, owner).lease_id
+
+    def release(self, lease_id: str) -> bool:
+        return self.leases.release(lease_id)
+
+    def drain_events(self) -> list[Event]:
+        out, self.events = self.events, []
+        return out
+
+    def snapshot(self) -> dict:
+        s = asdict(self.stats)
+        s.update(node=self.config.node, blocks={"host": len(self.host), "disk": len(self.disk) if self.disk else 0},
+                 bytes={"host": self.host.bytes, "disk": self.disk.bytes if self.disk else 0},
+                 live_leases=len(self.leases.live), expired_leases=self.leases.expired,
+                 gb_per_s=(s["bytes_in"] + s["bytes_out"]) / s["seconds_moving"] / 1e9 if s["seconds_moving"] else 0.0)
+        return s
+
+    # -- tiers -----------------------------------------------------------------------------------
+    def _place(self, key: int, mask: int, buf) -> None:
+        self.host.put(key, mask, buf)
+        self.events.append(Event("stored", key, self.config.node, "host"))
+        while len(self.host) > self.host.capacity:
+            victim = next((k for k in self.host.coldest() if not self.index.entries[k].pins and k != key), None)
+            if victim is None or self.disk is None:
+                break
+            self._demote(victim)
+
+    def _demote(self, key: int) -> None:
+        mask, buf = self.host.pop(key)
+        self.disk.put(key, mask, buf)
+        self.stats.demotions += 1
+        self.events.append(Event("stored", key, self.config.node, "disk"))
+        self.events.append(Event("removed", key, self.config.node, "host"))
+
+    def _read(self, key: int):
+        if key in self.host:
+            return self.host.get(key)
+        if self.disk is None or key not in self.disk:
+            return None
+        got = self.disk.get(key)
+        if got is None:
+            self.stats.corrupt_blocks += 1
+            self._drop_subtree(key)
+            return None
+        self.disk.pop(key)  # promotion: hot again, back to host memory
+        self.events.append(Event("removed", key, self.config.node, "disk"))
+        self.stats.promotions += 1
+        self._place(key, *got)
+        return got
+
+    def _drop_subtree(self, key: int) -> None:
+        for child in list(self.index.entries[key].children):
+            self._drop_subtree(child)
+        self.index.remove(key)
+
+    def _dropped(self, key: int) -> None:  # the index let a block go
+        self.stats.evictions += 1
+        self._forget_bytes(key)
+
+    def _forget_bytes(self, key: int) -> None:
+        if key in self.host:
+            self.host.pop(key)
+            self.events.append(Event("removed", key, self.config.node, "host"))
+        if self.disk is not None and key in self.disk:
+            self.disk.pop(key)
+            self.events.append(Event("removed", key, self.config.node, "disk"))
+
+    def _mask(self, key: int) -> int:
+        if key in self.host:
+            return self.host.blocks[key][0]
+        return self.index.entries[key].groups
+
+    def _tier_of(self, key: int) -> str:
+        return "host" if key in self.host else "disk"
