@@ -94,17 +94,22 @@ def split_export(spec: BlockSpec, data: KVExport) -> list[tuple[int, np.ndarray]
 
 
 def join_export(spec: BlockSpec, blocks: list[tuple[int, np.ndarray]], end: int) -> KVExport:
-    """The inverse of ``split_export`` for a prefix of ``end`` tokens: per group, its run of held blocks."""
+    """The inverse of ``split_export`` for a prefix of ``end`` tokens: per group, its run of held blocks.
+
+    Each byte is copied once, from the (possibly shared, read-only) block buffers into the result.
+    """
     out = KVExport(spec.block_size, 0, end)
     unpacked = [unpack(spec, mask, buf) for mask, buf in blocks]
     for g in range(spec.n_groups):
         held = [i for i, parts in enumerate(unpacked) if g in parts]
         first = held[0] if held else len(blocks)
-        run = [unpacked[i][g] for i in range(first, len(blocks)) if g in unpacked[i]]
-        if len(run) != len(blocks) - first:
+        if held != list(range(first, len(blocks))):
             raise ValueError(f"KV group {g} has a hole in its blocks")
-        stack = [np.stack([r[t] for r in run]) if run else
-                 np.zeros((0, *(spec.kv_shape if t < 2 else spec.scale_shape)), np.int8 if t < 2 else np.float32)
-                 for t in range(4)]
-        out.groups.append(GroupBlocks(first, *stack))
+        n = len(blocks) - first
+        arrays = [np.empty((n, *spec.kv_shape), np.int8), np.empty((n, *spec.kv_shape), np.int8),
+                  np.empty((n, *spec.scale_shape), np.float32), np.empty((n, *spec.scale_shape), np.float32)]
+        for j, i in enumerate(held):
+            for dst, src in zip(arrays, unpacked[i][g]):
+                dst[j] = src
+        out.groups.append(GroupBlocks(first, *arrays))
     return out

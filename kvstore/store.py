@@ -132,6 +132,19 @@ class KVStore:
         self.stats.seconds_moving += time.perf_counter() - t0
         return out
 
+    def get_refs(self, keys: list[int]) -> list[tuple[int, object]] | None:
+        """Where the blocks are, for a reader to fetch itself: (group mask, Ray object ref) per block
+        under Ray (zero-copy on this node, moved by Ray to another), or the arrays without Ray.
+        Disk blocks are promoted first; None if any block is gone or damaged."""
+        out = []
+        for key in keys:
+            if key not in self.host and self._read(key) is None:
+                return None
+            mask = self.host.blocks[key][0]
+            out.append((mask, self.host.ref(key)))
+            self.stats.bytes_out += self.host.blocks[key][2]
+        return out
+
     def lease(self, keys: list[int], ttl_s: float | None = None, owner: str = "") -> str:
         missing = [k for k in keys if k not in self.index]
         if missing:

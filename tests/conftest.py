@@ -1,4 +1,8 @@
 import functools
+import os
+
+# Before anything imports Ray: otherwise a local Ray binds the machine's outside address.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 import pytest
 import torch

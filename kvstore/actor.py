@@ -1,0 +1,31 @@
+"""The store as a Ray actor, one per node. Blocks live in Ray's object store, owned by this actor,
+so they outlive the workers that produced them; a get from another node's store is an actor
+call whose result Ray moves between the nodes."""
+from __future__ import annotations
+
+from kvstore.blocks import BlockSpec
+from kvstore.index import KVLayout
+from kvstore.store import KVStore, StoreConfig
+
+
+class StoreActor(KVStore):
+    def __init__(self, spec: BlockSpec, fingerprint: int, layout: KVLayout = KVLayout(),
+                 config: StoreConfig = StoreConfig()):
+        super().__init__(spec, fingerprint, layout, config, use_ray=True)
+
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+
+def start_store(spec: BlockSpec, fingerprint: int, layout: KVLayout, config: StoreConfig,
+                resources: dict[str, float] | None = None, name: str | None = None):
+    """Start a store actor (no CPU reserved: it mostly waits), optionally pinned to a node by a
+    custom resource and registered under ``name``."""
+    import ray
+
+    options = {"num_cpus": 0, "resources": resources or {}}
+    if name:
+        options["name"] = name
+    return ray.remote(StoreActor).options(**options).remote(spec, fingerprint, layout, config)
