@@ -11,25 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from kvstore.index import PrefixIndex
 from kvstore.keys import trace_block_keys
-
-TRACE_BLOCK = 512
-
-
-def load_trace(path: str | Path) -> list[dict]:
-    rows = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            try:
-                r = json.loads(line)
-                rows.append({"input_length": int(r["input_length"]), "hash_ids": list(r["hash_ids"]),
-                             "timestamp": r.get("timestamp", 0), "output_length": int(r.get("output_length", 0))})
-            except (ValueError, KeyError, TypeError) as e:
-                raise ValueError(f"{path}:{n}: not a Mooncake trace line ({e})") from e
-    return rows
+from kvstore.trace import TRACE_BLOCK, load_trace
 
 
 def replay(rows: list[dict], capacity_tokens: int | None, policy: str) -> dict:

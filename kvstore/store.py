@@ -26,10 +26,13 @@ class StoreConfig:
     disk_dir: str | None = None
     policy: str = "lru"
     lease_ttl_s: float = 30.0
+    host_low_watermark: float = 0.9  # once host memory is full, demote to disk down to this fraction
 
     def __post_init__(self) -> None:
         if self.host_capacity_blocks < 1 or self.disk_capacity_blocks < 0:
             raise ValueError("store capacities: host_capacity_blocks >= 1 and disk_capacity_blocks >= 0")
+        if not 0.0 < self.host_low_watermark <= 1.0:
+            raise ValueError(f"host_low_watermark must be in (0, 1], got {self.host_low_watermark}")
         if self.disk_capacity_blocks and not self.disk_dir:
             raise ValueError("a disk tier needs disk_dir")
 
@@ -104,6 +107,10 @@ class KVStore:
         self.stats.seconds_moving += time.perf_counter() - t0
         return new
 
+    def match_many(self, requests: list[list[int]]) -> list[StoreMatch]:
+        """One call for a batch of lookups (one actor round trip)."""
+        return [self.match(t) for t in requests]
+
     def match(self, tokens: list[int]) -> StoreMatch:
         self.leases.reclaim_expired()
         m = self.index.match(list(tokens))
@@ -170,11 +177,14 @@ class KVStore:
     def _place(self, key: int, mask: int, buf) -> None:
         self.host.put(key, mask, buf)
         self.events.append(Event("stored", key, self.config.node, "host"))
-        while len(self.host) > self.host.capacity:
-            victim = next((k for k in self.host.coldest() if not self.index.entries[k].pins and k != key), None)
-            if victim is None or self.disk is None:
+        if len(self.host) <= self.host.capacity or self.disk is None:
+            return
+        low = max(1, int(self.config.host_low_watermark * self.host.capacity))
+        for victim in self.host.coldest():  # coldest first; leased blocks stay where they are
+            if len(self.host) <= low:
                 break
-            self._demote(victim)
+            if victim != key and not self.index.entries[victim].pins:
+                self._demote(victim)
 
     def _demote(self, key: int) -> None:
         mask, buf = self.host.pop(key)

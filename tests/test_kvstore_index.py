@@ -124,7 +124,8 @@ TRACE = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "
 
 @pytest.mark.skipif(not TRACE.is_file(), reason="the shared Mooncake trace is not beside this checkout")
 def test_unbounded_replay_of_the_mooncake_trace_reaches_its_ideal_hit_ratio():
-    from benchmarks.trace_cache import load_trace, replay
+    from benchmarks.trace_cache import replay
+    from kvstore.trace import load_trace
 
     rows = load_trace(TRACE)
     out = replay(rows, None, "lru")

@@ -174,3 +174,14 @@ def test_engine_kv_through_the_store_into_another_engine():
     from greedy import assert_same_greedy
 
     assert_same_greedy(model, follow, expected, got)
+
+
+def test_host_overflow_demotes_down_to_the_low_watermark(tmp_path):
+    s = store(tmp_path, host=10, disk=40, host_low_watermark=0.5)
+    for i in range(3):
+        s.put([i] * 16, export(16, i), FP)  # 4 blocks each: the 11th host block triggers demotion
+    snap = s.snapshot()
+    assert snap["blocks"]["host"] <= 10 and snap["blocks"]["host"] + snap["blocks"]["disk"] == 12
+    assert snap["demotions"] >= 5
+    for i in range(3):
+        assert s.match([i] * 16).tokens == 16
