@@ -47,11 +47,6 @@ def smollm2_gguf_path() -> Path:
     return files[0]
 
 
-def _field_value(field) -> Any:
-    value = field.contents()
-    return value
-
-
 def read_gguf_metadata(path: str | Path):
     """The GGUF reader and its key/value metadata; a clear error for anything that is not a GGUF file."""
     from gguf import GGUFReader
@@ -61,7 +56,7 @@ def read_gguf_metadata(path: str | Path):
         raise FileNotFoundError(f"no such GGUF file: {path}")
     try:
         reader = GGUFReader(path)
-        meta = {k: _field_value(f) for k, f in reader.fields.items()
+        meta = {k: f.contents() for k, f in reader.fields.items()
                 if k not in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type")}
     except Exception as e:  # the gguf package raises many kinds for damaged files
         raise WeightFileError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e})") from e
