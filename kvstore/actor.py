@@ -3,6 +3,8 @@ so they outlive the workers that produced them; a get from another node's store 
 call whose result Ray moves between the nodes."""
 from __future__ import annotations
 
+import numpy as np
+
 from kvstore.blocks import BlockSpec
 from kvstore.index import KVLayout
 from kvstore.store import KVStore, StoreConfig
@@ -12,6 +14,16 @@ class StoreActor(KVStore):
     def __init__(self, spec: BlockSpec, fingerprint: int, layout: KVLayout = KVLayout(),
                  config: StoreConfig = StoreConfig()):
         super().__init__(spec, fingerprint, layout, config, use_ray=True)
+
+    def get(self, keys: list[int], end: int):
+        """By value: contiguous arrays, which Ray serializes without a per-element copy. Readers on
+        this node should prefer ``get_refs`` (zero-copy) and join the blocks themselves."""
+        out = super().get(keys, end)
+        if out is not None:
+            for g in out.groups:
+                g.k, g.v = np.ascontiguousarray(g.k), np.ascontiguousarray(g.v)
+                g.k_scale, g.v_scale = np.ascontiguousarray(g.k_scale), np.ascontiguousarray(g.v_scale)
+        return out
 
     def node_id(self) -> str:
         import ray

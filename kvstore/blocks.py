@@ -96,9 +96,14 @@ def split_export(spec: BlockSpec, data: KVExport) -> list[tuple[int, np.ndarray]
 def join_export(spec: BlockSpec, blocks: list[tuple[int, np.ndarray]], end: int) -> KVExport:
     """The inverse of ``split_export`` for a prefix of ``end`` tokens: per group, its run of held blocks.
 
-    Each byte is copied once, from the (possibly shared, read-only) block buffers into the result.
+    Each byte is copied once, from the (possibly shared, read-only) block buffers into the result;
+    when every block holds the same groups (the common case) that is one stacking copy, and the
+    per-group arrays are strided views into it.
     """
     out = KVExport(spec.block_size, 0, end)
+    masks = {mask for mask, _ in blocks}
+    if len(masks) == 1 and blocks:
+        return _join_uniform(spec, masks.pop(), [buf for _, buf in blocks], out)
     unpacked = [unpack(spec, mask, buf) for mask, buf in blocks]
     for g in range(spec.n_groups):
         held = [i for i, parts in enumerate(unpacked) if g in parts]
@@ -113,3 +118,29 @@ def join_export(spec: BlockSpec, blocks: list[tuple[int, np.ndarray]], end: int)
                 dst[j] = src
         out.groups.append(GroupBlocks(first, *arrays))
     return out
+
+
+def _join_uniform(spec: BlockSpec, mask: int, bufs: list[np.ndarray], out: KVExport) -> KVExport:
+    if any(b.nbytes != spec.nbytes(mask) for b in bufs):
+        raise ValueError(f"block buffers of the wrong size for groups {mask:#b}")
+    table = np.stack(bufs)  # [n_blocks, bytes per block]: the one copy
+    n = len(bufs)
+    kv_n = int(np.prod(spec.kv_shape))
+    sc_n = int(np.prod(spec.scale_shape)) * 4
+    at = 0
+    for g in range(spec.n_groups):
+        if not mask >> g & 1:
+            out.groups.append(GroupBlocks(n, *_empty(spec)))
+            continue
+        arrays = []
+        for size, dtype, shape in ((kv_n, np.int8, spec.kv_shape), (kv_n, np.int8, spec.kv_shape),
+                                   (sc_n, np.float32, spec.scale_shape), (sc_n, np.float32, spec.scale_shape)):
+            arrays.append(table[:, at:at + size].view(dtype).reshape(n, *shape))
+            at += size
+        out.groups.append(GroupBlocks(0, *arrays))
+    return out
+
+
+def _empty(spec: BlockSpec) -> list[np.ndarray]:
+    return [np.zeros((0, *spec.kv_shape), np.int8), np.zeros((0, *spec.kv_shape), np.int8),
+            np.zeros((0, *spec.scale_shape), np.float32), np.zeros((0, *spec.scale_shape), np.float32)]
