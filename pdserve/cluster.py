@@ -1,0 +1,159 @@
+"""A local pdserve cluster: Ray on 127.0.0.1, one KV store, N prefill and M decode workers.
+
+Used by the tests and the CLI. Each request is placed by a policy (``scheduler.placement``),
+prefilled on one worker, handed to a decode worker through the store, and streamed back.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+from decode.worker import DecodeWorker
+from kvstore.actor import start_store
+from kvstore.blocks import BlockSpec
+from kvstore.handoff import Handoff, handshake
+from kvstore.index import KVLayout
+from kvstore.keys import fingerprint_of
+from kvstore.store import StoreConfig
+from model.config import QuantConfig
+from model.engine import EngineConfig, RequestOutput, SamplingParams
+from model.loader import load
+from prefill.worker import PrefillWorker
+from scheduler.placement import ClusterView, Placement, PlacementRequest, Reject, RoundRobinSticky
+
+
+class PrefillActor(PrefillWorker):
+    def __init__(self, name, model_name, quant, store, fingerprint, engine_config):
+        loaded = load(model_name, quant=quant)
+        super().__init__(name, loaded.model, store, fingerprint, engine_config, loaded.tokenizer)
+
+
+class DecodeActor(DecodeWorker):
+    def __init__(self, name, model_name, quant, store, fingerprint, engine_config):
+        loaded = load(model_name, quant=quant)
+        super().__init__(name, loaded.model, store, fingerprint, engine_config, loaded.tokenizer)
+
+
+@dataclass
+class Submitted:
+    request_id: str
+    placement: Placement
+    handoff: Future  # -> Handoff, once prefill is done and decode has the request
+
+
+class LocalCluster:
+    def __init__(self, model: str = "skv-tiny", quant: QuantConfig | None = None, n_prefill: int = 1,
+                 n_decode: int = 1, engine_config: EngineConfig = EngineConfig(),
+                 store_config: StoreConfig = StoreConfig(), num_cpus: int | None = None):
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # Ray binds 127.0.0.1 only
+        import ray
+
+        self.ray = ray
+        self.owns_ray = not ray.is_initialized()
+        if self.owns_ray:
+            ray.init(num_cpus=num_cpus or max(2, os.cpu_count() or 2), include_dashboard=False,
+                     log_to_driver=False, _node_ip_address="127.0.0.1")
+        loaded = load(model, quant=quant)
+        self.tokenizer = loaded.tokenizer
+        self.model_config = loaded.model.config
+        self.fingerprint = fingerprint_of(loaded.model)
+        del loaded
+        cfg = self.model_config
+        self.store = start_store(BlockSpec.of(cfg), self.fingerprint, KVLayout.of(cfg), store_config)
+        frac = 1.0 / (n_prefill + n_decode)
+        args = (model, quant, self.store, self.fingerprint, engine_config)
+        self.prefill = {f"prefill-{i}": ray.remote(PrefillActor).options(num_cpus=frac).remote(f"prefill-{i}", *args)
+                        for i in range(n_prefill)}
+        self.decode = {f"decode-{i}": ray.remote(DecodeActor).options(num_cpus=frac, max_concurrency=256)
+                       .remote(f"decode-{i}", *args) for i in range(n_decode)}
+        infos = ray.get([a.info.remote() for a in [*self.prefill.values(), *self.decode.values()]])
+        for p in infos[:n_prefill]:
+            for d in infos[n_prefill:]:
+                handshake(p, d)
+        self.policy = RoundRobinSticky()
+        self._ids = itertools.count()
+        self._pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="pdserve-submit")
+        self._lock = threading.Lock()
+        self._live: dict[str, Submitted] = {}
+        self._cancelled: set[str] = set()
+
+    # -- requests --------------------------------------------------------------------------------
+    def submit(self, prompt: list[int], params: SamplingParams = SamplingParams(), session_id: str | None = None,
+               request_id: str | None = None) -> Submitted:
+        rid = request_id or f"r{next(self._ids)}"
+        view = ClusterView(list(self.prefill), list(self.decode))
+        placement = self.policy.place(PlacementRequest(rid, len(prompt), session_id), view)
+        if isinstance(placement, Reject):
+            raise RuntimeError(f"request {rid} rejected: {placement.reason}")
+        sub = Submitted(rid, placement, self._pool.submit(self._run, rid, prompt, params, placement))
+        with self._lock:
+            self._live[rid] = sub
+        return sub
+
+    def _run(self, rid: str, prompt: list[int], params: SamplingParams, placement: Placement) -> Handoff:
+        ray = self.ray
+        handoff: Handoff = ray.get(self.prefill[placement.prefill].prefill.remote(rid, prompt, params))
+        if rid in self._cancelled:  # cancelled while prefilling: give back the lease, go no further
+            if handoff.lease_id:
+                ray.get(self.store.release.remote(handoff.lease_id))
+            return handoff
+        ray.get(self.decode[placement.decode].submit.remote(handoff, params))
+        return handoff
+
+    def stream(self, sub: Submitted) -> Iterator[RequestOutput]:
+        handoff = sub.handoff.result()
+        if sub.request_id in self._cancelled:
+            yield RequestOutput(sub.request_id, [], finished=True, finish_reason="abort")
+            return
+        actor = self.decode[sub.placement.decode]
+        try:
+            for ref in actor.stream.options(num_returns="streaming").remote(sub.request_id):
+                yield self.ray.get(ref)
+        finally:
+            with self._lock:
+                self._live.pop(sub.request_id, None)
+        del handoff
+
+    def generate(self, prompt: list[int], params: SamplingParams = SamplingParams(),
+                 session_id: str | None = None) -> tuple[list[int], RequestOutput, Handoff]:
+        sub = self.submit(prompt, params, session_id)
+        tokens, last = [], None
+        for out in self.stream(sub):
+            tokens.extend(out.token_ids)
+            last = out
+        return tokens, last, sub.handoff.result()
+
+    def cancel(self, request_id: str) -> None:
+        self._cancelled.add(request_id)
+        sub = self._live.get(request_id)
+        if sub is not None:
+            self.ray.get(self.decode[sub.placement.decode].cancel.remote(request_id))
+
+    def store_stats(self) -> dict:
+        return self.ray.get(self.store.snapshot.remote())
+
+    def loads(self) -> dict[str, dict]:
+        actors = {**self.prefill, **self.decode}
+        return dict(zip(actors, self.ray.get([a.load.remote() for a in actors.values()])))
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        for a in self.decode.values():
+            try:
+                self.ray.get(a.shutdown.remote(), timeout=10)
+            except Exception:
+                pass
+        for a in [*self.prefill.values(), *self.decode.values(), self.store]:
+            self.ray.kill(a)
+        if self.owns_ray:
+            self.ray.shutdown()
+
+    def __enter__(self) -> "LocalCluster":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()

@@ -1,0 +1,77 @@
+"""The prefill worker: loads the reusable prefix from the store, computes the rest, samples the
+first token, publishes the prompt's KV and leases it to the decode worker."""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from kvstore.handoff import Handoff, WorkerInfo
+from model.engine import Engine, EngineConfig, SamplingParams
+from model.transformer import Transformer
+
+
+class PrefillWorker:
+    def __init__(self, name: str, model: Transformer, store, fingerprint: int,
+                 engine_config: EngineConfig = EngineConfig(), tokenizer=None, lease_ttl_s: float = 60.0):
+        self.name = name
+        self.engine = Engine(model, engine_config, tokenizer)
+        self.store = store  # a KVStore or the node's store actor (calls go through ``call``)
+        self.fingerprint = fingerprint
+        self.lease_ttl_s = lease_ttl_s
+        self.served = 0
+
+    def info(self) -> WorkerInfo:
+        cfg = self.engine.mcfg
+        return WorkerInfo(self.name, "prefill", cfg.block_size, "int8" if cfg.quant.kv else cfg.quant.compute,
+                          self.fingerprint)
+
+    def prefill(self, request_id: str, prompt: list[int], params: SamplingParams) -> Handoff:
+        t0 = time.perf_counter()
+        prefix = None
+        m = call(self.store, "match", prompt)
+        if m.tokens >= self.engine.pool.block_size:
+            data = call(self.store, "get", m.keys, m.tokens)
+            if data is not None:
+                prefix = self.engine.import_kv(data)
+        t1 = time.perf_counter()
+        first = dataclasses.replace(params, max_tokens=1, stop=())
+        try:
+            rid = self.engine.add_request(prompt, first, request_id=request_id, prefix=prefix, hold_kv=True)
+        finally:
+            if prefix is not None:
+                self.engine.release_prefix(prefix)
+        outs = [o for o in self.engine.stream()]
+        out = next(o for o in reversed(outs) if o.request_id == rid)
+        t2 = time.perf_counter()
+        token = out.token_ids[0] if out.token_ids else None
+        stopped = out.finish_reason if token is None or params.max_tokens == 1 else None
+        if stopped is None and token is not None and token in params.stop_token_ids:
+            stopped = "stop"
+        keys, lease = [], None
+        try:
+            data = self.engine.export_kv(rid)
+            call(self.store, "put", prompt, data, self.fingerprint)
+            held = call(self.store, "match", prompt)
+            keys = held.keys
+            if stopped is None and keys:
+                lease = call(self.store, "lease", keys, self.lease_ttl_s, self.name)
+        finally:
+            self.engine.release(rid)
+        self.served += 1
+        t3 = time.perf_counter()
+        return Handoff(rid, list(prompt), token, stopped, keys, held.tokens, lease, out.cached_tokens,
+                       {"load_prefix": t1 - t0, "prefill": t2 - t1, "publish": t3 - t2},
+                       out.logprobs[0] if out.logprobs else None)
+
+    def load(self) -> dict:
+        return {"name": self.name, "served": self.served, "free_blocks": self.engine.pool.free_counts()}
+
+
+def call(target, method: str, *args):
+    """Call a store method on a local object or a Ray actor alike."""
+    fn = getattr(target, method)
+    if hasattr(fn, "remote"):
+        import ray
+
+        return ray.get(fn.remote(*args))
+    return fn(*args)

@@ -1,0 +1,54 @@
+"""The placement interface every policy implements (design invariant 6), and the minimal
+policy the cluster uses until the Conductor lands: round-robin with session stickiness."""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class PlacementRequest:
+    request_id: str
+    prompt_tokens: int
+    session_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Placement:
+    prefill: str
+    decode: str
+    predicted_hit_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Reject:
+    reason: str
+
+
+@dataclass
+class ClusterView:
+    prefill: list[str]
+    decode: list[str]
+    load: dict[str, dict] = field(default_factory=dict)
+
+
+class RoundRobinSticky:
+    """Next pair in turn; a session stays on the pair that holds its KV."""
+
+    name = "round_robin"
+
+    def __init__(self) -> None:
+        self._turn = itertools.count()
+        self._sessions: dict[str, Placement] = {}
+
+    def place(self, request: PlacementRequest, view: ClusterView) -> Placement | Reject:
+        if not view.prefill or not view.decode:
+            return Reject("no prefill or no decode worker is up")
+        sticky = self._sessions.get(request.session_id) if request.session_id else None
+        if sticky and sticky.prefill in view.prefill and sticky.decode in view.decode:
+            return sticky
+        n = next(self._turn)
+        placement = Placement(view.prefill[n % len(view.prefill)], view.decode[n % len(view.decode)])
+        if request.session_id:
+            self._sessions[request.session_id] = placement
+        return placement

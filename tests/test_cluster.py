@@ -1,0 +1,129 @@
+"""Prefill -> store -> decode on a local Ray cluster (127.0.0.1) against the single-process model."""
+import time
+
+import pytest
+
+from kvstore.handoff import WorkerInfo, handshake
+from model.config import QuantConfig
+from model.engine import SamplingParams
+from model.generate import generate
+from model.loader import load
+
+from greedy import assert_same_greedy
+
+pytestmark = pytest.mark.slow
+
+
+def conversation_turns(first, turns, make_user, cluster, reference_model, params, session):
+    """Runs a multi-turn conversation; returns the prefill reports of each turn."""
+    history, reports = list(first), []
+    for turn in range(turns):
+        tokens, last, handoff = cluster.generate(history, params, session_id=session)
+        expected = list(generate(reference_model, history, params))
+        assert_same_greedy(reference_model, history, expected, tokens)
+        assert last.finished
+        reports.append((len(history), handoff.cached_tokens))
+        history = history + tokens + make_user(turn)
+    return reports
+
+
+@pytest.fixture(scope="module")
+def tiny_cluster():
+    from pdserve.cluster import LocalCluster
+
+    with LocalCluster("skv-tiny") as c:
+        yield c
+
+
+def test_skv_tiny_through_the_cluster_matches_the_model(tiny_cluster):
+    ref = load("skv-tiny").model
+    params = SamplingParams(max_tokens=10, ignore_eos=True)
+    prompts = [list(range(3 + i, 20 + 7 * i)) for i in range(15)]
+    subs = [tiny_cluster.submit(p, params) for p in prompts]  # all in flight together
+    for p, sub in zip(prompts, subs):
+        tokens = [t for out in tiny_cluster.stream(sub) for t in out.token_ids]
+        assert_same_greedy(ref, p, list(generate(ref, p, params)), tokens)
+    reports = conversation_turns(list(range(100, 140)), 5, lambda t: [200 + t, 201, 202], tiny_cluster, ref,
+                                 params, "conv-1")
+    bs = ref.config.block_size
+    for (history, hit), (prev_history, _) in zip(reports[1:], reports):
+        assert hit >= prev_history + params.max_tokens - 1 - bs  # the previous turn's prompt and answer
+    stats = tiny_cluster.store_stats()
+    assert stats["live_leases"] == 0
+
+
+def test_cancel_mid_decode_and_mid_prefill_frees_everything(tiny_cluster):
+    params = SamplingParams(max_tokens=400, ignore_eos=True)
+    sub = tiny_cluster.submit(list(range(5, 60)), params)
+    stream = tiny_cluster.stream(sub)
+    next(stream), next(stream)  # decoding now
+    tiny_cluster.cancel(sub.request_id)
+    last = list(stream)[-1]
+    assert last.finished and last.finish_reason == "abort"
+
+    sub2 = tiny_cluster.submit(list(range(7, 300)), params)
+    tiny_cluster.cancel(sub2.request_id)  # most likely still prefilling
+    assert [o for o in tiny_cluster.stream(sub2)][-1].finish_reason == "abort"
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        loads = tiny_cluster.loads()
+        decode = loads["decode-0"]
+        if decode["free_blocks"] == decode["capacity"] and tiny_cluster.store_stats()["live_leases"] == 0:
+            break
+        time.sleep(0.2)
+    assert decode["running"] == 0 and decode["free_blocks"] == decode["capacity"]
+    assert tiny_cluster.store_stats()["live_leases"] == 0
+
+
+def test_handshake_refuses_mismatched_workers():
+    base = WorkerInfo("p", "prefill", 64, "int8", 0xABC)
+    handshake(base, WorkerInfo("d", "decode", 64, "int8", 0xABC))
+    for change, word in ((dict(block_size=16), "block_size 64 != 16"), (dict(kv_dtype="bfloat16"), "kv_dtype"),
+                         (dict(fingerprint=0xDEF), "fingerprint 0xabc != 0xdef")):
+        other = WorkerInfo("d", "decode", **{**dict(block_size=64, kv_dtype="int8", fingerprint=0xABC), **change})
+        with pytest.raises(ValueError, match=f"cannot be paired: {word}"):
+            handshake(base, other)
+
+
+def test_workers_built_from_different_models_do_not_pair():
+    from kvstore.blocks import BlockSpec
+    from kvstore.index import KVLayout
+    from kvstore.keys import fingerprint_of
+    from kvstore.store import KVStore
+    from model.loader import build, random_state
+    from model.presets import get_preset
+    from prefill.worker import PrefillWorker
+    from decode.worker import DecodeWorker
+
+    cfg = get_preset("skv-tiny")
+    a = build(cfg, random_state(cfg, 0))
+    b = build(cfg.with_quant(QuantConfig.off()), random_state(cfg, 0))
+    store = KVStore(BlockSpec.of(cfg), fingerprint_of(a), KVLayout.of(cfg))
+    p = PrefillWorker("p", a, store, fingerprint_of(a))
+    d = DecodeWorker("d", b, store, fingerprint_of(b))
+    try:
+        with pytest.raises(ValueError, match="cannot be paired: kv_dtype int8 != float32"):
+            handshake(p.info(), d.info())
+    finally:
+        d.shutdown()
+
+
+@pytest.fixture(scope="module")
+def smollm2_cluster():
+    from pdserve.cluster import LocalCluster
+
+    with LocalCluster("smollm2-135m") as c:
+        yield c
+
+
+def test_smollm2_through_the_cluster_matches_the_model(smollm2_cluster, smollm2_int8):
+    tok, ref = smollm2_int8.tokenizer, smollm2_int8.model
+    params = SamplingParams(max_tokens=12, stop_token_ids=(tok.eos_token_id,))
+    for q in ("What is the capital of France?", "Name three fruits.", "Write one sentence about rain."):
+        prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": q}]))
+        tokens, last, _ = smollm2_cluster.generate(prompt, params)
+        assert_same_greedy(ref, prompt, list(generate(ref, prompt, params, (tok.eos_token_id,))), tokens)
+    first = tok.encode(tok.apply_chat_template([{"role": "user", "content": "Tell me about the moon."}]))
+    user = lambda t: tok.encode(f"<|im_end|>\n<|im_start|>user\nAnd more, part {t}?<|im_end|>\n<|im_start|>assistant\n")
+    reports = conversation_turns(first, 3, user, smollm2_cluster, ref, params, "moon")
+    assert all(hit >= prev - 64 for (_, hit), (prev, _) in zip(reports[1:], reports))
