@@ -9,6 +9,7 @@ import math
 import torch
 
 QMAX = 127.0
+DECODE_SLICE_BYTES = 8 * 2**20  # attention temporaries per slice: cache-friendly, below malloc's mmap threshold
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,9 +61,14 @@ def attention(
     """Causal (and optionally sliding-window) attention of one sequence; returns [Tq, H, D].
 
     A query at position p sees keys at positions in (p - window, p]. Query heads are
-    grouped onto KV heads (MQA/GQA) by a reshape, never by copying K/V.
+    grouped onto KV heads (MQA/GQA) by a reshape, never by copying K/V. Long prefills go in
+    query slices so the score matrix stays small (see ``DECODE_SLICE_BYTES``).
     """
     tq, h, d = q.shape
+    rows = max(1, DECODE_SLICE_BYTES // (h * k.shape[0] * 4))
+    if tq > rows:
+        return torch.cat([attention(q[i:i + rows], k, v, q_pos[i:i + rows], k_pos, window)
+                          for i in range(0, tq, rows)])
     hkv = k.shape[1]
     qg = q.reshape(tq, hkv, h // hkv, d).permute(1, 2, 0, 3)  # [Hkv, G, Tq, D]
     kt = k.permute(1, 2, 0).to(q.dtype)  # [Hkv, D, Tk]
@@ -117,9 +123,6 @@ def key_slots(block_table: torch.Tensor, positions: torch.Tensor, block_size: in
     """Flat pool slots of ``positions`` through a block table ([..., max_blocks], -1 = not held)."""
     blocks = block_table.gather(-1, positions // block_size) if block_table.dim() > 1 else block_table[positions // block_size]
     return blocks * block_size + positions % block_size
-
-
-DECODE_SLICE_BYTES = 8 * 2**20
 
 
 def _widen(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

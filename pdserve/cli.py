@@ -21,6 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
     g.add_argument("--precision", choices=["int8", "float32", "bfloat16"], default="int8")
+    g.add_argument("--cluster", action="store_true",
+                   help="run through a local Ray cluster on 127.0.0.1: prefill worker -> KV store -> decode worker")
     g.set_defaults(func=_generate)
 
     c = sub.add_parser("compare", help="teacher-forced agreement of a student model with a teacher")
@@ -61,6 +63,8 @@ def _generate(args) -> int:
                               stop_token_ids=(endoftext,) if endoftext is not None else ())
     text = tok.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
     prompt = tok.encode(text)
+    if args.cluster:
+        return _generate_on_cluster(name, args, tok, prompt, sampling)
     engine = Engine(loaded.model, tokenizer=tok)
     engine.add_request(prompt, sampling)
     print(f"[{name}, {loaded.model.config.quant.tag}, loaded in {time.perf_counter() - t0:.1f}s, "
@@ -76,6 +80,33 @@ def _generate(args) -> int:
     decode = (n - 1) / (end - first) if n > 1 and end > first else 0.0
     print(f"\n[{n} tokens, finish: {reason}, time to first token {first - t1:.2f}s, "
           f"decode {decode:.1f} tok/s]", file=sys.stderr)
+    return 0
+
+
+def _generate_on_cluster(name: str, args, tok, prompt: list[int], sampling) -> int:
+    import dataclasses
+
+    from pdserve.cluster import LocalCluster
+
+    sampling = dataclasses.replace(sampling, stop_token_ids=sampling.stop_token_ids + (tok.eos_token_id,), stop=())
+    t0 = time.perf_counter()
+    with LocalCluster(name, quant=_quant(args.precision)) as cluster:
+        print(f"[cluster up in {time.perf_counter() - t0:.1f}s: 1 prefill + 1 decode worker, "
+              f"{len(prompt)} prompt tokens]", file=sys.stderr)
+        t1, first, ids, shown, reason = time.perf_counter(), None, [], 0, None
+        for out in cluster.stream(cluster.submit(prompt, sampling)):
+            first = first or time.perf_counter()
+            ids.extend(out.token_ids)
+            text = tok.decode(ids)
+            if not text.endswith("\ufffd"):
+                sys.stdout.write(text[shown:])
+                sys.stdout.flush()
+                shown = len(text)
+            reason = out.finish_reason or reason
+        end = time.perf_counter()
+    print(f"\n[{len(ids)} tokens, finish: {reason}, time to first token {first - t1:.2f}s, "
+          f"{(len(ids) - 1) / (end - first) if len(ids) > 1 and end > first else 0:.1f} tok/s after it]",
+          file=sys.stderr)
     return 0
 
 

@@ -49,6 +49,9 @@ class LocalCluster:
     def __init__(self, model: str = "skv-tiny", quant: QuantConfig | None = None, n_prefill: int = 1,
                  n_decode: int = 1, engine_config: EngineConfig = EngineConfig(),
                  store_config: StoreConfig = StoreConfig(), num_cpus: int | None = None):
+        if quant is not None and not quant.kv:
+            raise ValueError("the cluster ships int8 KV between workers: use an int8 KV precision "
+                             f"(got {quant.tag}); float runs need the single-process engine")
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # Ray binds 127.0.0.1 only
         import ray
 

@@ -36,3 +36,13 @@ def test_bad_arguments_exit_2_with_a_message(args, message):
     out = run(*args)
     assert out.returncode == 2
     assert message in out.stderr
+
+
+@pytest.mark.slow
+def test_generate_through_the_local_cluster():
+    out = run("generate", "--cluster", "--chat", "--max-tokens", "12", "What is the capital of France?")
+    assert out.returncode == 0, out.stderr
+    assert "1 prefill + 1 decode worker" in out.stderr
+    assert "Paris" in out.stdout
+    refused = run("generate", "--cluster", "--precision", "float32", "hi")
+    assert refused.returncode == 2 and "the cluster ships int8 KV" in refused.stderr

@@ -119,11 +119,17 @@ def smollm2_cluster():
 def test_smollm2_through_the_cluster_matches_the_model(smollm2_cluster, smollm2_int8):
     tok, ref = smollm2_int8.tokenizer, smollm2_int8.model
     params = SamplingParams(max_tokens=12, stop_token_ids=(tok.eos_token_id,))
-    for q in ("What is the capital of France?", "Name three fruits.", "Write one sentence about rain."):
-        prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": q}]))
-        tokens, last, _ = smollm2_cluster.generate(prompt, params)
+    questions = ["What is the capital of France?", "Name three fruits.", "Write one sentence about rain.",
+                 "What is 7 times 8?", "Who wrote Hamlet?", "Give me a synonym for happy.",
+                 "How many legs does a spider have?", "What colour is the sky?", "Translate 'thank you' to French.",
+                 "Name a planet.", "What is water made of?", "Suggest a name for a cat.",
+                 "What is the opposite of cold?", "Finish this: once upon a", "Why do leaves fall?"]
+    prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": q}])) for q in questions]
+    subs = [smollm2_cluster.submit(p, params) for p in prompts]  # 15 in flight together
+    for prompt, sub in zip(prompts, subs):
+        tokens = [t for out in smollm2_cluster.stream(sub) for t in out.token_ids]
         assert_same_greedy(ref, prompt, list(generate(ref, prompt, params, (tok.eos_token_id,))), tokens)
     first = tok.encode(tok.apply_chat_template([{"role": "user", "content": "Tell me about the moon."}]))
     user = lambda t: tok.encode(f"<|im_end|>\n<|im_start|>user\nAnd more, part {t}?<|im_end|>\n<|im_start|>assistant\n")
-    reports = conversation_turns(first, 3, user, smollm2_cluster, ref, params, "moon")
+    reports = conversation_turns(first, 5, user, smollm2_cluster, ref, params, "moon")  # 15 + 5 = 20 prompts
     assert all(hit >= prev - 64 for (_, hit), (prev, _) in zip(reports[1:], reports))
