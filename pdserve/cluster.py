@@ -69,8 +69,8 @@ class LocalCluster:
         self.store = start_store(BlockSpec.of(cfg), self.fingerprint, KVLayout.of(cfg), store_config)
         frac = 1.0 / (n_prefill + n_decode)
         args = (model, quant, self.store, self.fingerprint, engine_config)
-        self.prefill = {f"prefill-{i}": ray.remote(PrefillActor).options(num_cpus=frac).remote(f"prefill-{i}", *args)
-                        for i in range(n_prefill)}
+        self.prefill = {f"prefill-{i}": ray.remote(PrefillActor).options(num_cpus=frac, max_concurrency=256)
+                        .remote(f"prefill-{i}", *args) for i in range(n_prefill)}
         self.decode = {f"decode-{i}": ray.remote(DecodeActor).options(num_cpus=frac, max_concurrency=256)
                        .remote(f"decode-{i}", *args) for i in range(n_decode)}
         infos = ray.get([a.info.remote() for a in [*self.prefill.values(), *self.decode.values()]])
@@ -108,7 +108,7 @@ class LocalCluster:
         return handoff
 
     def stream(self, sub: Submitted) -> Iterator[RequestOutput]:
-        handoff = sub.handoff.result()
+        sub.handoff.result()  # prefill done, decode has the request (or it was cancelled)
         if sub.request_id in self._cancelled:
             yield RequestOutput(sub.request_id, [], finished=True, finish_reason="abort")
             return
@@ -119,7 +119,6 @@ class LocalCluster:
         finally:
             with self._lock:
                 self._live.pop(sub.request_id, None)
-        del handoff
 
     def generate(self, prompt: list[int], params: SamplingParams = SamplingParams(),
                  session_id: str | None = None) -> tuple[list[int], RequestOutput, Handoff]:
@@ -145,7 +144,7 @@ class LocalCluster:
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
-        for a in self.decode.values():
+        for a in [*self.prefill.values(), *self.decode.values()]:
             try:
                 self.ray.get(a.shutdown.remote(), timeout=10)
             except Exception:

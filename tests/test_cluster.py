@@ -105,6 +105,7 @@ def test_workers_built_from_different_models_do_not_pair():
         with pytest.raises(ValueError, match="cannot be paired: kv_dtype int8 != float32"):
             handshake(p.info(), d.info())
     finally:
+        p.shutdown()
         d.shutdown()
 
 
