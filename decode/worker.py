@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import queue
 
+from kvstore.actor import fetch_export
+from kvstore.blocks import BlockSpec
 from kvstore.handoff import Handoff, WorkerInfo
 from model.engine import Engine, EngineConfig, RequestOutput, SamplingParams
 from model.engine.loop import EngineLoop
@@ -21,6 +23,7 @@ class DecodeWorker:
                  engine_config: EngineConfig = EngineConfig(), tokenizer=None, publish: bool = True):
         self.name = name
         self.engine = Engine(model, engine_config, tokenizer)
+        self.spec = BlockSpec.of(model.config)
         self.store = store
         self.fingerprint = fingerprint
         self.publish = publish  # put each finished conversation's KV in the store (next turn hits)
@@ -50,7 +53,7 @@ class DecodeWorker:
             return
         prefix = None
         try:
-            data = call(self.store, "get", handoff.keys, handoff.kv_tokens) if handoff.keys else None
+            data = fetch_export(self.store, self.spec, handoff.keys, handoff.kv_tokens) if handoff.keys else None
             if handoff.lease_id is not None:
                 call(self.store, "release", handoff.lease_id)  # acknowledged: the blocks are ours now
             tokens = handoff.prompt + [handoff.first_token]

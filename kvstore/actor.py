@@ -41,3 +41,19 @@ def start_store(spec: BlockSpec, fingerprint: int, layout: KVLayout, config: Sto
     if name:
         options["name"] = name
     return ray.remote(StoreActor).options(**options).remote(spec, fingerprint, layout, config)
+
+
+def fetch_export(store, spec: BlockSpec, keys: list[int], end: int):
+    """A prefix's KV from a store: a local ``KVStore`` directly, an actor by object refs (zero-copy
+    from the object store on the same node, moved by Ray from another), joined here."""
+    if not hasattr(store.get_refs, "remote"):
+        return store.get(keys, end)
+    import ray
+
+    from kvstore.blocks import join_export
+
+    refs = ray.get(store.get_refs.remote(keys))
+    if refs is None:
+        return None
+    bufs = ray.get([ref for _, ref in refs])
+    return join_export(spec, [(mask, buf) for (mask, _), buf in zip(refs, bufs)], end)

@@ -69,7 +69,7 @@ class LocalCluster:
         self.store = start_store(BlockSpec.of(cfg), self.fingerprint, KVLayout.of(cfg), store_config)
         frac = 1.0 / (n_prefill + n_decode)
         args = (model, quant, self.store, self.fingerprint, engine_config)
-        self.prefill = {f"prefill-{i}": ray.remote(PrefillActor).options(num_cpus=frac, max_concurrency=256)
+        self.prefill = {f"prefill-{i}": ray.remote(PrefillActor).options(num_cpus=frac)
                         .remote(f"prefill-{i}", *args) for i in range(n_prefill)}
         self.decode = {f"decode-{i}": ray.remote(DecodeActor).options(num_cpus=frac, max_concurrency=256)
                        .remote(f"decode-{i}", *args) for i in range(n_decode)}
