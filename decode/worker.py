@@ -1,19 +1,20 @@
 """The decode worker: pulls leased blocks from the store, acknowledges the lease, joins the
 request to its continuous batch, streams tokens, and publishes the conversation's KV at the end.
 
-One engine loop (``EngineLoop``) runs on a background thread; requests arrive and streams are
-read on other threads (a threaded Ray actor), all engine access under the loop's lock.
+One engine loop runs on a background thread; requests arrive and streams are read on other
+threads (a threaded Ray actor), all engine access under one lock.
 """
 from __future__ import annotations
 
 import dataclasses
 import queue
+import threading
+import time
 
 from kvstore.actor import fetch_export
 from kvstore.blocks import BlockSpec
 from kvstore.handoff import Handoff, WorkerInfo
 from model.engine import Engine, EngineConfig, RequestOutput, SamplingParams
-from model.engine.loop import EngineLoop
 from model.transformer import Transformer
 from prefill.worker import call  # the same local-or-actor call helper
 
@@ -27,9 +28,13 @@ class DecodeWorker:
         self.store = store
         self.fingerprint = fingerprint
         self.publish = publish  # put each finished conversation's KV in the store (next turn hits)
+        self.lock = threading.RLock()
         self.streams: dict[str, queue.Queue] = {}
-        self.loop = EngineLoop(self.engine, self._on_outputs, name=f"{name}-engine")
-        self.lock = self.loop.lock
+        self.prompts: dict[str, list[int]] = {}
+        self.step_times: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"{name}-engine", daemon=True)
+        self._thread.start()
 
     def info(self) -> WorkerInfo:
         cfg = self.engine.mcfg
@@ -67,6 +72,7 @@ class DecodeWorker:
             with self.lock:
                 if data is not None:
                     prefix = self.engine.import_kv(data)
+                self.prompts[rid] = tokens
                 self.engine.add_request(tokens, rest, request_id=rid, prefix=prefix, hold_kv=self.publish)
         except Exception as e:
             out_q.put(RequestOutput(rid, [], finished=True, finish_reason=f"error: {e}"))
@@ -95,6 +101,7 @@ class DecodeWorker:
     def cancel(self, request_id: str) -> bool:
         with self.lock:
             out = self.engine.abort(request_id)
+            self.prompts.pop(request_id, None)
             q = self.streams.get(request_id)
         if q is not None:
             q.put(RequestOutput(request_id, [], finished=True, finish_reason="abort"))
@@ -105,24 +112,39 @@ class DecodeWorker:
             s = self.engine.scheduler
             return {"name": self.name, "running": len(s.running), "waiting": len(s.waiting),
                     "free_blocks": self.engine.pool.free_counts(), "capacity": self.engine.pool.capacity,
-                    "mean_step_s": self.loop.mean_step_s()}
+                    "mean_step_s": sum(self.step_times[-50:]) / max(1, len(self.step_times[-50:]))}
 
     def shutdown(self) -> None:
-        self.loop.stop()
+        self._stop.set()
+        self._thread.join(timeout=10)
 
-    # -- the engine loop (runs under the lock) ------------------------------------------------------
-    def _on_outputs(self, outs: list[RequestOutput]) -> None:
-        for out in outs:
-            if out.finished and self.publish and out.request_id in self.engine.sequences:
-                self._publish(out.request_id)
-            q = self.streams.get(out.request_id)
-            if q is not None:
-                out.completion_tokens += 1  # the first token came from the prefill worker
-                q.put(out)
+    # -- the engine loop -------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            with self.lock:
+                if not self.engine.has_work():
+                    outs = None
+                else:
+                    t = time.perf_counter()
+                    outs = self.engine.step()
+                    self.step_times.append(time.perf_counter() - t)
+                    for out in outs:
+                        if out.finished and self.publish and out.request_id in self.engine.sequences:
+                            self._publish(out.request_id)
+            if outs is None:
+                time.sleep(0.002)
+                continue
+            for out in outs:
+                q = self.streams.get(out.request_id)
+                if q is not None:
+                    out.completion_tokens += 1  # the first token came from the prefill worker
+                    q.put(out)
 
     def _publish(self, rid: str) -> None:
         try:
             seq = self.engine.sequences[rid]
-            call(self.store, "put", seq.tokens, self.engine.export_kv(rid), self.fingerprint)
+            data = self.engine.export_kv(rid)
+            call(self.store, "put", seq.tokens, data, self.fingerprint)
         finally:
             self.engine.release(rid)
+            self.prompts.pop(rid, None)
