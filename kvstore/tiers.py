@@ -114,6 +114,3 @@ class DiskTier:
     def pop(self, key: int) -> None:
         self.bytes -= self.blocks.pop(key)
         self.path(key).unlink(missing_ok=True)
-
-    def coldest(self):
-        return iter(list(self.blocks))

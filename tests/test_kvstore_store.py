@@ -51,6 +51,7 @@ def test_put_match_get_round_trip_and_events():
     same(s.get(m.keys, 10), data)
     assert [e.kind for e in s.drain_events()] == ["stored"] * 3
     assert s.snapshot()["hit_tokens"]["host"] == 10 and s.snapshot()["miss_tokens"] == 2
+    assert [x.tokens for x in s.match_many([toks, [7] * 5, toks[:6]])] == [10, 0, 6]
 
 
 def test_host_capacity_and_lru_order():
