@@ -2,8 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import time
+
+
+# Subcommands that live beside their feature: each module has ``add_parsers(subparsers)``.
+SUBCOMMAND_MODULES: tuple[str, ...] = ()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--teacher-precision", choices=["int8", "float32", "bfloat16"], default="float32")
     c.add_argument("--student-precision", choices=["int8", "float32", "bfloat16"], default="int8")
     c.set_defaults(func=_compare)
+
+    for module in SUBCOMMAND_MODULES:
+        importlib.import_module(module).add_parsers(sub)
 
     args = parser.parse_args(argv)
     try:

@@ -38,6 +38,14 @@ class DecodeActor(DecodeWorker):
         super().__init__(name, loaded.model, store, fingerprint, engine_config, loaded.tokenizer)
 
 
+class Rejected(RuntimeError):
+    """The placement policy refused the request (early rejection); ``reason`` says why."""
+
+    def __init__(self, request_id: str, reason: str):
+        super().__init__(f"request {request_id} rejected: {reason}")
+        self.request_id, self.reason = request_id, reason
+
+
 @dataclass
 class Submitted:
     request_id: str
@@ -86,12 +94,14 @@ class LocalCluster:
 
     # -- requests --------------------------------------------------------------------------------
     def submit(self, prompt: list[int], params: SamplingParams = SamplingParams(), session_id: str | None = None,
-               request_id: str | None = None) -> Submitted:
+               request_id: str | None = None, ttft_slo_s: float | None = None, tbt_slo_s: float | None = None,
+               priority: int = 0) -> Submitted:
         rid = request_id or f"r{next(self._ids)}"
         view = ClusterView(list(self.prefill), list(self.decode))
-        placement = self.policy.place(PlacementRequest(rid, len(prompt), session_id), view)
+        request = PlacementRequest(rid, len(prompt), session_id, ttft_slo_s, tbt_slo_s, priority, tuple(prompt))
+        placement = self.policy.place(request, view)
         if isinstance(placement, Reject):
-            raise RuntimeError(f"request {rid} rejected: {placement.reason}")
+            raise Rejected(rid, placement.reason)
         sub = Submitted(rid, placement, self._pool.submit(self._run, rid, prompt, params, placement))
         with self._lock:
             self._live[rid] = sub

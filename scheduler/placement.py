@@ -11,6 +11,10 @@ class PlacementRequest:
     request_id: str
     prompt_tokens: int
     session_id: str | None = None
+    ttft_slo_s: float | None = None  # per-request SLO hints; None = the cluster's defaults
+    tbt_slo_s: float | None = None
+    priority: int = 0
+    prompt: tuple[int, ...] = ()  # token ids, for cache-aware policies (block keys)
 
 
 @dataclass(frozen=True)
