@@ -1,7 +1,7 @@
 """Compute kernels and the one dispatch the model uses.
 
 Every op has a torch reference (``kernels.reference``), which is the CPU path and the
-oracle the Triton kernels (GPU, a later issue) are tested against.
+oracle the Triton kernels (``kernels.triton_*``, used for CUDA tensors) are tested against.
 """
 from kernels.dispatch import (attention, dequantize_rows, gather_kv, int8_matmul, paged_decode_attention,
                               paged_prefill_attention, quantize_rows, write_kv)

@@ -1,17 +1,83 @@
-"""Picks an implementation per call: Triton on CUDA tensors once those kernels exist, else torch.
+"""Picks an implementation per call: Triton on CUDA tensors, the torch reference otherwise.
 
-Only the torch references are here so far (Triton is issue 8); the model calls through
-this module so the kernels can be slotted in without touching it.
+The model and the paged engine call only these names, so the CPU path is exactly
+``kernels.reference`` and the GPU path needs no change above this layer. Triton is
+imported on the first CUDA call, never at import time: the package works without it
+(it comes with the ``gpu`` / ``test`` extras). ``PDSERVE_KERNELS=reference`` forces the
+reference everywhere (to bisect a numerical difference on a GPU).
 """
 from __future__ import annotations
 
+import functools
+import importlib
+import os
+from types import ModuleType
+
+import torch
+
 from kernels import reference
 
-quantize_rows = reference.quantize_rows
-dequantize_rows = reference.dequantize_rows
-int8_matmul = reference.int8_matmul
-attention = reference.attention
-write_kv = reference.write_kv
+dequantize_rows = reference.dequantize_rows  # one elementwise op: torch is already optimal
+attention = reference.attention  # dense attention of the contiguous cache (tests, small runs)
 gather_kv = reference.gather_kv
-paged_decode_attention = reference.paged_decode_attention
-paged_prefill_attention = reference.paged_prefill_attention
+
+
+@functools.cache
+def triton_available() -> bool:
+    try:
+        importlib.import_module("triton")
+    except ImportError:
+        return False
+    return True
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    return t.is_cuda and os.environ.get("PDSERVE_KERNELS", "auto") != "reference" and triton_available()
+
+
+def _triton(name: str) -> ModuleType:
+    return importlib.import_module(f"kernels.triton_{name}")
+
+
+def _on(index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Block tables, lengths and slots are built on the host; the kernels read them on the device."""
+    return index.to(like.device, non_blocking=True)
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if use_triton(x) and x.numel():
+        return _triton("gemm").quantize_rows(x)
+    return reference.quantize_rows(x)
+
+
+def int8_matmul(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
+                bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    if use_triton(xq):
+        return _triton("gemm").int8_matmul(xq, x_scale, wq, w_scale, bias, out_dtype)
+    return reference.int8_matmul(xq, x_scale, wq, w_scale, bias, out_dtype)
+
+
+def write_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, k_scale: torch.Tensor | None,
+             v_scale: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+    if k_scale is not None and use_triton(k):  # float pools (reference runs) stay on torch
+        return _triton("kv").write_kv(k_pool, v_pool, k_scale, v_scale, k, v, _on(slots, k))
+    return reference.write_kv(k_pool, v_pool, k_scale, v_scale, k, v, slots)
+
+
+def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                           k_scale: torch.Tensor | None, v_scale: torch.Tensor | None,
+                           block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                           window: int | None = None) -> torch.Tensor:
+    if k_scale is not None and use_triton(q):
+        return _triton("attention").paged_decode_attention(q, k_pool, v_pool, k_scale, v_scale,
+                                                           _on(block_tables, q), _on(seq_lens, q), window)
+    return reference.paged_decode_attention(q, k_pool, v_pool, k_scale, v_scale, block_tables, seq_lens, window)
+
+
+def paged_prefill_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                            k_scale: torch.Tensor | None, v_scale: torch.Tensor | None,
+                            block_table: torch.Tensor, start: int, window: int | None = None) -> torch.Tensor:
+    if k_scale is not None and use_triton(q):
+        return _triton("attention").paged_prefill_attention(q, k_pool, v_pool, k_scale, v_scale,
+                                                            _on(block_table, q), int(start), window)
+    return reference.paged_prefill_attention(q, k_pool, v_pool, k_scale, v_scale, block_table, start, window)

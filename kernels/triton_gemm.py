@@ -1,0 +1,146 @@
+"""W8A8 GEMM and per-token activation quantization in Triton.
+
+int8 x int8 tensor-core products accumulate exactly in int32, so the result does not
+depend on tiling or batching (the same guarantee ``torch._int_mm`` gives the reference);
+the scales are applied once, in the epilogue, where they cost nothing.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels import checks
+
+QMAX = 127.0
+
+
+@triton.jit
+def _round_half_even(y):
+    """``torch.round``: ties go to the even integer (exact for |y| < 2**22)."""
+    r = tl.floor(y + 0.5)
+    odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
+    return tl.where(((r - y) == 0.5) & odd, r - 1.0, r)
+
+
+@triton.jit
+def _quantize(x, scale):
+    """float32 -> int8 codes, bit-identical to the reference (IEEE division, round half to even)."""
+    y = _round_half_even(tl.math.div_rn(x, scale))
+    return tl.clamp(y, -127.0, 127.0).to(tl.int8)
+
+
+@triton.jit
+def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, BLOCK: tl.constexpr):
+    """One program per row: amax pass, then a quantize pass (the row is in L2 the second time)."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    amax = tl.zeros([BLOCK], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK):
+        x = tl.load(x_ptr + row * stride_x + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(x))
+    scale = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), 1e-8), 127.0)
+    tl.store(s_ptr + row, scale)
+    for k0 in range(0, K, BLOCK):
+        mask = k0 + cols < K
+        x = tl.load(x_ptr + row * stride_x + k0 + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(q_ptr + row * stride_q + k0 + cols, _quantize(x, scale), mask=mask)
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric int8 of ``x [..., K]``: (int8 [..., K], float32 scale [..., 1]), as the reference."""
+    checks.dtype("x", x, checks.FLOATS)
+    if x.dim() == 0 or x.shape[-1] == 0:
+        raise checks.KernelInputError(f"x: shape {list(x.shape)}, expected [..., K] with K > 0")
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    q = torch.empty(x2.shape, dtype=torch.int8, device=x.device)
+    s = torch.empty((x2.shape[0], 1), dtype=torch.float32, device=x.device)
+    if x2.shape[0]:
+        block = min(triton.next_power_of_2(k), 4096)
+        _quant_rows_kernel[(x2.shape[0],)](x2, q, s, k, x2.stride(0), q.stride(0), BLOCK=block,
+                                           num_warps=4 if block <= 1024 else 8)
+    return q.view(x.shape), s.view(*x.shape[:-1], 1)
+
+
+@triton.jit
+def _w8a8_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, o_ptr, M, N, K,
+                 stride_xm, stride_xk, stride_wn, stride_wk, stride_om, stride_on,
+                 HAS_BIAS: tl.constexpr, SCALED: tl.constexpr, EVEN_K: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    # grouped launch order: GROUP_M row tiles share the same weight tiles while they are in L2
+    pid = tl.program_id(0)
+    n_m, n_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    group = pid // (GROUP_M * n_n)
+    first_m = group * GROUP_M
+    rows_in_group = tl.minimum(n_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * n_n)) % rows_in_group
+    pid_n = (pid % (GROUP_M * n_n)) // rows_in_group
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    # out-of-range rows/columns read row 0 (in bounds) and are never stored
+    rm_safe = tl.where(rm < M, rm, 0).to(tl.int64)
+    rn_safe = tl.where(rn < N, rn, 0).to(tl.int64)
+    x_ptrs = x_ptr + rm_safe[:, None] * stride_xm + rk[None, :] * stride_xk
+    w_ptrs = w_ptr + rk[:, None] * stride_wk + rn_safe[None, :] * stride_wn  # [BLOCK_K, BLOCK_N]: W^T tile
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k0 in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(x_ptrs)
+            b = tl.load(w_ptrs)
+        else:
+            left = K - k0 * BLOCK_K
+            a = tl.load(x_ptrs, mask=rk[None, :] < left, other=0)
+            b = tl.load(w_ptrs, mask=rk[:, None] < left, other=0)
+        acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+
+    o_ptrs = o_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :] * stride_on
+    o_mask = (rm[:, None] < M) & (rn[None, :] < N)
+    if SCALED:
+        xs = tl.load(xs_ptr + rm_safe)
+        ws = tl.load(ws_ptr + rn_safe)
+        out = acc.to(tl.float32) * xs[:, None] * ws[None, :]
+        if HAS_BIAS:
+            out += tl.load(b_ptr + rn_safe).to(tl.float32)[None, :]
+        tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=o_mask)
+    else:
+        tl.store(o_ptrs, acc, mask=o_mask)
+
+
+def _tiles(m: int, n: int, k: int, device: torch.device) -> dict:
+    """Tile sizes by problem shape; small M (decode) gets thin row tiles so more of N runs in parallel."""
+    if device.type != "cuda":  # the interpreter: smallest legal tiles run fastest
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
+    if m <= 16:  # weight-bandwidth bound: narrow N tiles so every SM streams its own slice of W
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, GROUP_M=8, num_warps=4, num_stages=4)
+    block_m = 32 if m <= 32 else 64 if m <= 64 else 128
+    block_n = 64 if m <= 64 else 128
+    warps = 4 if block_m <= 64 else 8
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128, GROUP_M=8, num_warps=warps, num_stages=4)
+
+
+def int8_matmul(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
+                bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``(xq @ wq.T) * x_scale * w_scale (+ bias)``; ``out_dtype=torch.int32`` returns the raw accumulator."""
+    checks.gemm(xq, x_scale, wq, w_scale, bias, out_dtype)
+    m, k = xq.shape
+    n = wq.shape[0]
+    out = torch.empty((m, n), dtype=out_dtype, device=xq.device)
+    if m == 0 or n == 0:
+        return out
+    if k == 0:
+        return out.zero_() if bias is None else out.copy_(bias.expand(m, n))
+    cfg = _tiles(m, n, k, xq.device)
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+    xs, ws = x_scale.reshape(m).contiguous(), w_scale.reshape(n).contiguous()
+    _w8a8_kernel[grid](xq, wq, xs, ws, bias if bias is not None else xs, out, m, n, k,
+                       xq.stride(0), xq.stride(1), wq.stride(0), wq.stride(1), out.stride(0), out.stride(1),
+                       HAS_BIAS=bias is not None, SCALED=out_dtype != torch.int32,
+                       EVEN_K=k % cfg["BLOCK_K"] == 0, **cfg)
+    return out
