@@ -1,7 +1,8 @@
 """A local pdserve cluster: Ray on 127.0.0.1, one KV store, N prefill and M decode workers.
 
-Used by the tests and the CLI. Each request is placed by a policy (``scheduler.placement``),
-prefilled on one worker, handed to a decode worker through the store, and streamed back.
+Used by the tests and the CLI. Each request is placed by the Conductor (``scheduler.conductor``)
+with a policy object (``scheduler.policies``, the same ones the simulator runs), prefilled on one
+worker, handed to a decode worker through the store, and streamed back.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import os
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from decode.worker import DecodeWorker
 from kvstore.actor import start_store
@@ -23,7 +24,10 @@ from model.config import QuantConfig
 from model.engine import EngineConfig, RequestOutput, SamplingParams
 from model.loader import load
 from prefill.worker import PrefillWorker
-from scheduler.placement import ClusterView, Placement, PlacementRequest, Reject, RoundRobinSticky
+from scheduler.conductor import Conductor
+from scheduler.cost_model import live_cost_model
+from scheduler.placement import Placement, PlacementRequest, Reject
+from scheduler.policies import SLO, make_policy
 
 
 class PrefillActor(PrefillWorker):
@@ -51,15 +55,19 @@ class Submitted:
     request_id: str
     placement: Placement
     handoff: Future  # -> Handoff, once prefill is done and decode has the request
+    prompt: list[int] = field(default_factory=list)
 
 
 class LocalCluster:
     def __init__(self, model: str = "skv-tiny", quant: QuantConfig | None = None, n_prefill: int = 1,
                  n_decode: int = 1, engine_config: EngineConfig = EngineConfig(),
-                 store_config: StoreConfig = StoreConfig(), num_cpus: int | None = None):
+                 store_config: StoreConfig = StoreConfig(), num_cpus: int | None = None,
+                 policy: str = "cache_aware", cost_model: str | None = None, slo: SLO = SLO()):
         if quant is not None and not quant.kv:
             raise ValueError("the cluster ships int8 KV between workers: use an int8 KV precision "
                              f"(got {quant.tag}); float runs need the single-process engine")
+        self.cost_model = live_cost_model(model, cost_model)  # before Ray: a bad name fails fast
+        self.policy = make_policy(policy, self.cost_model, slo)
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # Ray binds 127.0.0.1 only
         import ray
 
@@ -85,7 +93,8 @@ class LocalCluster:
         for p in infos[:n_prefill]:
             for d in infos[n_prefill:]:
                 handshake(p, d)
-        self.policy = RoundRobinSticky()
+        self.conductor = Conductor(self.policy, self.cost_model, list(self.prefill), list(self.decode),
+                                   cfg.block_size, self.fingerprint)
         self._ids = itertools.count()
         self._pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="pdserve-submit")
         self._lock = threading.Lock()
@@ -97,19 +106,26 @@ class LocalCluster:
                request_id: str | None = None, ttft_slo_s: float | None = None, tbt_slo_s: float | None = None,
                priority: int = 0) -> Submitted:
         rid = request_id or f"r{next(self._ids)}"
-        view = ClusterView(list(self.prefill), list(self.decode))
         request = PlacementRequest(rid, len(prompt), session_id, ttft_slo_s, tbt_slo_s, priority, tuple(prompt))
-        placement = self.policy.place(request, view)
+        placement = self.conductor.place(request)
         if isinstance(placement, Reject):
             raise Rejected(rid, placement.reason)
-        sub = Submitted(rid, placement, self._pool.submit(self._run, rid, prompt, params, placement))
+        sub = Submitted(rid, placement, self._pool.submit(self._run, rid, prompt, params, placement), list(prompt))
         with self._lock:
             self._live[rid] = sub
         return sub
 
     def _run(self, rid: str, prompt: list[int], params: SamplingParams, placement: Placement) -> Handoff:
         ray = self.ray
-        handoff: Handoff = ray.get(self.prefill[placement.prefill].prefill.remote(rid, prompt, params))
+        try:
+            handoff: Handoff = ray.get(self.prefill[placement.prefill].prefill.remote(rid, prompt, params))
+        except BaseException:
+            self.conductor.finished(rid)
+            raise
+        self.conductor.prefilled(rid, handoff.keys, handoff.kv_tokens, handoff.cached_tokens)
+        self.conductor.apply_events(ray.get(self.store.drain_events.remote()))
+        if handoff.finish_reason is not None or rid in self._cancelled:
+            self.conductor.finished(rid)
         if rid in self._cancelled:  # cancelled while prefilling: give back the lease, go no further
             if handoff.lease_id:
                 ray.get(self.store.release.remote(handoff.lease_id))
@@ -123,10 +139,16 @@ class LocalCluster:
             yield RequestOutput(sub.request_id, [], finished=True, finish_reason="abort")
             return
         actor = self.decode[sub.placement.decode]
+        tokens, finished = [], False
         try:
             for ref in actor.stream.options(num_returns="streaming").remote(sub.request_id):
-                yield self.ray.get(ref)
+                out = self.ray.get(ref)
+                tokens.extend(out.token_ids)
+                finished = finished or (out.finished and out.finish_reason != "abort")
+                yield out
         finally:
+            # the decode worker publishes the KV of prompt + answer (the last token has none yet)
+            self.conductor.finished(sub.request_id, sub.prompt + tokens[:-1] if finished else None)
             with self._lock:
                 self._live.pop(sub.request_id, None)
 
@@ -151,6 +173,18 @@ class LocalCluster:
     def loads(self) -> dict[str, dict]:
         actors = {**self.prefill, **self.decode}
         return dict(zip(actors, self.ray.get([a.load.remote() for a in actors.values()])))
+
+    def status(self) -> dict:
+        """The cluster at a glance (the gateway serves it): worker loads, store stats, the policy,
+        and the Conductor's predicted vs delivered cache hits (design invariant 5)."""
+        loads = self.loads()
+        self.conductor.update_loads(loads)
+        self.conductor.apply_events(self.ray.get(self.store.drain_events.remote()))
+        stats = self.conductor.stats()
+        return {"workers": loads, "store": self.store_stats(), "policy": stats["policy"],
+                "cost_model": self.cost_model.name, "predicted_hit_tokens": stats["predicted_hit_tokens"],
+                "delivered_hit_tokens": stats["delivered_hit_tokens"], "requests": stats["requests"],
+                "rejected": stats["rejected"], "in_flight": stats["in_flight"]}
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -3,7 +3,9 @@ policy the cluster uses until the Conductor lands: round-robin with session stic
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from scheduler.view import ClusterView  # noqa: F401  (re-exported: the view policies read)
 
 
 @dataclass(frozen=True)
@@ -15,6 +17,7 @@ class PlacementRequest:
     tbt_slo_s: float | None = None
     priority: int = 0
     prompt: tuple[int, ...] = ()  # token ids, for cache-aware policies (block keys)
+    block_keys: tuple[int, ...] = ()  # precomputed chained block keys (trace replay has no token ids)
 
 
 @dataclass(frozen=True)
@@ -22,18 +25,14 @@ class Placement:
     prefill: str
     decode: str
     predicted_hit_tokens: int = 0
+    fetch_from: str | None = None  # copy the prefix from this instance first (hot-block replication)
+    predicted_ttft_s: float | None = None
+    predicted_tbt_s: float | None = None
 
 
 @dataclass(frozen=True)
 class Reject:
     reason: str
-
-
-@dataclass
-class ClusterView:
-    prefill: list[str]
-    decode: list[str]
-    load: dict[str, dict] = field(default_factory=dict)
 
 
 class RoundRobinSticky:

@@ -1,0 +1,145 @@
+"""The live Conductor: places every request of a running cluster with a policy object (the same
+objects the simulator runs) and keeps the policy's ``ClusterView`` current.
+
+What feeds the view:
+- placements: a prefill worker's predicted busy-until grows by the request's predicted prefill,
+  a decode worker's incoming sequences by one;
+- prefill reports (the ``Handoff``): the blocks that worker published are now local to it,
+  the delivered cache hit is recorded next to the predicted one (design invariant 5);
+- finished requests: the conversation's KV (prompt + answer, published by the decode worker
+  into the same node's store) is attributed to the prefill worker that served the request, so
+  the next turn finds its prefix there;
+- worker load reports (running / waiting sequences) and the store's ``removed`` events, which
+  drop blocks from every worker's index.
+
+A plain thread-safe class: ``pdserve.cluster.LocalCluster`` calls it from its submit threads.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+from kvstore.keys import block_keys
+from scheduler.cost_model import CostModel
+from scheduler.placement import ClusterView, Placement, PlacementRequest, Reject
+
+
+@dataclass
+class Outstanding:
+    placement: Placement
+    predicted_s: float
+    prompt_tokens: int
+    kv_bytes: float
+
+
+class Conductor:
+    def __init__(self, policy, cost: CostModel, prefill: list[str], decode: list[str], block_size: int,
+                 fingerprint: int, clock=time.monotonic):
+        self.policy, self.cost, self.clock = policy, cost, clock
+        self.view = ClusterView(list(prefill), list(decode), block_size=block_size, fingerprint=fingerprint)
+        for p in prefill:
+            self.view.attach_cache(p, None)
+        self.lock = threading.Lock()
+        self.outstanding: dict[str, Outstanding] = {}
+        self.predicted_hit_tokens = 0
+        self.delivered_hit_tokens = 0
+        self.requests = 0
+        self.rejected = 0
+        self.placements: dict[str, str] = {}  # request id -> prefill worker (last 10k)
+        self.on_disk: set[int] = set()
+
+    def place(self, request: PlacementRequest) -> Placement | Reject:
+        with self.lock:
+            now = self.view.now = self.clock()
+            self.requests += 1
+            got = self.policy.place(request, self.view)
+            if isinstance(got, Reject):
+                self.rejected += 1
+                return got
+            n = request.prompt_tokens
+            cached = min(got.predicted_hit_tokens, max(0, n - 1))
+            predicted = self.cost.prefill_time(n - cached, cached)
+            ps = self.view.prefill_state[got.prefill]
+            ps.busy_until = max(now, ps.busy_until) + predicted
+            ps.queued += 1
+            ds = self.view.decode_state[got.decode]
+            kv = self.cost.kv_bytes(n)
+            ds.incoming += 1
+            ds.incoming_kv_bytes += kv
+            self.outstanding[request.request_id] = Outstanding(got, predicted, n, kv)
+            self.predicted_hit_tokens += got.predicted_hit_tokens
+            self.placements[request.request_id] = got.prefill
+            if len(self.placements) > 10_000:
+                self.placements.pop(next(iter(self.placements)))
+            return got
+
+    def prefilled(self, request_id: str, keys: list[int], kv_tokens: int, cached_tokens: int) -> None:
+        """The prefill worker's report: its published blocks and the hit it delivered."""
+        with self.lock:
+            out = self.outstanding.get(request_id)
+            if out is None:
+                return
+            p = out.placement.prefill
+            ps = self.view.prefill_state[p]
+            ps.queued = max(0, ps.queued - 1)
+            now = self.clock()
+            ps.busy_until = max(now, ps.busy_until - out.predicted_s) if ps.queued else now
+            self.delivered_hit_tokens += cached_tokens
+            if keys:
+                self.view.cache_insert(p, keys, kv_tokens)
+            ds = self.view.decode_state[out.placement.decode]
+            ds.incoming = max(0, ds.incoming - 1)
+            ds.incoming_kv_bytes = max(0.0, ds.incoming_kv_bytes - out.kv_bytes)
+            ds.running += 1
+            ds.kv_bytes += out.kv_bytes
+
+    def finished(self, request_id: str, tokens: list[int] | None = None) -> None:
+        """The request left decode; ``tokens`` (prompt + answer) is what its decode worker published."""
+        with self.lock:
+            out = self.outstanding.pop(request_id, None)
+            if out is None:
+                return
+            ds = self.view.decode_state[out.placement.decode]
+            ds.running = max(0, ds.running - 1)
+            ds.kv_bytes = max(0.0, ds.kv_bytes - out.kv_bytes)
+            if tokens:
+                keys = block_keys(self.view.fingerprint, tokens, self.view.block_size)
+                if keys:
+                    self.view.cache_insert(out.placement.prefill, keys, len(keys) * self.view.block_size)
+
+    def update_loads(self, loads: dict[str, dict]) -> None:
+        with self.lock:
+            self.view.load = dict(loads)
+            for name, load in loads.items():
+                ds = self.view.decode_state.get(name)
+                if ds is not None and "running" in load:
+                    ds.running = int(load["running"]) + int(load.get("waiting", 0))
+
+    def apply_events(self, events) -> None:
+        """The store's events: a removed block leaves every worker's index (with its extensions)."""
+        with self.lock:
+            for e in events:
+                if e.kind == "stored":
+                    (self.on_disk.add if e.tier == "disk" else self.on_disk.discard)(e.key)
+                    continue
+                if e.tier == "host" and e.key in self.on_disk:  # demoted, still cached
+                    continue
+                self.on_disk.discard(e.key)
+                for p in self.view.prefill:
+                    cache = self.view.prefill_state[p].cache
+                    if cache is not None and e.key in cache:
+                        _drop_subtree(cache, e.key)
+
+    def stats(self) -> dict:
+        with self.lock:
+            return {"policy": getattr(self.policy, "name", type(self.policy).__name__),
+                    "requests": self.requests, "rejected": self.rejected,
+                    "predicted_hit_tokens": self.predicted_hit_tokens,
+                    "delivered_hit_tokens": self.delivered_hit_tokens, "in_flight": len(self.outstanding)}
+
+
+def _drop_subtree(index, key: int) -> None:
+    for child in list(index.entries[key].children):
+        _drop_subtree(index, child)
+    index.remove(key)

@@ -1,0 +1,57 @@
+"""The Conductor in the live cluster: with 2 prefill workers and cache-aware placement (no session
+ids to lean on), the later turns of each conversation land on the worker that holds their KV, and
+the predicted hits match the hits the workers deliver."""
+import pytest
+
+from model.config import QuantConfig
+from model.engine import SamplingParams
+
+W8KV8 = QuantConfig(activations=False)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from pdserve.cluster import LocalCluster
+
+    with LocalCluster("skv-tiny", quant=W8KV8, n_prefill=2, n_decode=1, policy="cache_aware") as c:
+        yield c
+
+
+def run_turn(cluster, history, params):
+    sub = cluster.submit(history, params)
+    tokens = [t for out in cluster.stream(sub) for t in out.token_ids]
+    return sub, tokens, sub.handoff.result()
+
+
+def test_later_turns_land_where_their_kv_is(cluster):
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    histories = {"a": list(range(100, 160)), "b": list(range(300, 360))}
+    # first turns together: the second sees the first worker busy and goes to the other one
+    first = {k: cluster.submit(h, params) for k, h in histories.items()}
+    home = {k: s.placement.prefill for k, s in first.items()}
+    assert set(home.values()) == {"prefill-0", "prefill-1"}
+    for k, s in first.items():
+        histories[k] = histories[k] + [t for out in cluster.stream(s) for t in out.token_ids]
+    bs = cluster.model_config.block_size
+    for turn in range(3):
+        for k in ("a", "b"):
+            histories[k] = histories[k] + [400 + turn, 401, 402]
+            sub, tokens, handoff = run_turn(cluster, histories[k], params)
+            assert sub.placement.prefill == home[k], f"turn {turn + 2} of {k} left its KV"
+            prev = len(histories[k]) - 3
+            assert sub.placement.predicted_hit_tokens == prev // bs * bs  # the published whole blocks
+            assert handoff.cached_tokens >= sub.placement.predicted_hit_tokens
+            histories[k] = histories[k] + tokens
+    status = cluster.status()
+    for key in ("workers", "store", "policy", "predicted_hit_tokens", "delivered_hit_tokens", "requests"):
+        assert key in status
+    assert status["policy"] == "cache_aware" and status["requests"] == 8
+    assert 0 < status["predicted_hit_tokens"] <= status["delivered_hit_tokens"]
+    assert status["store"]["live_leases"] == 0
+
+
+def test_unknown_policy_is_refused_before_anything_starts():
+    from pdserve.cluster import LocalCluster
+
+    with pytest.raises(ValueError, match="unknown policy 'nearest'; valid policies: random"):
+        LocalCluster("skv-tiny", quant=W8KV8, policy="nearest")
