@@ -107,9 +107,12 @@ def join_export(spec: BlockSpec, blocks: list[tuple[int, np.ndarray]], end: int)
     unpacked = [unpack(spec, mask, buf) for mask, buf in blocks]
     for g in range(spec.n_groups):
         held = [i for i, parts in enumerate(unpacked) if g in parts]
-        first = held[0] if held else len(blocks)
-        if held != list(range(first, len(blocks))):
+        first = len(blocks)
+        while first > 0 and first - 1 in held:  # the run that ends the prefix; a local group's older
+            first -= 1                          # blocks (before a gap) are out of its window
+        if held and held[-1] != len(blocks) - 1:
             raise ValueError(f"KV group {g} has a hole in its blocks")
+        held = held[held.index(first):] if first < len(blocks) else []
         n = len(blocks) - first
         arrays = [np.empty((n, *spec.kv_shape), np.int8), np.empty((n, *spec.kv_shape), np.int8),
                   np.empty((n, *spec.scale_shape), np.float32), np.empty((n, *spec.scale_shape), np.float32)]

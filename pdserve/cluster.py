@@ -130,7 +130,15 @@ class LocalCluster:
             if handoff.lease_id:
                 ray.get(self.store.release.remote(handoff.lease_id))
             return handoff
-        ray.get(self.decode[placement.decode].submit.remote(handoff, params))
+        try:
+            ray.get(self.decode[placement.decode].submit.remote(handoff, params))
+        except BaseException:  # decode refused or failed: free the lease and the Conductor's slot
+            if handoff.lease_id:
+                ray.get(self.store.release.remote(handoff.lease_id))
+            self.conductor.finished(rid)
+            with self._lock:
+                self._live.pop(rid, None)
+            raise
         return handoff
 
     def stream(self, sub: Submitted) -> Iterator[RequestOutput]:

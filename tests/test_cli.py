@@ -46,3 +46,19 @@ def test_generate_through_the_local_cluster():
     assert "Paris" in out.stdout
     refused = run("generate", "--cluster", "--precision", "float32", "hi")
     assert refused.returncode == 2 and "the cluster ships int8 KV" in refused.stderr
+
+
+@pytest.mark.slow
+def test_quick_start_embedded_chat_over_grpc():
+    """The README quick start's main command: up + a two-turn chat over gRPC + down."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    line = next(x for x in readme.splitlines() if x.startswith("pip install -e . && ") and "pdserve chat" in x)
+    args = __import__("shlex").split(line.split("&& pdserve ", 1)[1])
+    assert args[:2] == ["chat", "--embedded"]
+    out = run(*args, "--max-tokens", "16", timeout=400)
+    assert out.returncode == 0, out.stderr
+    assert "Paris" in out.stdout and "Rome" in out.stdout
+    assert len(re.findall(r"generated, finish: ", out.stderr)) == 2

@@ -1,0 +1,155 @@
+"""The topology config of ``pdserve up``: a TOML (or JSON) file, every key optional.
+
+```toml
+[cluster]
+model = "skv-tiny"          # preset or weight path
+n_prefill = 1
+n_decode = 1
+num_cpus = 2                 # Ray's CPU count (local clusters only)
+policy = "cache_aware"       # a scheduler.policies name
+kv_cache_bytes = 536870912   # per worker engine
+max_seqs = 64
+block_size = 16              # optional: must equal the model's (checked, never overridden)
+
+[store]
+host_capacity_blocks = 4096
+disk_capacity_blocks = 0
+disk_dir = "/tmp/pdserve-kv"
+
+[slo]
+ttft_ms = 30000
+tbt_ms = 100
+
+[server]
+host = "127.0.0.1"
+port = 50051                 # 0 = a free port
+metrics_port = 0             # 0 = a free port, -1 = no metrics endpoint
+max_message_bytes = 4194304
+max_prompt_tokens = 0        # 0 = the model's context minus one
+max_tokens_limit = 4096
+tls_cert = ""                # PEM files; both or neither
+tls_key = ""
+auth_token_env = ""          # the env var holding the bearer token clients must send
+```
+
+Unknown sections or keys, and values of the wrong type, fail with a message naming the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class ClusterSection:
+    model: str = "smollm2-135m"
+    n_prefill: int = 1
+    n_decode: int = 1
+    num_cpus: int = 0  # 0 = all the machine's cores (at least 2)
+    policy: str = "cache_aware"
+    kv_cache_bytes: int = 512 * 2**20
+    max_seqs: int = 64
+    block_size: int = 0  # 0 = the model's
+
+
+@dataclass
+class StoreSection:
+    host_capacity_blocks: int = 4096
+    disk_capacity_blocks: int = 0
+    disk_dir: str = ""
+
+
+@dataclass
+class SLOSection:
+    ttft_ms: float = 30000.0
+    tbt_ms: float = 100.0
+
+
+@dataclass
+class ServerSection:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    metrics_port: int = 0
+    max_message_bytes: int = 4 * 2**20
+    max_prompt_tokens: int = 0
+    max_tokens_limit: int = 4096
+    tls_cert: str = ""
+    tls_key: str = ""
+    auth_token_env: str = ""
+
+
+@dataclass
+class Config:
+    cluster: ClusterSection = field(default_factory=ClusterSection)
+    store: StoreSection = field(default_factory=StoreSection)
+    slo: SLOSection = field(default_factory=SLOSection)
+    server: ServerSection = field(default_factory=ServerSection)
+
+    def validate(self) -> "Config":
+        positive = {"cluster.n_prefill": self.cluster.n_prefill, "cluster.n_decode": self.cluster.n_decode,
+                    "cluster.kv_cache_bytes": self.cluster.kv_cache_bytes, "cluster.max_seqs": self.cluster.max_seqs,
+                    "store.host_capacity_blocks": self.store.host_capacity_blocks, "slo.ttft_ms": self.slo.ttft_ms,
+                    "slo.tbt_ms": self.slo.tbt_ms, "server.max_message_bytes": self.server.max_message_bytes,
+                    "server.max_tokens_limit": self.server.max_tokens_limit}
+        for key, v in positive.items():
+            if v <= 0:
+                raise ConfigError(f"config key {key} must be > 0, got {v!r}")
+        for key, v in {"cluster.num_cpus": self.cluster.num_cpus, "cluster.block_size": self.cluster.block_size,
+                       "store.disk_capacity_blocks": self.store.disk_capacity_blocks,
+                       "server.max_prompt_tokens": self.server.max_prompt_tokens}.items():
+            if v < 0:
+                raise ConfigError(f"config key {key} must be >= 0, got {v!r}")
+        if not -1 <= self.server.metrics_port <= 65535 or not 0 <= self.server.port <= 65535:
+            raise ConfigError("config keys server.port (0..65535) and server.metrics_port (-1..65535) out of range")
+        if bool(self.server.tls_cert) != bool(self.server.tls_key):
+            raise ConfigError("config keys server.tls_cert and server.tls_key go together: give both or neither")
+        if self.store.disk_capacity_blocks and not self.store.disk_dir:
+            raise ConfigError("config key store.disk_dir is needed when store.disk_capacity_blocks > 0")
+        return self
+
+
+def _section(cls, name: str, raw: object):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config section [{name}] must be a table")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for key, v in raw.items():
+        if key not in known:
+            raise ConfigError(f"unknown config key {name}.{key}; known: {', '.join(known)}")
+        want = type(getattr(cls(), key))
+        if want is float and isinstance(v, int) and not isinstance(v, bool):
+            v = float(v)
+        if type(v) is not want:
+            raise ConfigError(f"config key {name}.{key} must be {want.__name__}, got {v!r}")
+        values[key] = v
+    return cls(**values)
+
+
+def parse(raw: dict) -> Config:
+    sections = {f.name: f.default_factory for f in dataclasses.fields(Config)}
+    for name in raw:
+        if name not in sections:
+            raise ConfigError(f"unknown config section [{name}]; known: {', '.join(sections)}")
+    return Config(**{name: _section(factory, name, raw.get(name, {})) for name, factory in sections.items()}).validate()
+
+
+def load_config(path: str | Path | None) -> Config:
+    """The defaults, or a TOML/JSON file's values over them."""
+    if path is None:
+        return Config().validate()
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} not found")
+    text = path.read_text()
+    try:
+        raw = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: {e}") from None
+    return parse(raw)

@@ -1,0 +1,84 @@
+"""Prometheus metrics of one gateway, named in vLLM's spirit (``pdserve:...``).
+
+Each gateway has its own CollectorRegistry, so a test process can run several servers. Request
+latencies are observed as they happen; cluster-wide gauges (queues, cache tiers, leases,
+predicted vs delivered hits) come from ``LocalCluster.status()`` on each refresh.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+_LATENCY = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+
+
+@dataclass
+class Metrics:
+    model: str
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r, m = self.registry, ["model_name"]
+        self.ttft = Histogram("pdserve:time_to_first_token_seconds", "Time to first token", m, buckets=_LATENCY, registry=r)
+        self.itl = Histogram("pdserve:inter_token_latency_seconds", "Gap between streamed tokens", m,
+                             buckets=_LATENCY, registry=r)
+        self.e2e = Histogram("pdserve:e2e_request_latency_seconds", "Request latency, accepted to final message", m,
+                             buckets=_LATENCY, registry=r)
+        self.requests = Counter("pdserve:request_success", "Finished requests by finish reason", m + ["finished_reason"],
+                                registry=r)
+        self.rejected = Counter("pdserve:num_requests_rejected", "Requests rejected early (RESOURCE_EXHAUSTED)", m,
+                                registry=r)
+        self.errors = Counter("pdserve:request_errors", "Requests ended with an error status", m + ["code"], registry=r)
+        self.prompt_tokens = Counter("pdserve:prompt_tokens", "Prompt tokens", m, registry=r)
+        self.generation_tokens = Counter("pdserve:generation_tokens", "Generated tokens", m, registry=r)
+        self.prefix_queries = Counter("pdserve:prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                                      m, registry=r)
+        self.prefix_hits = Counter("pdserve:prefix_cache_hits", "Prompt tokens served from the prefix cache (delivered)",
+                                   m, registry=r)
+        self.in_gateway = Gauge("pdserve:num_requests_in_gateway", "Streams open at this gateway", m, registry=r)
+        self.running = Gauge("pdserve:num_requests_running", "Requests in decode batches", m, registry=r)
+        self.waiting = Gauge("pdserve:num_requests_waiting", "Requests waiting for a decode slot", m, registry=r)
+        self.hits_predicted = Gauge("pdserve:prefix_cache_hit_tokens_predicted", "Hit tokens the Conductor predicted",
+                                    m, registry=r)
+        self.hits_delivered = Gauge("pdserve:prefix_cache_hit_tokens_delivered", "Hit tokens the workers delivered",
+                                    m, registry=r)
+        self.kv_bytes = Gauge("pdserve:kv_cache_bytes", "KV bytes held by the store per tier", m + ["tier"], registry=r)
+        self.kv_blocks = Gauge("pdserve:kv_cache_blocks", "KV blocks held by the store per tier", m + ["tier"], registry=r)
+        self.bytes_moved = Gauge("pdserve:kv_bytes_transferred", "KV bytes moved in and out of the store", m, registry=r)
+        self.leases = Gauge("pdserve:kv_live_leases", "Block leases not yet acknowledged", m, registry=r)
+
+    def finished(self, reason: str, ttft: float | None, gaps: list[float], e2e: float, prompt: int, cached: int,
+                 completion: int) -> None:
+        lm = self.model
+        self.requests.labels(lm, reason).inc()
+        if ttft is not None:
+            self.ttft.labels(lm).observe(ttft)
+        for g in gaps:
+            self.itl.labels(lm).observe(g)
+        self.e2e.labels(lm).observe(e2e)
+        self.prompt_tokens.labels(lm).inc(prompt)
+        self.generation_tokens.labels(lm).inc(completion)
+        self.prefix_queries.labels(lm).inc(prompt)
+        self.prefix_hits.labels(lm).inc(cached)
+
+    def update_cluster(self, status: dict) -> None:
+        """Copies a ``LocalCluster.status()`` snapshot into the gauges."""
+        lm = self.model
+        workers = [w for w in status.get("workers", {}).values() if "running" in w]
+        self.running.labels(lm).set(sum(w["running"] for w in workers))
+        self.waiting.labels(lm).set(sum(w["waiting"] for w in workers))
+        self.hits_predicted.labels(lm).set(status.get("predicted_hit_tokens", 0))
+        self.hits_delivered.labels(lm).set(status.get("delivered_hit_tokens", 0))
+        store = status.get("store", {})
+        for tier, n in store.get("bytes", {}).items():
+            self.kv_bytes.labels(lm, tier).set(n)
+        for tier, n in store.get("blocks", {}).items():
+            self.kv_blocks.labels(lm, tier).set(n)
+        self.bytes_moved.labels(lm).set(store.get("bytes_in", 0) + store.get("bytes_out", 0))
+        self.leases.labels(lm).set(store.get("live_leases", 0))
+
+    def serve_http(self, port: int, host: str = "127.0.0.1") -> int:
+        """Starts the /metrics endpoint (a daemon thread); returns the bound port."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        return server.server_address[1]

@@ -1,0 +1,76 @@
+"""Text <-> token ids at the gateway: the model's own tokenizer, or bytes for tokenizer-less models.
+
+Random-weight presets such as ``skv-tiny`` ship no tokenizer, yet the gRPC API takes text and
+chat messages; a character codec lets them serve text end to end, with a ChatML-like template,
+so tests exercise the same paths as real models. It is a bijection on token ids: id = ord(c) + 3
+for the 256 Latin-1 characters, and any other id shows as ``<|tN|>`` and reads back as N. So a
+random model's reply, sent back as the next chat turn, re-encodes to the very tokens generated,
+and the turn extends the previous one exactly (its KV is in the cache).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_MARK = re.compile(r"<\|t(\d+)\|>")
+
+from model.tokenizer import Tokenizer
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class Codec:
+    tokenizer: Tokenizer | None
+    vocab_size: int
+    eos_token_id: int | None
+
+    @property
+    def has_chat_template(self) -> bool:
+        return self.tokenizer is None or bool(self.tokenizer.chat_template)
+
+    def encode(self, text: str) -> list[int]:
+        if self.tokenizer is not None:
+            return self.tokenizer.encode(text)
+        ids, at = [], 0
+        for m in _MARK.finditer(text):
+            ids += _chars(text[at:m.start()])
+            ids.append(int(m.group(1)))
+            at = m.end()
+        return ids + _chars(text[at:])
+
+    def decode(self, ids: list[int]) -> str:
+        if self.tokenizer is not None:
+            return self.tokenizer.decode(ids)
+        return "".join(chr(i - 3) if 3 <= i < 259 else f"<|t{i}|>" for i in ids)
+
+    def chat(self, messages: list[dict[str, str]]) -> str:
+        if self.tokenizer is not None:
+            return self.tokenizer.apply_chat_template(messages)
+        return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages) + \
+            "<|im_start|>assistant\n"
+
+
+def _chars(text: str) -> list[int]:
+    """Latin-1 characters one id each; others as their UTF-8 bytes (one id per byte)."""
+    return [ord(c) + 3 if ord(c) < 256 else b + 3 for c in text for b in ([0] if ord(c) < 256 else c.encode())]
+
+
+class Detokenizer:
+    """Incremental detokenization: emits only text that a later token cannot still change."""
+
+    def __init__(self, codec: Codec):
+        self.codec, self.ids, self.shown = codec, [], 0
+
+    def add(self, ids: list[int]) -> str:
+        self.ids.extend(ids)
+        text = self.codec.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        delta, self.shown = text[self.shown:], len(text)
+        return delta
+
+    def flush(self) -> str:
+        text = self.codec.decode(self.ids)
+        delta, self.shown = text[self.shown:], len(text)
+        return delta
