@@ -62,8 +62,10 @@ def _load_preset(config: ModelConfig, quant: QuantConfig | None, seed: int) -> L
     state = gg.tensors
     if config.weights == "smollm2:skv":
         from model.convert import to_shared_kv
+        from model.distill.delta import apply_shipped
 
-        state = to_shared_kv(state, config)
+        # The committed distillation delta (model/deltas/), if any, replaces the retrained tensors.
+        state = apply_shipped(config, to_shared_kv(state, config))
     return Loaded(build(config, state), Tokenizer.from_gguf(path))
 
 

@@ -8,7 +8,7 @@ import time
 
 
 # Subcommands that live beside their feature: each module has ``add_parsers(subparsers)``.
-SUBCOMMAND_MODULES: tuple[str, ...] = ()
+SUBCOMMAND_MODULES: tuple[str, ...] = ("pdserve.sim_cli", "pdserve.distill_cli", "pdserve.server_cli")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,6 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--precision", choices=["int8", "float32", "bfloat16"], default="int8")
     g.add_argument("--cluster", action="store_true",
                    help="run through a local Ray cluster on 127.0.0.1: prefill worker -> KV store -> decode worker")
+    g.add_argument("--server", nargs="?", const="", default=None, metavar="HOST:PORT",
+                   help="send the prompt over gRPC to a running server (`pdserve up`; no value = the one in "
+                        "the state file)")
+    g.add_argument("--state-file", default=None, help="the server's state file (default ~/.pdserve/server.json)")
     g.set_defaults(func=_generate)
 
     c = sub.add_parser("compare", help="teacher-forced agreement of a student model with a teacher")
@@ -55,6 +59,8 @@ def _quant(precision: str):
 
 
 def _generate(args) -> int:
+    if args.server is not None:
+        return _generate_over_grpc(args)
     from model.engine import Engine, SamplingParams
     from model.loader import load
     from model.presets import DEFAULT_PRESET
@@ -115,6 +121,39 @@ def _generate_on_cluster(name: str, args, tok, prompt: list[int], sampling) -> i
     print(f"\n[{len(ids)} tokens, finish: {reason}, time to first token {first - t1:.2f}s, "
           f"{(len(ids) - 1) / (end - first) if len(ids) > 1 and end > first else 0:.1f} tok/s after it]",
           file=sys.stderr)
+    return 0
+
+
+def _generate_over_grpc(args) -> int:
+    """The gRPC client path: the server owns the model, the template and the cluster."""
+    import grpc
+
+    from pdserve.client import Client
+    from pdserve.server import DEFAULT_STATE, ServerState
+
+    target = args.server
+    if not target:
+        state = ServerState.load(args.state_file or DEFAULT_STATE)
+        if state is None:
+            raise ValueError("no running server: start one with `pdserve up`, or give --server HOST:PORT")
+        target = state.target
+    sampling = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_k": args.top_k,
+                "top_p": args.top_p, "stop": args.stop, **({"seed": args.seed} if args.seed is not None else {})}
+    client = Client(target, __import__("os").environ.get("PDSERVE_TOKEN", ""))
+    call = (client.chat([{"role": "user", "content": args.prompt}], **sampling) if args.chat
+            else client.generate(args.prompt, **sampling))
+    try:
+        for r in call:
+            sys.stdout.write(r.text)
+            sys.stdout.flush()
+            if r.finished:
+                u, t = r.usage, r.timings
+                print(f"\n[{target}: {u.completion_tokens} tokens, finish: {r.finish_reason}, {u.prompt_tokens} prompt "
+                      f"({u.cached_tokens} cached), time to first token {t.ttft_s:.2f}s, mean tbt "
+                      f"{t.mean_tbt_s * 1e3:.0f} ms]", file=sys.stderr)
+    except grpc.RpcError as e:
+        print(f"\npdserve: error: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 2 if e.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND) else 1
     return 0
 
 

@@ -1,0 +1,220 @@
+"""The distillation loop: layer-wise warm-up, then end-to-end KL(teacher || student), resumable.
+
+Only the smallest tensor set trains: K/V of the KV-producing layers (mean-pooled MQA
+changed them) and Q of every layer (each now reads one pooled, possibly borrowed, K/V).
+Everything else stays the published weights, so the delta stays small.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from model.config import ModelConfig, QuantConfig
+from model.distill.data import CACHE_DIR, DataSpec, as_batches, chain, load_or_sample
+from model.distill.layerwise import capture, layerwise_loss
+from model.distill.student import FunctionalModel, kl_per_token
+
+
+@dataclass
+class TrainConfig:
+    teacher: str = "smollm2-135m"
+    student: str = "smollm2-135m-skv"
+    steps: int = 200
+    batch: int = 4
+    seq_len: int = 256
+    lr: float = 5e-4
+    objective: str = "layerwise"  # "layerwise" (cheap, teacher inputs) or "kl" (end to end)
+    long_seq_len: int = 1280  # > the local window: every ``long_every``-th step trains on one such row
+    long_every: int = 4
+    eval_every: int = 25
+    train_prompts: int = 160
+    seed: int = 0
+    device: str = "cpu"
+    out: str = str(CACHE_DIR / "run")
+
+    def __post_init__(self) -> None:
+        if self.objective not in ("layerwise", "kl"):
+            raise ValueError(f"objective must be 'layerwise' or 'kl', got {self.objective!r}")
+        for name in ("steps", "batch", "seq_len", "long_seq_len", "long_every", "eval_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"distill config: {name} must be positive, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"distill config: lr must be positive, got {self.lr}")
+
+
+@dataclass
+class Curve:
+    """One line per eval: the figures BENCHMARKS.md plots against training time."""
+
+    points: list[dict] = field(default_factory=list)
+
+    def add(self, **kw) -> None:
+        self.points.append(kw)
+
+
+def trainable_names(config: ModelConfig) -> tuple[str, ...]:
+    names = []
+    for i in range(config.n_layers):
+        names.append(f"layers.{i}.self_attn.q_proj.weight")
+        if config.produces_kv(i):
+            names += [f"layers.{i}.self_attn.k_proj.weight", f"layers.{i}.self_attn.v_proj.weight"]
+    return tuple(names)
+
+
+def preset_state(name: str, seed: int = 0) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """A preset's config and float weights as published (a shared-KV preset: converted, no delta)."""
+    from model.convert import to_shared_kv
+    from model.loader import random_state
+    from model.presets import get_preset
+    from model.weights import load_gguf, smollm2_gguf_path
+
+    config = get_preset(name)
+    if config.weights is None:
+        return config, random_state(config, seed)
+    state = load_gguf(smollm2_gguf_path()).tensors
+    return config, to_shared_kv(state, config) if config.weights == "smollm2:skv" else state
+
+
+@dataclass
+class Setup:
+    """Everything a run trains on: both models' float weights and the teacher's token sequences."""
+
+    teacher: ModelConfig
+    teacher_state: dict[str, torch.Tensor]
+    student: ModelConfig
+    student_base: dict[str, torch.Tensor]
+    train_seqs: list[list[int]]
+    eval_seqs: list[list[int]]
+
+    @classmethod
+    def from_presets(cls, cfg: TrainConfig) -> "Setup":
+        tcfg, tstate = preset_state(cfg.teacher)
+        scfg, sstate = preset_state(cfg.student)
+        train = load_or_sample(cfg.teacher, DataSpec("train", cfg.train_prompts, seed=cfg.seed))
+        evals = load_or_sample(cfg.teacher, DataSpec("eval", 24, seed=1))
+        return cls(tcfg.with_quant(QuantConfig.off()), tstate, scfg, sstate, train, evals)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, setup: Setup, progress=None):
+        self.cfg, self.progress = cfg, progress
+        torch.manual_seed(cfg.seed)
+        self.base = setup.student_base
+        self.teacher = FunctionalModel(setup.teacher, setup.teacher_state, device=cfg.device)
+        self.student = FunctionalModel(setup.student, self.base, trainable_names(setup.student), device=cfg.device)
+        self.opt = torch.optim.Adam(self.student.params.parameters(), lr=cfg.lr)
+        self.step, self.seconds, self.curve = 0, 0.0, Curve()
+        self.rows = as_batches(setup.train_seqs, cfg.seq_len).to(cfg.device)
+        self.long_rows = as_batches(setup.train_seqs, cfg.long_seq_len).to(cfg.device)
+        evals = setup.eval_seqs
+        self.eval_rows = [torch.tensor(s, device=cfg.device) for s in evals[:6]]
+        self.eval_rows.append(torch.tensor(chain(evals, cfg.long_seq_len)[0], device=cfg.device))
+        with torch.no_grad():
+            self.eval_logits = [self.teacher(r[None])[0] for r in self.eval_rows]
+        self.targets = self.long_targets = None
+        if cfg.objective == "layerwise":
+            self.targets = capture(self.teacher, self.rows)
+            self.long_targets = capture(self.teacher, self.long_rows, batch=1)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+
+    def loss(self, long: bool) -> torch.Tensor:
+        rows = self.long_rows if long else self.rows
+        idx = torch.randint(0, len(rows), (1 if long else self.cfg.batch,), generator=self.gen)
+        if self.cfg.objective == "layerwise":
+            return layerwise_loss(self.student, self.long_targets if long else self.targets, idx.to(rows.device))
+        batch = rows[idx.to(rows.device)]
+        with torch.no_grad():
+            t = self.teacher(batch)
+        return kl_per_token(t, self.student(batch)).mean()
+
+    def train_step(self) -> float:
+        t0 = time.perf_counter()
+        long = self.step % self.cfg.long_every == self.cfg.long_every - 1
+        loss = self.loss(long)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.step += 1
+        self.seconds += time.perf_counter() - t0
+        return float(loss.detach())
+
+    @torch.no_grad()
+    def quick_eval(self) -> dict:
+        """Fake-quant student vs teacher on a fixed slice: 6 short conversations and one long row."""
+        res = {}
+        for name, pairs in (("short", zip(self.eval_rows[:-1], self.eval_logits[:-1])),
+                            ("long", [(self.eval_rows[-1], self.eval_logits[-1])])):
+            agree = kl = n = 0.0
+            for row, t in pairs:
+                s = self.student(row[None])[0]
+                agree += float((s.argmax(-1) == t.argmax(-1)).sum())
+                kl += float(kl_per_token(t, s).sum())
+                n += len(row)
+            res[name] = {"top1": agree / n, "kl": kl / n}
+        return res
+
+    def run(self) -> Curve:
+        while self.step < self.cfg.steps:
+            loss = self.train_step()
+            if self.step % self.cfg.eval_every == 0 or self.step == self.cfg.steps:
+                ev = self.quick_eval()
+                self.curve.add(step=self.step, seconds=round(self.seconds, 1), loss=loss,
+                               objective=self.cfg.objective, **{f"{k}_{m}": v[m] for k, v in ev.items()
+                                                                for m in ("top1", "kl")})
+                self.save()
+            if self.progress:
+                self.progress(self, loss)
+        return self.curve
+
+    # -- checkpoints (safetensors + json, never pickle) ---------------------------------------
+    def save(self) -> None:
+        from safetensors.torch import save_file
+
+        out = Path(self.cfg.out)
+        out.mkdir(parents=True, exist_ok=True)
+        tensors = {f"param/{n}": p.detach().cpu() for n, p in self.student.params.items()}
+        for n, p in self.student.params.items():
+            st = self.opt.state.get(p, {})
+            for k in ("exp_avg", "exp_avg_sq"):
+                if k in st:
+                    tensors[f"{k}/{n}"] = st[k].cpu()
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "checkpoint.safetensors"))
+        state = {"step": self.step, "seconds": self.seconds, "curve": self.curve.points, "config": asdict(self.cfg),
+                 "adam_step": {n: float(self.opt.state[p]["step"]) for n, p in self.student.params.items()
+                               if p in self.opt.state}}
+        (out / "state.json").write_text(json.dumps(state, indent=1))
+
+    def resume(self) -> bool:
+        """Continue from ``<out>``'s checkpoint, optimizer moments included; False if there is none."""
+        from safetensors.torch import load_file
+
+        out = Path(self.cfg.out)
+        if not (out / "checkpoint.safetensors").is_file():
+            return False
+        tensors = load_file(str(out / "checkpoint.safetensors"))
+        state = json.loads((out / "state.json").read_text())
+        for n, p in self.student.params.items():
+            p.data.copy_(tensors[f"param/{n}"])
+            if f"exp_avg/{n}" in tensors:
+                self.opt.state[p] = {"step": torch.tensor(state["adam_step"][n]),
+                                     "exp_avg": tensors[f"exp_avg/{n}"].to(p.device),
+                                     "exp_avg_sq": tensors[f"exp_avg_sq/{n}"].to(p.device)}
+        self.step, self.seconds = state["step"], state["seconds"]
+        self.curve = Curve(state["curve"])
+        return True
+
+
+def checkpoint_weights(out: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A run's state.json and its trained float tensors, without rebuilding the trainer."""
+    from safetensors.torch import load_file
+
+    out = Path(out)
+    if not (out / "checkpoint.safetensors").is_file():
+        raise FileNotFoundError(f"no checkpoint in {out}")
+    tensors = load_file(str(out / "checkpoint.safetensors"))
+    weights = {k.removeprefix("param/").replace("__", "."): v for k, v in tensors.items() if k.startswith("param/")}
+    return json.loads((out / "state.json").read_text()), weights

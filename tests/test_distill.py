@@ -1,0 +1,141 @@
+"""Distillation (issue 9): the delta's identity checks, its exact int8 round trip, tiny training, the shipped delta."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from model.config import ModelConfig, QuantConfig, shared_kv_layers
+from model.convert import to_shared_kv
+from model.distill.delta import DeltaMismatchError, apply_delta, read_delta, save_delta, shipped_delta
+from model.distill.train import Setup, TrainConfig, Trainer, trainable_names
+from model.loader import build, random_state
+from model.presets import get_preset
+
+TINY_TEACHER = ModelConfig(name="tiny-gqa", vocab_size=512, dim=64, n_layers=12, n_heads=4, n_kv_heads=2,
+                           head_dim=16, ffn_dim=128, rope_theta=10000.0, max_seq_len=1024, quant=QuantConfig.off())
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny ops on a busy machine: one thread avoids OpenMP spin-waits that make them 100x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _tiny_setup(seed: int = 0) -> Setup:
+    student = get_preset("skv-tiny")
+    teacher_state = random_state(TINY_TEACHER, seed)
+    g = torch.Generator().manual_seed(seed)
+    seqs = [torch.randint(3, 512, (40,), generator=g).tolist() for _ in range(30)]
+    return Setup(TINY_TEACHER, teacher_state, student, to_shared_kv(teacher_state, student), seqs, seqs[:8])
+
+
+def _tiny_trained_delta(tmp_path, setup: Setup):
+    trained = {n: setup.student_base[n] + 0.01 * torch.randn_like(setup.student_base[n])
+               for n in trainable_names(setup.student)}
+    path = tmp_path / "delta.safetensors"
+    save_delta(path, setup.student, setup.student_base, trained)
+    return path, trained
+
+
+def test_delta_applies_exactly_its_tensors_and_round_trips_int8(tmp_path):
+    setup = _tiny_setup()
+    path, trained = _tiny_trained_delta(tmp_path, setup)
+    state = apply_delta(path, setup.student, setup.student_base)
+    changed = {n for n in state if not torch.equal(state[n], setup.student_base[n])}
+    assert changed == set(trainable_names(setup.student))
+    model = build(setup.student, state)  # int8 serving form: the delta's bytes survive re-quantization
+    _, weights = read_delta(path)
+    direct = build(setup.student, {**setup.student_base, **trained})
+    q = model.layers[1].self_attn.qkv_proj.weight_q
+    assert torch.equal(q, direct.layers[1].self_attn.qkv_proj.weight_q)
+    assert weights.keys() == trained.keys()
+
+
+def test_delta_for_another_base_or_config_is_refused(tmp_path):
+    setup = _tiny_setup()
+    path, _ = _tiny_trained_delta(tmp_path, setup)
+    other_base = to_shared_kv(random_state(TINY_TEACHER, 1), setup.student)
+    with pytest.raises(DeltaMismatchError, match="base_sha256"):
+        apply_delta(path, setup.student, other_base)
+    other_layout = dataclasses.replace(setup.student, layers=shared_kv_layers(12, window=24, local_share=1,
+                                                                              global_share=2))
+    with pytest.raises(DeltaMismatchError, match="config_sha256"):
+        apply_delta(path, other_layout, setup.student_base)
+    with pytest.raises(DeltaMismatchError, match="preset"):
+        apply_delta(path, dataclasses.replace(setup.student, name="smollm2-135m-skv"), setup.student_base)
+    (tmp_path / "junk.safetensors").write_bytes(b"not a delta")
+    with pytest.raises(DeltaMismatchError, match="not a readable"):
+        apply_delta(tmp_path / "junk.safetensors", setup.student, setup.student_base)
+
+
+@pytest.mark.parametrize("objective", ["layerwise", "kl"])
+def test_tiny_training_reduces_the_loss(tmp_path, objective):
+    cfg = TrainConfig(steps=40, batch=4, seq_len=16, long_seq_len=32, lr=3e-3, objective=objective,
+                      eval_every=40, out=str(tmp_path / "run"))
+    trainer = Trainer(cfg, _tiny_setup())
+    gen = torch.Generator().manual_seed(5)
+    fixed = torch.randint(0, len(trainer.rows), (8,), generator=gen)
+
+    def fixed_loss() -> float:
+        with torch.no_grad():
+            if objective == "layerwise":
+                from model.distill.layerwise import layerwise_loss
+                return float(layerwise_loss(trainer.student, trainer.targets, fixed))
+            from model.distill.student import kl_per_token
+            rows = trainer.rows[fixed]
+            return float(kl_per_token(trainer.teacher(rows), trainer.student(rows)).mean())
+
+    before = fixed_loss()
+    trainer.run()
+    after = fixed_loss()
+    assert after < 0.9 * before, (before, after)
+    resumed = Trainer(dataclasses.replace(cfg, steps=45), _tiny_setup())
+    assert resumed.resume() and resumed.step == 40
+    for name, p in trainer.student.params.items():  # resuming restores the trained weights exactly
+        assert torch.equal(resumed.student.params[name], p)
+
+
+SHIPPED = shipped_delta("smollm2-135m-skv")
+
+
+@pytest.mark.skipif(SHIPPED is None, reason="no committed delta for smollm2-135m-skv")
+def test_shipped_delta_targets_the_trained_tensors_and_is_small():
+    info, weights = read_delta(SHIPPED)
+    config = get_preset("smollm2-135m-skv")
+    assert set(info.tensors) == set(trainable_names(config)) == set(weights)
+    assert SHIPPED.stat().st_size <= 20 * 2**20
+
+
+# The full eval (24 held-out conversations, int8 serving path) measured the untrained conversion at
+# 1.2% top-1 / KL 8.49 and the committed delta (layerwise 300 steps + KL 70 steps) at 34.1% / 2.19
+# (BENCHMARKS.md). On this 3-conversation slice: untrained 1.3% / 8.45, delta 29.6% / 2.22. The
+# bounds leave margin for other CPUs' rounding yet fail for anything near the untrained conversion.
+SLICE_MIN_TOP1 = 0.22
+SLICE_MAX_KL = 3.0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(SHIPPED is None, reason="no committed delta for smollm2-135m-skv")
+def test_shipped_delta_applies_on_load_and_beats_the_untrained_conversion():
+    from model.distill.evaluate import eval_sequences
+    from model.distill.train import preset_state
+    from model.loader import load
+    from model.quality import compare
+
+    config, base = preset_state("smollm2-135m-skv")
+    loaded = load("smollm2-135m-skv").model  # the loader applies the committed delta by itself
+    plain = build(config, base)
+    qkv = {n for n, t in loaded.state_dict().items() if not torch.equal(t, plain.state_dict()[n])}
+    assert qkv and all(".self_attn.qkv_proj." in n for n in qkv)  # only Q/K/V changed ...
+    assert {int(n.split(".")[1]) for n in qkv} == set(range(config.n_layers))  # ... in every layer (Q)
+    short, _ = eval_sequences("smollm2-135m", n_short=3, n_long=0)
+    teacher = load("smollm2-135m", quant=QuantConfig.off()).model
+    got = compare(teacher, loaded, short)
+    untrained = compare(teacher, plain, short)
+    assert got.kl < untrained.kl and got.top1 > untrained.top1
+    assert got.top1 >= SLICE_MIN_TOP1 and got.kl <= SLICE_MAX_KL, got
