@@ -74,8 +74,10 @@ class DecodeWorker:
                     prefix = self.engine.import_kv(data)
                 self.prompts[rid] = tokens
                 self.engine.add_request(tokens, rest, request_id=rid, prefix=prefix, hold_kv=self.publish)
-        except Exception as e:
-            out_q.put(RequestOutput(rid, [], finished=True, finish_reason=f"error: {e}"))
+        except Exception:
+            with self.lock:  # the caller gets the exception; nobody will stream this request
+                self.streams.pop(rid, None)
+                self.prompts.pop(rid, None)
             raise
         finally:
             if prefix is not None:

@@ -136,14 +136,14 @@ class LocalCluster:
             if handoff.lease_id:
                 ray.get(self.store.release.remote(handoff.lease_id))
             self.conductor.finished(rid)
-            with self._lock:
-                self._live.pop(rid, None)
+            self._forget(rid)
             raise
         return handoff
 
     def stream(self, sub: Submitted) -> Iterator[RequestOutput]:
         sub.handoff.result()  # prefill done, decode has the request (or it was cancelled)
         if sub.request_id in self._cancelled:
+            self._forget(sub.request_id)
             yield RequestOutput(sub.request_id, [], finished=True, finish_reason="abort")
             return
         actor = self.decode[sub.placement.decode]
@@ -157,8 +157,12 @@ class LocalCluster:
         finally:
             # the decode worker publishes the KV of prompt + answer (the last token has none yet)
             self.conductor.finished(sub.request_id, sub.prompt + tokens[:-1] if finished else None)
-            with self._lock:
-                self._live.pop(sub.request_id, None)
+            self._forget(sub.request_id)
+
+    def _forget(self, request_id: str) -> None:
+        with self._lock:
+            self._live.pop(request_id, None)
+            self._cancelled.discard(request_id)
 
     def generate(self, prompt: list[int], params: SamplingParams = SamplingParams(),
                  session_id: str | None = None) -> tuple[list[int], RequestOutput, Handoff]:
