@@ -71,7 +71,7 @@ def main() -> None:
 
     from kvstore.actor import start_store
 
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     try:
         actor = start_store(big, FP, layout, StoreConfig(host_capacity_blocks=4 * n))
         ray.get(actor.put.remote(tokens, data, FP))

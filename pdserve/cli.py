@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="send the prompt over gRPC to a running server (`pdserve up`; no value = the one in "
                         "the state file)")
     g.add_argument("--state-file", default=None, help="the server's state file (default ~/.pdserve/server.json)")
+    g.add_argument("--ca-file", default="", help="PEM of the CA, for a TLS server (token: PDSERVE_TOKEN)")
     g.set_defaults(func=_generate)
 
     c = sub.add_parser("compare", help="teacher-forced agreement of a student model with a teacher")
@@ -128,18 +129,12 @@ def _generate_over_grpc(args) -> int:
     """The gRPC client path: the server owns the model, the template and the cluster."""
     import grpc
 
-    from pdserve.client import Client
-    from pdserve.server import DEFAULT_STATE, ServerState
+    from pdserve.server_cli import connect
 
-    target = args.server
-    if not target:
-        state = ServerState.load(args.state_file or DEFAULT_STATE)
-        if state is None:
-            raise ValueError("no running server: start one with `pdserve up`, or give --server HOST:PORT")
-        target = state.target
+    client = connect(args.server, args.state_file, args.ca_file)
+    target = client.target
     sampling = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_k": args.top_k,
                 "top_p": args.top_p, "stop": args.stop, **({"seed": args.seed} if args.seed is not None else {})}
-    client = Client(target, __import__("os").environ.get("PDSERVE_TOKEN", ""))
     call = (client.chat([{"role": "user", "content": args.prompt}], **sampling) if args.chat
             else client.generate(args.prompt, **sampling))
     try:

@@ -73,8 +73,8 @@ class LocalCluster:
 
         self.ray = ray
         self.owns_ray = not ray.is_initialized()
-        if self.owns_ray:
-            ray.init(num_cpus=num_cpus or max(2, os.cpu_count() or 2), include_dashboard=False,
+        if self.owns_ray:  # "local": a Ray of our own, even where `ray start` left its address in /tmp/ray
+            ray.init(address="local", num_cpus=num_cpus or max(2, os.cpu_count() or 2), include_dashboard=False,
                      log_to_driver=False, _node_ip_address="127.0.0.1")
         loaded = load(model, quant=quant)
         self.tokenizer = loaded.tokenizer

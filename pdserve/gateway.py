@@ -211,6 +211,9 @@ class Gateway(pb_grpc.PDServeServicer):
                 tail = stops.feed(detok.flush())[0] + stops.flush()
                 if tail:
                     yield pb.GenerateResponse(request_id=rid, text=tail)
+        if not state["cluster_done"]:  # a stop string ended it early: free the cluster before the final message
+            state["cluster_done"] = True
+            await self._call(self.cluster.cancel, rid)
         yield self._final(rid, sub, req, reason, times, n, t0)
 
     def _final(self, rid: str, sub, req: Prepared, reason: str, times: list[float], n: int, t0: float):

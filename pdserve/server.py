@@ -50,9 +50,7 @@ def build_cluster(cfg: Config, ray_address: str | None):
     from scheduler.policies import SLO
 
     if ray_address:
-        import ray
-
-        ray.init(address=ray_address, log_to_driver=False)
+        join_ray(ray_address)
     c = cfg.cluster
     store = StoreConfig(host_capacity_blocks=cfg.store.host_capacity_blocks,
                         disk_capacity_blocks=cfg.store.disk_capacity_blocks, disk_dir=cfg.store.disk_dir or None)
@@ -65,6 +63,25 @@ def build_cluster(cfg: Config, ray_address: str | None):
         raise ValueError(f"config key cluster.block_size={c.block_size} differs from model {c.model!r}'s "
                          f"block size {cluster.model_config.block_size}")
     return cluster
+
+
+def join_ray(address: str) -> None:
+    """Connects this driver to an operator's Ray cluster. `ray start` turns on Ray's token
+    authentication by default, and a joining driver sends its token only in token mode, so that
+    mode is chosen whenever a token is at hand (a cluster without auth accepts it too). Ray reads the
+    mode when it is first imported, so this runs before the server process imports Ray."""
+    token_at_hand = os.environ.get("RAY_AUTH_TOKEN") or Path(
+        os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").is_file()
+    if "RAY_AUTH_MODE" not in os.environ and token_at_hand:
+        os.environ["RAY_AUTH_MODE"] = "token"
+    import ray
+
+    try:
+        ray.init(address=address, log_to_driver=False)
+    except ConnectionError as e:
+        raise ConnectionError(f"--address {address}: could not join the Ray cluster ({e}); check the address "
+                              "printed by `ray start --head` and, if the cluster uses token authentication, "
+                              "that RAY_AUTH_TOKEN or ~/.ray/auth_token holds its token") from e
 
 
 def server_options(cfg: Config):

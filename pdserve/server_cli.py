@@ -76,15 +76,22 @@ def _client_args(p) -> None:
 
 
 def _client(args):
+    return connect(args.server, args.state_file, args.ca_file)
+
+
+def connect(server: str | None, state_file: Path | None, ca_file: str = ""):
+    """A client of ``server`` (HOST:PORT), or of the server recorded in the state file when it is
+    empty; the bearer token comes from PDSERVE_TOKEN."""
     from pdserve.client import Client
 
-    target = args.server
-    if target is None:
-        state = ServerState.load(args.state_file)
+    target = server
+    if not target:
+        state_file = state_file or DEFAULT_STATE
+        state = ServerState.load(state_file)
         if state is None:
-            raise ValueError(f"no running server in {args.state_file}: start one with `pdserve up`, or give --server")
+            raise ValueError(f"no running server in {state_file}: start one with `pdserve up`, or give --server HOST:PORT")
         target = state.target
-    return Client(target, os.environ.get("PDSERVE_TOKEN", ""), args.ca_file)
+    return Client(target, os.environ.get("PDSERVE_TOKEN", ""), ca_file)
 
 
 # -- up / down -----------------------------------------------------------------------------------
