@@ -45,3 +45,18 @@ class Server:
     def down(self):
         self.channel.close()
         return pdserve("down", "--state-file", str(self.state_file), timeout=120)
+
+
+def self_signed_cert(tmp: Path) -> tuple[Path, Path]:
+    """(key, cert) for CN localhost and IP 127.0.0.1, made by openssl; skips the test without it."""
+    import shutil
+
+    import pytest
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    key, cert = tmp / "key.pem", tmp / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    return key, cert

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway_server import Server, pdserve
+from gateway_server import Server, pdserve, self_signed_cert
 from pdserve.server_cli import session_pids
 from protos.pdserve.v1 import pdserve_pb2 as pb
 
@@ -91,14 +91,7 @@ def test_up_joins_a_ray_cluster_started_with_ray_start_and_down_leaves_it_runnin
 
 
 def test_up_with_tls_and_a_token_from_the_config_serves_the_cli_clients(tmp_path, monkeypatch):
-    import shutil
-
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed")
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True, timeout=60)
+    key, cert = self_signed_cert(tmp_path)
     monkeypatch.setenv("PDSERVE_TEST_TOKEN", "s3cret")
     state = tmp_path / "server.json"
     (tmp_path / "tls.toml").write_text(f'[cluster]\nmodel = "skv-tiny"\n[server]\nport = 0\ntls_cert = "{cert}"\n'

@@ -113,15 +113,9 @@ def test_bearer_token_auth_and_stop_strings_in_process():
 
 
 def test_tls_with_a_self_signed_certificate(tmp_path):
-    import shutil
-    import subprocess
+    from gateway_server import self_signed_cert
 
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed")
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True, timeout=60)
+    key, cert = self_signed_cert(tmp_path)
 
     async def main():
         running = await start(FakeCluster(), ServerOptions(tls_cert=str(cert), tls_key=str(key), auth_token="t"),
