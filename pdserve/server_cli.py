@@ -89,7 +89,8 @@ def connect(server: str | None, state_file: Path | None, ca_file: str = ""):
         state_file = state_file or DEFAULT_STATE
         state = ServerState.load(state_file)
         if state is None:
-            raise ValueError(f"no running server in {state_file}: start one with `pdserve up`, or give --server HOST:PORT")
+            raise ValueError(f"no running server in {state_file}: start one with `pdserve up`, "
+                             "or give --server HOST:PORT")
         target = state.target
     return Client(target, os.environ.get("PDSERVE_TOKEN", ""), ca_file)
 
