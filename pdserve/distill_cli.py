@@ -18,6 +18,13 @@ def add_parsers(sub) -> None:
     d.add_argument("--batch", type=int, default=4)
     d.add_argument("--seq-len", type=int, default=256)
     d.add_argument("--lr", type=float, default=5e-4)
+    d.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
+                   help="cosine: decay to a tenth of --lr by the last step (over --steps, resumed runs included)")
+    d.add_argument("--train-prompts", type=int, default=160, help="train prompts per sampled set (at most 320)")
+    d.add_argument("--train-sets", type=int, default=1,
+                   help="independently sampled completions of the train prompts: more teacher text")
+    d.add_argument("--widen-rank", type=int, default=0,
+                   help="> 0: also train the norms, and o_proj and the MLP through adapters of this rank")
     d.add_argument("--objective", choices=["layerwise", "kl"], default="layerwise",
                    help="layerwise: match each attention block given the teacher's inputs (cheap); kl: end to end")
     d.add_argument("--eval-every", type=int, default=25)
@@ -92,16 +99,23 @@ def _train(args) -> int:
     from tqdm import tqdm
 
     from model.distill.data import CACHE_DIR
-    from model.distill.delta import read_delta
-    from model.distill.train import Setup, TrainConfig, Trainer
+    from model.distill.delta import base_name, merged, read_delta
+    from model.distill.train import Setup, TrainConfig, Trainer, trainable_names
 
     cfg = TrainConfig(teacher=args.teacher, student=args.student, steps=args.steps, batch=args.batch,
-                      seq_len=args.seq_len, lr=args.lr, objective=args.objective, eval_every=args.eval_every,
+                      seq_len=args.seq_len, lr=args.lr, objective=args.objective,
+                      lr_schedule=args.lr_schedule, train_prompts=args.train_prompts, train_sets=args.train_sets,
+                      widen_rank=args.widen_rank, eval_every=args.eval_every,
                       device=args.device, out=args.out or str(CACHE_DIR / "run"))
     setup = Setup.from_presets(cfg)
     if args.init_delta:
         _, weights = read_delta(args.init_delta)
-        setup.student_base = {**setup.student_base, **weights}
+        kept = set(trainable_names(setup.student, cfg.widen_rank))
+        lost = sorted({base_name(k) for k in weights} - kept)
+        if lost:  # they would be folded into the frozen base and missing from the delta this run writes
+            raise SystemExit(f"--init-delta {args.init_delta} changes {lost[0]} (and {len(lost) - 1} more), which "
+                             f"this run does not train whole; continue that run with --resume instead")
+        setup.student_base = {**setup.student_base, **merged(weights, setup.student_base)}
     bar = tqdm(total=cfg.steps, file=sys.stderr, unit="step")
 
     def progress(tr: Trainer, loss: float) -> None:

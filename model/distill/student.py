@@ -18,6 +18,8 @@ from model.config import ModelConfig
 from model.distill.fakequant import fake_quant_rows, quantized_linear, served_weight
 from model.transformer import Rotary
 
+LORA_A, LORA_B = ":lora_a", ":lora_b"  # suffixes naming a low-rank adapter's factors (delta files use them too)
+
 
 @dataclass
 class LayerIO:
@@ -29,15 +31,24 @@ class LayerIO:
 
 class FunctionalModel(nn.Module):
     def __init__(self, config: ModelConfig, state: dict[str, torch.Tensor], trainable: tuple[str, ...] = (),
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", lowrank: dict[str, int] | None = None):
         super().__init__()
         self.config = config
         q = config.quant
         self.w8, self.a8, self.kv8, self.rot = q.weights, q.activations, q.kv, q.weights and q.rotate
         self.params = nn.ParameterDict({_key(n): nn.Parameter(state[n].float().to(device).clone())
                                         for n in trainable})
+        # Low-rank adapters: W = base + B @ A, B starting at zero so training starts from ``state``.
+        self.lowrank_base = {n: state[n].float().to(device) for n in (lowrank or {})}
+        gen = torch.Generator().manual_seed(0)
+        for n, rank in (lowrank or {}).items():
+            out_dim, in_dim = state[n].shape
+            a = torch.randn(rank, in_dim, generator=gen) / in_dim ** 0.5
+            self.params[_key(n + LORA_A)] = nn.Parameter(a.to(device))
+            self.params[_key(n + LORA_B)] = nn.Parameter(torch.zeros(out_dim, rank, device=device))
         with torch.no_grad():
-            self.frozen = {n: self._serve(w.float().to(device), n) for n, w in state.items() if n not in trainable}
+            self.frozen = {n: self._serve(w.float().to(device), n) for n, w in state.items()
+                           if n not in trainable and n not in self.lowrank_base}
         if config.tie_embeddings:
             self.frozen["lm_head.weight"] = self._serve(state["embed_tokens.weight"].float().to(device), "lm_head")
         self.ropes = {b: Rotary(config.head_dim, b, config.max_seq_len).to(device)
@@ -52,9 +63,13 @@ class FunctionalModel(nn.Module):
 
     def w(self, name: str) -> torch.Tensor:
         key = _key(name)
-        if key in self.params:
-            return served_weight(self.params[key], self.rot) if self.w8 else self.params[key]
-        return self.frozen[name]
+        if name in self.lowrank_base:
+            w = self.lowrank_base[name] + self.params[_key(name + LORA_B)] @ self.params[_key(name + LORA_A)]
+        elif key in self.params:
+            w = self.params[key]
+        else:
+            return self.frozen[name]
+        return served_weight(w, self.rot) if self.w8 and w.dim() == 2 else w
 
     def linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
         return quantized_linear(x, self.w(name), self.a8, self.rot)

@@ -2,11 +2,14 @@
 
 Only the smallest tensor set trains: K/V of the KV-producing layers (mean-pooled MQA
 changed them) and Q of every layer (each now reads one pooled, possibly borrowed, K/V).
-Everything else stays the published weights, so the delta stays small.
+With ``widen_rank`` > 0 the rest of each layer adapts too, cheaply in bytes: the norms in
+full and o_proj and the MLP through rank-``widen_rank`` adapters. Everything else stays
+the published weights, so the delta stays small.
 """
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,6 +35,11 @@ class TrainConfig:
     long_every: int = 4
     eval_every: int = 25
     train_prompts: int = 160
+    train_sets: int = 1  # sampled sets of the train prompts (seeds seed, seed+1, ...): more text, not more topics
+    lr_schedule: str = "constant"  # or "cosine": down to lr_floor * lr at the last step
+    lr_floor: float = 0.1
+    widen_rank: int = 0  # > 0: also train the norms and rank-r adapters on o_proj and the MLP
+    widen_lr_scale: float = 4.0  # their learning rate relative to ``lr`` (adapters start at zero)
     seed: int = 0
     device: str = "cpu"
     out: str = str(CACHE_DIR / "run")
@@ -39,9 +47,14 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.objective not in ("layerwise", "kl"):
             raise ValueError(f"objective must be 'layerwise' or 'kl', got {self.objective!r}")
-        for name in ("steps", "batch", "seq_len", "long_seq_len", "long_every", "eval_every"):
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+        for name in ("steps", "batch", "seq_len", "long_seq_len", "long_every", "eval_every", "train_prompts",
+                     "train_sets"):
             if getattr(self, name) < 1:
                 raise ValueError(f"distill config: {name} must be positive, got {getattr(self, name)}")
+        if self.widen_rank < 0:
+            raise ValueError(f"distill config: widen_rank must be >= 0, got {self.widen_rank}")
         if not self.lr > 0:
             raise ValueError(f"distill config: lr must be positive, got {self.lr}")
 
@@ -56,13 +69,26 @@ class Curve:
         self.points.append(kw)
 
 
-def trainable_names(config: ModelConfig) -> tuple[str, ...]:
+ADAPTED = ("self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def trainable_names(config: ModelConfig, widen_rank: int = 0) -> tuple[str, ...]:
+    """Tensors trained (and shipped) whole."""
     names = []
     for i in range(config.n_layers):
         names.append(f"layers.{i}.self_attn.q_proj.weight")
         if config.produces_kv(i):
             names += [f"layers.{i}.self_attn.k_proj.weight", f"layers.{i}.self_attn.v_proj.weight"]
-    return tuple(names)
+        if widen_rank:
+            names += [f"layers.{i}.input_layernorm.weight", f"layers.{i}.post_attention_layernorm.weight"]
+    return tuple(names + (["norm.weight"] if widen_rank else []))
+
+
+def adapted_names(config: ModelConfig, widen_rank: int) -> dict[str, int]:
+    """Tensors trained through a low-rank adapter, with its rank."""
+    if not widen_rank:
+        return {}
+    return {f"layers.{i}.{m}.weight": widen_rank for i in range(config.n_layers) for m in ADAPTED}
 
 
 def preset_state(name: str, seed: int = 0) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
@@ -94,7 +120,8 @@ class Setup:
     def from_presets(cls, cfg: TrainConfig) -> "Setup":
         tcfg, tstate = preset_state(cfg.teacher)
         scfg, sstate = preset_state(cfg.student)
-        train = load_or_sample(cfg.teacher, DataSpec("train", cfg.train_prompts, seed=cfg.seed))
+        train = [seq for s in range(cfg.train_sets)
+                 for seq in load_or_sample(cfg.teacher, DataSpec("train", cfg.train_prompts, seed=cfg.seed + s))]
         evals = load_or_sample(cfg.teacher, DataSpec("eval", 24, seed=1))
         return cls(tcfg.with_quant(QuantConfig.off()), tstate, scfg, sstate, train, evals)
 
@@ -105,8 +132,14 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.base = setup.student_base
         self.teacher = FunctionalModel(setup.teacher, setup.teacher_state, device=cfg.device)
-        self.student = FunctionalModel(setup.student, self.base, trainable_names(setup.student), device=cfg.device)
-        self.opt = torch.optim.Adam(self.student.params.parameters(), lr=cfg.lr)
+        self.student = FunctionalModel(setup.student, self.base, trainable_names(setup.student, cfg.widen_rank),
+                                       device=cfg.device, lowrank=adapted_names(setup.student, cfg.widen_rank))
+        core = set(trainable_names(setup.student))
+        groups = {True: [], False: []}
+        for key, p in self.student.params.items():
+            groups[key.replace("__", ".") in core].append(p)
+        self.opt = torch.optim.Adam([{"params": groups[True], "lr_scale": 1.0},
+                                     {"params": groups[False], "lr_scale": cfg.widen_lr_scale}], lr=cfg.lr)
         self.step, self.seconds, self.curve = 0, 0.0, Curve()
         self.rows = as_batches(setup.train_seqs, cfg.seq_len).to(cfg.device)
         self.long_rows = as_batches(setup.train_seqs, cfg.long_seq_len).to(cfg.device)
@@ -131,8 +164,17 @@ class Trainer:
             t = self.teacher(batch)
         return kl_per_token(t, self.student(batch)).mean()
 
+    def lr_at(self, step: int) -> float:
+        cfg = self.cfg
+        if cfg.lr_schedule == "constant":
+            return cfg.lr
+        frac = min(step / cfg.steps, 1.0)
+        return cfg.lr * (cfg.lr_floor + (1 - cfg.lr_floor) * 0.5 * (1 + math.cos(math.pi * frac)))
+
     def train_step(self) -> float:
         t0 = time.perf_counter()
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr_at(self.step) * group["lr_scale"]
         long = self.step % self.cfg.long_every == self.cfg.long_every - 1
         loss = self.loss(long)
         self.opt.zero_grad(set_to_none=True)
