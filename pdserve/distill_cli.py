@@ -99,8 +99,8 @@ def _train(args) -> int:
     from tqdm import tqdm
 
     from model.distill.data import CACHE_DIR
-    from model.distill.delta import base_name, merged, read_delta
-    from model.distill.train import Setup, TrainConfig, Trainer, trainable_names
+    from model.distill.delta import read_delta
+    from model.distill.train import Setup, TrainConfig, Trainer, seed_from_delta
 
     cfg = TrainConfig(teacher=args.teacher, student=args.student, steps=args.steps, batch=args.batch,
                       seq_len=args.seq_len, lr=args.lr, objective=args.objective,
@@ -108,14 +108,13 @@ def _train(args) -> int:
                       widen_rank=args.widen_rank, eval_every=args.eval_every,
                       device=args.device, out=args.out or str(CACHE_DIR / "run"))
     setup = Setup.from_presets(cfg)
+    factors = {}
     if args.init_delta:
         _, weights = read_delta(args.init_delta)
-        kept = set(trainable_names(setup.student, cfg.widen_rank))
-        lost = sorted({base_name(k) for k in weights} - kept)
-        if lost:  # they would be folded into the frozen base and missing from the delta this run writes
-            raise SystemExit(f"--init-delta {args.init_delta} changes {lost[0]} (and {len(lost) - 1} more), which "
-                             f"this run does not train whole; continue that run with --resume instead")
-        setup.student_base = {**setup.student_base, **merged(weights, setup.student_base)}
+        try:
+            factors = seed_from_delta(setup, weights, cfg.widen_rank)
+        except ValueError as e:
+            raise SystemExit(f"--init-delta {args.init_delta}: {e}") from None
     bar = tqdm(total=cfg.steps, file=sys.stderr, unit="step")
 
     def progress(tr: Trainer, loss: float) -> None:
@@ -125,6 +124,7 @@ def _train(args) -> int:
                         top1=f"{last.get('short_top1', float('nan')):.1%}",
                         long=f"{last.get('long_top1', float('nan')):.1%}")
     trainer = Trainer(cfg, setup, progress)
+    trainer.seed_adapters(factors)
     if args.resume and trainer.resume():
         print(f"resumed {cfg.out} at step {trainer.step}", file=sys.stderr)
     trainer.run()

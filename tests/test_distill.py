@@ -10,7 +10,7 @@ from model.config import ModelConfig, QuantConfig, shared_kv_layers
 from model.convert import to_shared_kv
 from model.distill.delta import DeltaMismatchError, apply_delta, read_delta, save_delta, shipped_delta
 from model.distill.student import kl_per_token
-from model.distill.train import Setup, TrainConfig, Trainer, adapted_names, trainable_names
+from model.distill.train import Setup, TrainConfig, Trainer, adapted_names, seed_from_delta, trainable_names
 from model.loader import build, random_state
 from model.presets import get_preset
 from model.quality import full_logits
@@ -101,6 +101,15 @@ def test_widened_delta_stores_norms_and_adapters_and_serving_merges_them(tmp_pat
     name = "layers.3.mlp.down_proj.weight"  # adapter folded in: base + B @ A (factors stored as float16)
     b, a = trained[name + ":lora_b"], trained[name + ":lora_a"]
     assert torch.allclose(state[name], setup.student_base[name] + b @ a, atol=1e-3)
+    seeded_setup = _tiny_setup()  # a later run starts from this delta, adapters included
+    factors = seed_from_delta(seeded_setup, read_delta(path)[1], widen_rank=4)
+    seeded = Trainer(cfg, seeded_setup)
+    seeded.seed_adapters(factors)
+    key = (name + ":lora_b").replace(".", "__")
+    assert torch.allclose(seeded.student.params[key], trainer.student.params[key], atol=1e-3)
+    assert torch.allclose(seeded.student.w(name), trainer.student.w(name), atol=0.05)
+    with pytest.raises(ValueError, match="widen_rank=0 does not train"):
+        seed_from_delta(_tiny_setup(), read_delta(path)[1], widen_rank=0)
     served = build(setup.student, state)  # and the served student is the one training measured
     with torch.no_grad():
         logits = full_logits(served, rows[0].tolist())

@@ -19,7 +19,8 @@ import torch
 from model.config import ModelConfig, QuantConfig
 from model.distill.data import CACHE_DIR, DataSpec, as_batches, chain, load_or_sample
 from model.distill.layerwise import capture, layerwise_loss
-from model.distill.student import FunctionalModel, kl_per_token
+from model.distill.delta import base_name
+from model.distill.student import LORA_A, FunctionalModel, kl_per_token
 
 
 @dataclass
@@ -126,6 +127,23 @@ class Setup:
         return cls(tcfg.with_quant(QuantConfig.off()), tstate, scfg, sstate, train, evals)
 
 
+def seed_from_delta(setup: Setup, weights: dict[str, torch.Tensor], widen_rank: int) -> dict[str, torch.Tensor]:
+    """Start a run from a delta: its whole tensors replace the base; its adapter factors are returned
+    to seed this run's adapters. Refuses a delta with tensors this run would not write back out."""
+    whole = {n: w for n, w in weights.items() if n == base_name(n)}
+    factors = {n: w for n, w in weights.items() if n != base_name(n)}
+    lost = sorted((set(whole) - set(trainable_names(setup.student, widen_rank)))
+                  | ({base_name(k) for k in factors} - set(adapted_names(setup.student, widen_rank))))
+    if lost:
+        raise ValueError(f"it changes {lost[0]} (and {len(lost) - 1} more), which a run with widen_rank="
+                         f"{widen_rank} does not train: the result would lose them")
+    ranks = {w.shape[0] for k, w in factors.items() if k.endswith(LORA_A)}
+    if ranks and ranks != {widen_rank}:
+        raise ValueError(f"its adapters have rank {sorted(ranks)}, the run widen_rank={widen_rank}")
+    setup.student_base = {**setup.student_base, **whole}
+    return factors
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, setup: Setup, progress=None):
         self.cfg, self.progress = cfg, progress
@@ -163,6 +181,11 @@ class Trainer:
         with torch.no_grad():
             t = self.teacher(batch)
         return kl_per_token(t, self.student(batch)).mean()
+
+    def seed_adapters(self, factors: dict[str, torch.Tensor]) -> None:
+        """Adapter factors from ``seed_from_delta`` instead of the zero start."""
+        for name, w in factors.items():
+            self.student.params[name.replace(".", "__")].data.copy_(w.float())
 
     def lr_at(self, step: int) -> float:
         cfg = self.cfg
