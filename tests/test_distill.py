@@ -105,9 +105,8 @@ def test_widened_delta_stores_norms_and_adapters_and_serving_merges_them(tmp_pat
     factors = seed_from_delta(seeded_setup, read_delta(path)[1], widen_rank=4)
     seeded = Trainer(cfg, seeded_setup)
     seeded.seed_adapters(factors)
-    key = (name + ":lora_b").replace(".", "__")
-    assert torch.allclose(seeded.student.params[key], trainer.student.params[key], atol=1e-3)
-    assert torch.allclose(seeded.student.w(name), trainer.student.w(name), atol=0.05)
+    factor = name + ":lora_b"  # trained away from its zero start, so an unseeded run fails this
+    assert torch.allclose(seeded.student.param(factor), trainer.student.param(factor), atol=1e-3)
     with pytest.raises(ValueError, match="widen_rank=0 does not train"):
         seed_from_delta(_tiny_setup(), read_delta(path)[1], widen_rank=0)
     served = build(setup.student, state)  # and the served student is the one training measured

@@ -126,6 +126,13 @@ class FunctionalModel(nn.Module):
             x = x + self.linear(F.silu(gate) * up, p + "mlp.down_proj.weight")
         return self.linear(self.norm(x, "norm.weight"), "lm_head.weight")
 
+    def param(self, name: str) -> nn.Parameter:
+        """A trained tensor or adapter factor by its dotted name (``...weight:lora_b``)."""
+        return self.params[_key(name)]
+
+    def named_trainables(self) -> list[tuple[str, nn.Parameter]]:
+        return [(_name(k), p) for k, p in self.params.items()]
+
     def trained_state(self) -> dict[str, torch.Tensor]:
         return {_name(k): p.detach().cpu() for k, p in self.params.items()}
 

@@ -154,8 +154,8 @@ class Trainer:
                                        device=cfg.device, lowrank=adapted_names(setup.student, cfg.widen_rank))
         core = set(trainable_names(setup.student))
         groups = {True: [], False: []}
-        for key, p in self.student.params.items():
-            groups[key.replace("__", ".") in core].append(p)
+        for name, p in self.student.named_trainables():
+            groups[name in core].append(p)
         self.opt = torch.optim.Adam([{"params": groups[True], "lr_scale": 1.0},
                                      {"params": groups[False], "lr_scale": cfg.widen_lr_scale}], lr=cfg.lr)
         self.step, self.seconds, self.curve = 0, 0.0, Curve()
@@ -185,7 +185,7 @@ class Trainer:
     def seed_adapters(self, factors: dict[str, torch.Tensor]) -> None:
         """Adapter factors from ``seed_from_delta`` instead of the zero start."""
         for name, w in factors.items():
-            self.student.params[name.replace(".", "__")].data.copy_(w.float())
+            self.student.param(name).data.copy_(w.float())
 
     def lr_at(self, step: int) -> float:
         cfg = self.cfg
