@@ -10,6 +10,10 @@ policy = "cache_aware"       # a scheduler.policies name
 kv_cache_bytes = 536870912   # per worker engine
 max_seqs = 64
 block_size = 16              # optional: must equal the model's (checked, never overridden)
+device = "auto"              # auto (cuda for a worker with a GPU share, if torch sees CUDA; else cpu) | cpu | cuda
+prefill_num_gpus = 0.5       # Ray GPU share per prefill worker, 0..1 (default 0: none); 1 = a GPU each,
+decode_num_gpus = 0.5        #   0.5 and 0.5 = a prefill and a decode worker packed on one GPU
+num_gpus = 0                 # GPUs a local Ray declares (0 = Ray detects them; fake ones test placement on CPU)
 
 [store]
 host_capacity_blocks = 4096
@@ -43,6 +47,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
+DEVICES = ("auto", "cpu", "cuda")
+
+
 class ConfigError(ValueError):
     pass
 
@@ -57,6 +64,10 @@ class ClusterSection:
     kv_cache_bytes: int = 512 * 2**20
     max_seqs: int = 64
     block_size: int = 0  # 0 = the model's
+    device: str = "auto"
+    prefill_num_gpus: float = 0.0
+    decode_num_gpus: float = 0.0
+    num_gpus: int = 0  # 0 = what Ray detects (local clusters only)
 
 
 @dataclass
@@ -102,10 +113,13 @@ class Config:
             if v <= 0:
                 raise ConfigError(f"config key {key} must be > 0, got {v!r}")
         for key, v in {"cluster.num_cpus": self.cluster.num_cpus, "cluster.block_size": self.cluster.block_size,
+                       "cluster.num_gpus": self.cluster.num_gpus,
                        "store.disk_capacity_blocks": self.store.disk_capacity_blocks,
                        "server.max_prompt_tokens": self.server.max_prompt_tokens}.items():
             if v < 0:
                 raise ConfigError(f"config key {key} must be >= 0, got {v!r}")
+        c = self.cluster
+        check_gpu_keys(c.device, c.prefill_num_gpus, c.decode_num_gpus)
         if not -1 <= self.server.metrics_port <= 65535 or not 0 <= self.server.port <= 65535:
             raise ConfigError("config keys server.port (0..65535) and server.metrics_port (-1..65535) out of range")
         if bool(self.server.tls_cert) != bool(self.server.tls_key):
@@ -113,6 +127,22 @@ class Config:
         if self.store.disk_capacity_blocks and not self.store.disk_dir:
             raise ConfigError("config key store.disk_dir is needed when store.disk_capacity_blocks > 0")
         return self
+
+
+def check_gpu_keys(device: str, prefill_num_gpus: float, decode_num_gpus: float) -> None:
+    """The config's GPU keys, checked here and by ``LocalCluster`` (which tests build directly).
+
+    A worker runs on one device, so its GPU share is a fraction of one GPU (Ray would also refuse
+    shares above 1 that are not whole). ``cuda`` without a share is refused: that worker would use a
+    GPU Ray does not account for, where Ray may place other workers too."""
+    if device not in DEVICES:
+        raise ConfigError(f"config key cluster.device must be one of {', '.join(DEVICES)}, got {device!r}")
+    for key, share in (("prefill_num_gpus", prefill_num_gpus), ("decode_num_gpus", decode_num_gpus)):
+        if not 0.0 <= share <= 1.0:
+            raise ConfigError(f"config key cluster.{key} must be in 0..1 (a worker uses one GPU), got {share!r}")
+    if device == "cuda" and not (prefill_num_gpus > 0 and decode_num_gpus > 0):
+        raise ConfigError("config key cluster.device = 'cuda' needs a GPU share for every worker: set "
+                          "cluster.prefill_num_gpus and cluster.decode_num_gpus > 0 (or device = 'auto')")
 
 
 def _section(cls, name: str, raw: object):

@@ -75,3 +75,33 @@ def test_quant_tags():
     assert QuantConfig().tag == "w8-a8-kv8"
     assert QuantConfig.off().tag == "float32"
     assert dataclasses.replace(QuantConfig(), activations=False).tag == "w8-kv8"
+
+
+# -- the topology config's GPU keys (pdserve/config.py) ------------------------------------------
+def test_gpu_keys_default_to_no_gpu_and_parse_from_toml(tmp_path):
+    from pdserve.config import load_config
+
+    assert load_config(None).cluster.device == "auto"
+    assert (load_config(None).cluster.prefill_num_gpus, load_config(None).cluster.num_gpus) == (0.0, 0)
+    f = tmp_path / "c.toml"
+    f.write_text('[cluster]\ndevice = "cuda"\nprefill_num_gpus = 0.5\ndecode_num_gpus = 1\nnum_gpus = 2\n')
+    c = load_config(f).cluster
+    assert (c.device, c.prefill_num_gpus, c.decode_num_gpus, c.num_gpus) == ("cuda", 0.5, 1.0, 2)
+
+
+@pytest.mark.parametrize("cluster, message", [
+    ({"device": "gpu"}, "config key cluster.device must be one of auto, cpu, cuda, got 'gpu'"),
+    ({"prefill_num_gpus": 1.5}, "config key cluster.prefill_num_gpus must be in 0..1"),
+    ({"decode_num_gpus": -0.5}, "config key cluster.decode_num_gpus must be in 0..1"),
+    ({"decode_num_gpus": "half"}, "config key cluster.decode_num_gpus must be float"),
+    ({"num_gpus": -1}, "config key cluster.num_gpus must be >= 0"),
+    ({"num_gpus": 0.5}, "config key cluster.num_gpus must be int"),
+    ({"device": "cuda", "prefill_num_gpus": 0.5}, "cluster.device = 'cuda' needs a GPU share for every worker"),
+])
+def test_gpu_key_errors_name_the_key(cluster, message):
+    import re
+
+    from pdserve.config import ConfigError, parse
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse({"cluster": cluster})
