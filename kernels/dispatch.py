@@ -4,7 +4,9 @@ The model and the paged engine call only these names, so the CPU path is exactly
 ``kernels.reference`` and the GPU path needs no change above this layer. Triton is
 imported on the first CUDA call, never at import time: the package works without it
 (it comes with the ``gpu`` / ``test`` extras). ``PDSERVE_KERNELS=reference`` forces the
-reference everywhere (to bisect a numerical difference on a GPU).
+reference everywhere (to bisect a numerical difference on a GPU); ``PDSERVE_KERNELS=triton``
+forces the Triton kernels on any tensor, which with ``TRITON_INTERPRET=1`` runs the GPU path's
+code on CPU tensors (the device session's dry run does this).
 """
 from __future__ import annotations
 
@@ -32,7 +34,10 @@ def triton_available() -> bool:
 
 
 def use_triton(t: torch.Tensor) -> bool:
-    return t.is_cuda and os.environ.get("PDSERVE_KERNELS", "auto") != "reference" and triton_available()
+    mode = os.environ.get("PDSERVE_KERNELS", "auto")
+    if mode == "triton":
+        return True
+    return t.is_cuda and mode != "reference" and triton_available()
 
 
 def _triton(name: str) -> ModuleType:

@@ -22,8 +22,28 @@ class Loaded:
     tokenizer: Tokenizer | None
 
 
-def load(name_or_path: str, quant: QuantConfig | None = None, seed: int = 0) -> Loaded:
-    """A preset name (``smollm2-135m``...) or a path: ``.gguf`` file, HF Llama directory, pdserve ``.safetensors``."""
+def load(name_or_path: str, quant: QuantConfig | None = None, seed: int = 0,
+         device: str | torch.device = "cpu", random_weights: bool = False) -> Loaded:
+    """A preset name (``smollm2-135m``...) or a path: ``.gguf`` file, HF Llama directory, pdserve ``.safetensors``.
+
+    ``device`` is where the model's weights and buffers live (the engine puts its KV pools there
+    too): weights are read and quantized on the host, then moved. ``random_weights`` builds a
+    preset, analytic ones included (``cai-13b-skv``), with random int8 weights made directly on
+    ``device``: a 13B-class model to time on one GPU with nothing to carry.
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device} was asked for, but torch {torch.__version__} sees no CUDA device here")
+    if random_weights:
+        config = get_preset(name_or_path)
+        return Loaded(random_model(config.with_quant(quant) if quant else config, device, seed), None)
+    loaded = _load_host(name_or_path, quant, seed)
+    if device.type != "cpu":
+        loaded.model.to(device)
+    return loaded
+
+
+def _load_host(name_or_path: str, quant: QuantConfig | None, seed: int) -> Loaded:
     if name_or_path in PRESETS:
         return _load_preset(get_preset(name_or_path), quant, seed)
     path = Path(name_or_path)
@@ -81,6 +101,31 @@ def random_state(config: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
             state[name] = torch.randn(shape, generator=gen) / (shape[-1] ** 0.5 if len(shape) > 1 else 1.0)
     state["embed_tokens.weight"] = torch.randn(shapes["embed_tokens.weight"], generator=gen)
     return state
+
+
+@torch.no_grad()
+def random_model(config: ModelConfig, device: torch.device, seed: int = 0) -> Transformer:
+    """A model of ``config`` with random weights made in place on ``device`` (no float copy on the host).
+
+    int8 codes are uniform in [-127, 127] with scales that give each output unit variance
+    (std of a code is ~73), so activations keep a realistic range through the layers; it is
+    for timing and memory, not for text.
+    """
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.device(device):
+        model = Transformer(config)
+    for mod in model.modules():
+        if isinstance(mod, QLinear) and mod.int8_weights:
+            mod.weight_q.random_(-127, 128, generator=gen)
+            mod.weight_scale.fill_(1.0 / (73.3 * mod.in_features ** 0.5))
+        elif isinstance(mod, QLinear):
+            mod.weight.normal_(0.0, mod.in_features ** -0.5, generator=gen)
+        elif isinstance(mod, QEmbedding) and mod.int8:
+            mod.weight_q.random_(-127, 128, generator=gen)
+            mod.weight_scale.fill_(1.0 / 73.3)
+        elif isinstance(mod, QEmbedding):
+            mod.weight.normal_(generator=gen)
+    return model.eval()
 
 
 def float_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:

@@ -4,10 +4,16 @@
 before ``kernels.triton_*`` is first imported; nothing else imports those modules. The
 interpreter runs tl.dot in numpy: int8 and fp32 are exact there (bf16 dots are not
 emulated faithfully), so the attention tests run fp32 queries over int8 KV.
+
+On a GPU (``PDSERVE_TEST_DEVICE=cuda``, as the device session runs them) the same tests run
+the compiled kernels: every CPU tensor a test hands a kernel is copied to the device, and
+results and written-to arguments are copied back, so the references stay on the CPU.
 """
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+DEVICE = os.environ.get("PDSERVE_TEST_DEVICE", "cpu")
+if DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -18,13 +24,51 @@ import torch  # noqa: E402
 pytest.importorskip("triton")
 
 from kernels import checks, dispatch, reference  # noqa: E402
-from kernels import triton_attention as ta  # noqa: E402
-from kernels import triton_gemm as tg  # noqa: E402
-from kernels import triton_kv as tk  # noqa: E402
+from kernels import triton_attention as _ta  # noqa: E402
+from kernels import triton_gemm as _tg  # noqa: E402
+from kernels import triton_kv as _tk  # noqa: E402
 
-if type(tg._w8a8_kernel).__name__ != "InterpretedFunction":  # these tests hand the kernels CPU tensors
+if DEVICE == "cpu" and type(_tg._w8a8_kernel).__name__ != "InterpretedFunction":  # tests hand kernels CPU tensors
     pytest.skip("the Triton kernels are compiled, not interpreted: TRITON_INTERPRET is not 1, or kernels.triton_*"
                 " was imported before it was set", allow_module_level=True)
+if DEVICE != "cpu" and not torch.cuda.is_available():
+    pytest.skip(f"PDSERVE_TEST_DEVICE={DEVICE} but torch sees no CUDA device", allow_module_level=True)
+
+cpu_only = pytest.mark.skipif(DEVICE != "cpu", reason="hands CPU tensors to the kernels through dispatch")
+
+
+class _OnDevice:
+    """A kernel module whose functions take CPU tensors: moved to DEVICE for the call, results and
+    arguments (the kernels write some in place) copied back afterwards."""
+
+    def __init__(self, module):
+        self._module = module
+
+    def __getattr__(self, name):
+        f = getattr(self._module, name)
+        if DEVICE == "cpu" or name.startswith("_") or not callable(f):
+            return f
+
+        def call(*args, **kwargs):
+            moved = {}
+
+            def to(x):
+                if isinstance(x, torch.Tensor) and x.device.type == "cpu":
+                    moved[id(x)] = (x, x.to(DEVICE))
+                    return moved[id(x)][1]
+                return x
+
+            out = f(*map(to, args), **{k: to(v) for k, v in kwargs.items()})
+            for orig, dev in moved.values():
+                orig.copy_(dev.cpu())
+            if isinstance(out, tuple):
+                return tuple(o.cpu() for o in out)
+            return out.cpu() if isinstance(out, torch.Tensor) else out
+
+        return call
+
+
+ta, tg, tk = _OnDevice(_ta), _OnDevice(_tg), _OnDevice(_tk)
 
 
 def _rand_int8(g, *shape):
@@ -256,7 +300,7 @@ def test_gemm_and_write_kv_reject_bad_input_naming_the_argument():
         tg.int8_matmul(xq, xs, wq, ws.half())
     with pytest.raises(checks.KernelInputError, match=r"^bias: shape \[4\]"):
         tg.int8_matmul(xq, xs, wq, ws, torch.zeros(4))
-    with pytest.raises(checks.KernelInputError, match=r"^w_scale is on meta but xq is on cpu"):
+    with pytest.raises(checks.KernelInputError, match=rf"^w_scale is on meta but xq is on {DEVICE}"):
         tg.int8_matmul(xq, xs, wq, torch.ones(8, device="meta"))
     pools = [torch.zeros(2, 16, 1, 16, dtype=torch.int8) for _ in range(2)] + [torch.zeros(2, 16, 1, 1) for _ in range(2)]
     k = torch.randn(3, 1, 16)
@@ -269,6 +313,7 @@ def test_gemm_and_write_kv_reject_bad_input_naming_the_argument():
 
 
 # -- dispatch ----------------------------------------------------------------------------------------
+@cpu_only
 def test_dispatch_on_cpu_is_exactly_the_reference():
     args = _decode_args(hkv=2, h=6)
     assert not dispatch.use_triton(args["q"])
@@ -280,14 +325,15 @@ def test_dispatch_on_cpu_is_exactly_the_reference():
                        reference.int8_matmul(xq, torch.ones(3, 1), wq, torch.ones(5)))
 
 
+@cpu_only
 def test_dispatch_routes_int8_tensors_to_the_triton_kernels(monkeypatch):
     monkeypatch.setattr(dispatch, "use_triton", lambda t: True)  # what a CUDA tensor gets
     args = _decode_args(hkv=2, h=6)
     torch.testing.assert_close(dispatch.paged_decode_attention(*args.values()),
                                reference.paged_decode_attention(*args.values()), rtol=1e-3, atol=1e-4)
     calls = []
-    real = ta.paged_prefill_attention
-    monkeypatch.setattr(ta, "paged_prefill_attention", lambda *a: calls.append(a) or real(*a))
+    real = _ta.paged_prefill_attention
+    monkeypatch.setattr(_ta, "paged_prefill_attention", lambda *a: calls.append(a) or real(*a))
     q = args["q"][:1].expand(4, -1, -1)
     pool = [args[n] for n in ("k_pool", "v_pool", "k_scale", "v_scale")]
     got = dispatch.paged_prefill_attention(q, *pool, args["block_tables"][1], 29, 8)

@@ -55,6 +55,7 @@ class BlockPool:
     def __init__(self, config: ModelConfig, blocks_per_group: list[int], device: str | torch.device = "cpu"):
         self.config = config
         self.block_size = config.block_size
+        self.device = torch.device(device)
         self.int8 = config.quant.kv
         dtype = torch.int8 if self.int8 else compute_dtype(config.quant)
         shape = (self.block_size, config.n_kv_heads, config.head_dim)
@@ -103,7 +104,8 @@ class BlockPool:
 
     # -- bytes in and out ----------------------------------------------------------------------
     def read(self, group: int, blocks: list[int], first_block: int) -> GroupBlocks:
-        idx = torch.tensor(blocks, dtype=torch.long)
+        """Host copies of ``blocks`` (what the store ships), wherever the pool lives."""
+        idx = torch.tensor(blocks, dtype=torch.long, device=self.device)
 
         def take(pool):
             return None if pool[group] is None else pool[group][idx].cpu().numpy()
@@ -111,7 +113,7 @@ class BlockPool:
         return GroupBlocks(first_block, take(self.k), take(self.v), take(self.k_scale), take(self.v_scale))
 
     def write(self, group: int, blocks: list[int], data: GroupBlocks) -> None:
-        idx = torch.tensor(blocks, dtype=torch.long)
+        idx = torch.tensor(blocks, dtype=torch.long, device=self.device)
         for pool, arr in ((self.k, data.k), (self.v, data.v), (self.k_scale, data.k_scale), (self.v_scale, data.v_scale)):
             if (pool[group] is None) != (arr is None):
                 raise ValueError("KV blocks of another KV dtype (int8 vs float) cannot be imported")

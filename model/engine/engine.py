@@ -39,8 +39,8 @@ class Engine:
         self.tokenizer = tokenizer
         counts = ([config.num_blocks] * len(self.mcfg.kv_groups) if config.num_blocks is not None else
                   blocks_per_group(self.mcfg, config.kv_cache_bytes, config.max_seqs, config.max_batched_tokens))
-        device = next(iter(model.buffers()), torch.empty(0)).device
-        self.pool = BlockPool(self.mcfg, counts, device)
+        self.device = next(iter(model.buffers()), torch.empty(0)).device
+        self.pool = BlockPool(self.mcfg, counts, self.device)
         self.scheduler = Scheduler(self.mcfg, self.pool, config.max_batched_tokens, config.max_seqs)
         self.sequences: dict[str, Sequence] = {}
         self._ids = itertools.count()
@@ -124,21 +124,32 @@ class Engine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
-        tokens = torch.tensor([t for s in batch for t in s.seq.tokens[s.start:s.start + s.n]], dtype=torch.long)
+        tokens = torch.tensor([t for s in batch for t in s.seq.token_slice(s.start, s.n)], dtype=torch.long)
         paged = PagedBatch(self.pool, [Segment(s.seq.tables, s.start, s.n) for s in batch])
         ends = list(itertools.accumulate(s.n for s in batch))
         sampling = [i for i, s in enumerate(batch) if s.completes]
-        logits = self.model(tokens, paged, logits_at=torch.tensor([ends[i] - 1 for i in sampling], dtype=torch.long))
+        logits_at = torch.tensor([ends[i] - 1 for i in sampling], dtype=torch.long)
+        logits = self.model(tokens.to(self.device), paged, logits_at=logits_at.to(self.device))
+        greedy = self._greedy_tokens(logits, [batch[i].seq for i in sampling])
         outputs = []
         for s in batch:
             s.seq.computed = s.start + s.n
         for row, i in enumerate(sampling):
-            outputs.append(self._advance(batch[i], logits[row]))
+            outputs.append(self._advance(batch[i], logits[row], greedy[row]))
         return outputs
 
-    def _advance(self, s: Scheduled, logits: torch.Tensor) -> RequestOutput:
+    def _greedy_tokens(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int | None]:
+        """On a GPU, every greedy row's argmax in one launch and one copy to the host (not a sync per row)."""
+        if logits.device.type == "cpu" or not any(s.params.greedy for s in seqs):
+            return [None] * len(seqs)
+        return logits.argmax(-1).tolist()
+
+    def _advance(self, s: Scheduled, logits: torch.Tensor, greedy_token: int | None = None) -> RequestOutput:
         seq = s.seq
-        token = seq.sampler.sample(logits)
+        if greedy_token is not None and seq.params.greedy:
+            token = greedy_token
+        else:  # the sampler's generator lives on the host
+            token = seq.sampler.sample(logits if logits.device.type == "cpu" else logits.cpu())
         logprob = None
         if seq.params.logprobs:
             logprob = float(torch.log_softmax(logits.float(), -1)[token])

@@ -47,6 +47,18 @@ class PagedBatch:
                              for i in self.decode_idx])
                 for g in range(n_groups)
             ]
+        if pool.device.type != "cpu":
+            self._to_device(pool.device)
+
+    def _to_device(self, device: torch.device) -> None:
+        """Index tensors are built on the host, then copied once per step (not once per layer)."""
+        self.positions = self.positions.to(device)
+        self.tables = [[t.to(device) for t in per_group] for per_group in self.tables]
+        self.slots = [s.to(device) for s in self.slots]
+        if self.decode_idx:
+            self.decode_rows = self.decode_rows.to(device)
+            self.decode_lens = self.decode_lens.to(device)
+            self.decode_tables = [t.to(device) for t in self.decode_tables]
 
     def _pool(self, group: int):
         p = self.pool

@@ -52,6 +52,15 @@ class Sequence:
     def tokens(self) -> list[int]:
         return self.prompt + self.output
 
+    def token_slice(self, start: int, n: int) -> list[int]:
+        """``tokens[start:start + n]`` without building the whole list (a decode step needs one token)."""
+        lp = len(self.prompt)
+        if start >= lp:
+            return self.output[start - lp:start - lp + n]
+        if start + n <= lp:
+            return self.prompt[start:start + n]
+        return self.prompt[start:] + self.output[:start + n - lp]
+
     def __len__(self) -> int:
         return len(self.prompt) + len(self.output)
 
