@@ -16,7 +16,7 @@ from kvstore.blocks import BlockSpec
 from kvstore.handoff import Handoff, WorkerInfo
 from model.engine import Engine, EngineConfig, RequestOutput, SamplingParams
 from model.transformer import Transformer
-from prefill.worker import call  # the same local-or-actor call helper
+from prefill.worker import call, device_of  # the helpers the prefill worker uses too
 
 
 class DecodeWorker:
@@ -32,6 +32,7 @@ class DecodeWorker:
         self.streams: dict[str, queue.Queue] = {}
         self.prompts: dict[str, list[int]] = {}
         self.step_times: list[float] = []
+        self.device = device_of(model)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"{name}-engine", daemon=True)
         self._thread.start()
@@ -39,7 +40,7 @@ class DecodeWorker:
     def info(self) -> WorkerInfo:
         cfg = self.engine.mcfg
         return WorkerInfo(self.name, "decode", cfg.block_size, "int8" if cfg.quant.kv else cfg.quant.compute,
-                          self.fingerprint)
+                          self.fingerprint, device=self.device)
 
     # -- requests --------------------------------------------------------------------------------
     def submit(self, handoff: Handoff, params: SamplingParams) -> None:

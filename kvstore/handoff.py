@@ -13,6 +13,8 @@ class WorkerInfo:
     kv_dtype: str  # "int8", or the float dtype of a reference run
     fingerprint: int
     node: str = ""
+    device: str = "cpu"  # where the worker computes: "cpu", "cuda:0" (its first visible GPU)
+    gpu_ids: tuple[str, ...] = ()  # the GPUs Ray assigned it (shared ones too, under a fractional share)
 
 
 def handshake(a: WorkerInfo, b: WorkerInfo) -> None:

@@ -7,6 +7,7 @@ on a 2-core machine: 90 vs 132 tok/s end to end for 32 concurrent requests.)"""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
 
 from kvstore.actor import fetch_export
@@ -27,11 +28,12 @@ class PrefillWorker:
         self.lease_ttl_s = lease_ttl_s
         self.served = 0
         self.queued_tokens = 0  # tokens of the request being prefilled (the actor queues the rest)
+        self.device = device_of(model)
 
     def info(self) -> WorkerInfo:
         cfg = self.engine.mcfg
         return WorkerInfo(self.name, "prefill", cfg.block_size, "int8" if cfg.quant.kv else cfg.quant.compute,
-                          self.fingerprint)
+                          self.fingerprint, device=self.device)
 
     def prefill(self, request_id: str, prompt: list[int], params: SamplingParams) -> Handoff:
         t0 = time.perf_counter()
@@ -79,6 +81,11 @@ class PrefillWorker:
 
     def shutdown(self) -> None:
         """Nothing runs in the background here; for symmetry with the decode worker."""
+
+
+def device_of(model: Transformer) -> str:
+    """Where a model's tensors live ("cpu", "cuda:0"): the device its worker computes on."""
+    return str(next(itertools.chain(model.buffers(), model.parameters())).device)
 
 
 def call(target, method: str, *args):
