@@ -237,7 +237,8 @@ def status_message(model: str, s: dict) -> pb.ClusterStatusResponse:
     workers = [pb.WorkerStatus(name=name, role="decode" if "running" in w else "prefill",
                                running=w.get("running", 1 if w.get("queued_tokens") else 0),
                                waiting=w.get("waiting", 0), free_blocks=_total(w.get("free_blocks", 0)),
-                               capacity_blocks=_total(w.get("capacity", 0)))
+                               capacity_blocks=_total(w.get("capacity", 0)), device=w.get("device", ""),
+                               gpu_ids=w.get("gpu_ids", []))
                for name, w in s.get("workers", {}).items()]
     store = s.get("store", {})
     tiers = [pb.TierStatus(tier=t, blocks=store.get("blocks", {}).get(t, 0), bytes=store.get("bytes", {}).get(t, 0),

@@ -229,7 +229,8 @@ def _status(args) -> int:
     s = client.status()
     print(f"model {s.model}, policy {s.policy}: {s.requests} requests, {s.rejected} rejected, {s.in_flight} in flight")
     for w in s.workers:
-        print(f"  {w.name:<12} {w.role:<8} running {w.running:>3}  waiting {w.waiting:>3}  "
+        placed = w.device + (f" GPU {','.join(w.gpu_ids)}" if w.gpu_ids else "")
+        print(f"  {w.name:<12} {w.role:<8} {placed:<12} running {w.running:>3}  waiting {w.waiting:>3}  "
               f"free blocks {w.free_blocks}/{w.capacity_blocks}")
     for t in s.tiers:
         print(f"  store {t.tier:<5} {t.blocks:>7} blocks  {t.bytes / 2**20:9.1f} MiB  hit tokens {t.hit_tokens}")
