@@ -57,7 +57,9 @@ def build_cluster(cfg: Config, ray_address: str | None):
     cluster = LocalCluster(c.model, n_prefill=c.n_prefill, n_decode=c.n_decode,
                            engine_config=EngineConfig(kv_cache_bytes=c.kv_cache_bytes, max_seqs=c.max_seqs),
                            store_config=store, num_cpus=c.num_cpus or None, policy=c.policy,
-                           slo=SLO(ttft_s=cfg.slo.ttft_ms / 1000, tbt_s=cfg.slo.tbt_ms / 1000))
+                           slo=SLO(ttft_s=cfg.slo.ttft_ms / 1000, tbt_s=cfg.slo.tbt_ms / 1000), device=c.device,
+                           prefill_num_gpus=c.prefill_num_gpus, decode_num_gpus=c.decode_num_gpus,
+                           num_gpus=c.num_gpus or None)
     if c.block_size and c.block_size != cluster.model_config.block_size:
         cluster.shutdown()
         raise ValueError(f"config key cluster.block_size={c.block_size} differs from model {c.model!r}'s "
