@@ -124,14 +124,25 @@ class BlockPool:
 
 
 def blocks_per_group(config: ModelConfig, kv_cache_bytes: int, max_seqs: int, chunk_tokens: int) -> list[int]:
-    """Split a byte budget into blocks: every group gets the same count, but a local group never
-    more than ``max_seqs`` windows' worth plus one prefill chunk, since it frees what leaves its window."""
+    """Split a byte budget into blocks per group. A local group never needs more than ``max_seqs``
+    windows' worth plus one prefill chunk (it frees what leaves its window); what it does not need
+    goes to the groups that can use it, in equal shares (water-filling), so that a shared-KV model's
+    few global groups get the memory its many local groups leave."""
     per_block = config.block_size * config.kv_bytes_per_token_per_group
-    n = max(1, kv_cache_bytes // (per_block * len(config.kv_groups)))
-    counts = []
-    for g in config.kv_groups:
-        if g.window is None:
-            counts.append(n)
-        else:
-            counts.append(min(n, max_seqs * (g.window // config.block_size + 2) + chunk_tokens // config.block_size + 1))
-    return counts
+    caps = [None if g.window is None else
+            max_seqs * (g.window // config.block_size + 2) + chunk_tokens // config.block_size + 1
+            for g in config.kv_groups]
+    counts = [0] * len(caps)
+    left, open_ = kv_cache_bytes // per_block, set(range(len(caps)))
+    while open_:
+        share = left // len(open_)
+        capped = [i for i in open_ if caps[i] is not None and caps[i] <= share]
+        if not capped:
+            for i in open_:
+                counts[i] = share
+            break
+        for i in capped:
+            counts[i] = caps[i]
+            left -= caps[i]
+            open_.remove(i)
+    return [max(1, c) for c in counts]

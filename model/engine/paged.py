@@ -21,39 +21,42 @@ class PagedBatch:
     attention call per group; longer ones (prefill chunks) attend one sequence at a time."""
 
     def __init__(self, pool: BlockPool, segments: list[Segment]):
+        """Index tensors are built from Python lists, one tensor per group and kind (not one per sequence):
+        a decode step of a large batch would otherwise spend more time building them than computing."""
         self.pool = pool
         bs = pool.block_size
         self.segments = segments
-        self.positions = torch.cat([torch.arange(s.start, s.start + s.n) for s in segments])
+        self.positions = torch.tensor([p for s in segments for p in range(s.start, s.start + s.n)], dtype=torch.long)
         offsets = [0]
         for s in segments:
             offsets.append(offsets[-1] + s.n)
         self.offsets = offsets
         n_groups = len(pool.k)
-        self.tables = [[torch.tensor(s.tables[g], dtype=torch.long) for s in segments] for g in range(n_groups)]
-        self.slots = [
-            torch.cat([kernels.reference.key_slots(t, torch.arange(s.start, s.start + s.n), bs)
-                       for t, s in zip(self.tables[g], segments)])
-            for g in range(n_groups)
-        ]
+        self.slots = [torch.tensor([s.tables[g][p // bs] * bs + p % bs for s in segments
+                                    for p in range(s.start, s.start + s.n)], dtype=torch.long)
+                      for g in range(n_groups)]
         self.decode_idx = [i for i, s in enumerate(segments) if s.n == 1]
         self.prefill_idx = [i for i, s in enumerate(segments) if s.n > 1]
+        # per group: segment index -> its block table, for the prefill chunks (attended one at a time)
+        self.tables = [{i: torch.tensor(segments[i].tables[g], dtype=torch.long) for i in self.prefill_idx}
+                       for g in range(n_groups)]
         if self.decode_idx:
             self.decode_rows = torch.tensor([offsets[i] for i in self.decode_idx])
             self.decode_lens = torch.tensor([segments[i].start + 1 for i in self.decode_idx])
-            width = max(len(segments[i].tables[0]) for i in self.decode_idx)
-            self.decode_tables = [
-                torch.stack([torch.nn.functional.pad(self.tables[g][i], (0, width - len(self.tables[g][i])), value=-1)
-                             for i in self.decode_idx])
-                for g in range(n_groups)
-            ]
+            self.decode_tables = [self._padded([segments[i].tables[g] for i in self.decode_idx])
+                                  for g in range(n_groups)]
         if pool.device.type != "cpu":
             self._to_device(pool.device)
+
+    @staticmethod
+    def _padded(tables: list[list[int]]) -> torch.Tensor:
+        width = max(len(t) for t in tables)
+        return torch.tensor([t + [-1] * (width - len(t)) for t in tables], dtype=torch.long)
 
     def _to_device(self, device: torch.device) -> None:
         """Index tensors are built on the host, then copied once per step (not once per layer)."""
         self.positions = self.positions.to(device)
-        self.tables = [[t.to(device) for t in per_group] for per_group in self.tables]
+        self.tables = [{i: t.to(device) for i, t in per_group.items()} for per_group in self.tables]
         self.slots = [s.to(device) for s in self.slots]
         if self.decode_idx:
             self.decode_rows = self.decode_rows.to(device)
