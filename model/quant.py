@@ -39,13 +39,13 @@ class QLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.int8_weights, self.int8_activations = quant.weights, quant.activations
         self.dtype = compute_dtype(quant)
-        self.register_buffer("rotation", None, persistent=False)
+        self.rotation_block: int | None = None  # Hadamard block of the input rotation, None: no rotation
         if self.int8_weights:
             self.register_buffer("weight_q", torch.zeros(out_features, in_features, dtype=torch.int8))
             self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32))
             self.register_buffer("inv_smooth", torch.ones(in_features, dtype=torch.float32))
             if quant.rotate:
-                self.register_buffer("rotation", hadamard(hadamard_block(in_features)), persistent=False)
+                self.rotation_block = hadamard_block(in_features)
         else:
             self.weight = nn.Parameter(torch.zeros(out_features, in_features, dtype=self.dtype), requires_grad=False)
         self._dequantized: torch.Tensor | None = None
@@ -85,10 +85,7 @@ class QLinear(nn.Module):
 
     def _rotate(self, x: torch.Tensor) -> torch.Tensor:
         """Blockwise ``x @ H`` over the last dimension (H is symmetric, so W @ H rotates the columns alike)."""
-        if self.rotation is None:
-            return x
-        b = self.rotation.shape[0]
-        return (x.reshape(*x.shape[:-1], -1, b) @ self.rotation).reshape(x.shape)
+        return x if self.rotation_block is None else hadamard_rotate(x, self.rotation_block)
 
     def _float_weight(self) -> torch.Tensor:
         if self._dequantized is None or self._dequantized.device != self.weight_q.device:
@@ -141,6 +138,34 @@ def hadamard(n: int) -> torch.Tensor:
     while h.shape[0] < n:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
     return h / n**0.5
+
+
+_BUTTERFLY: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def hadamard_rotate(x: torch.Tensor, block: int) -> torch.Tensor:
+    """``x @ hadamard(block)`` on each ``block``-wide slice of the last dimension, as a fast Walsh-Hadamard transform.
+
+    A float matmul's summation order depends on how many rows it is given (BLAS picks other
+    kernels for 1 row than for 32), so the int8 rounding that follows would depend on the
+    batch. Each butterfly pass here is one exact-order add/sub per element (``a + c*(+-1)``:
+    one rounding, whatever the row count or device), so every row comes out the same alone or
+    batched. Same signs as ``hadamard`` (Sylvester order), so weights rotated by either agree.
+    """
+    key = (x.dtype, x.device)
+    if key not in _BUTTERFLY:
+        _BUTTERFLY[key] = torch.tensor([1.0, -1.0], dtype=x.dtype, device=x.device).view(2, 1)
+    signs = _BUTTERFLY[key]
+    rows = x.reshape(-1, x.shape[-1])
+    m = rows.shape[0]
+    y = rows.t().contiguous() if m > 1 else rows  # channels outer: every pass runs over >= m contiguous values
+    half = block // 2
+    while half >= 1:  # pair channel j with j + half inside each run of 2*half: (a, c) -> (a + c, a - c)
+        pairs = y.view(-1, 2, half * m)
+        y = torch.addcmul(pairs[:, :1], pairs[:, 1:], signs)
+        half //= 2
+    y = y.view(-1, m)
+    return (y.t() * block**-0.5).contiguous().view(x.shape) if m > 1 else (y * block**-0.5).view(x.shape)
 
 
 def smoothing_factors(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: float,
