@@ -50,38 +50,108 @@ def _int_mm_small(xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
     return torch._int_mm(torch.cat([xq, pad]), wq.t())[: xq.shape[0]]
 
 
+# -- attention whose every reduction is exact, so a row's result cannot depend on its batch --
+# A float matmul or sum rounds in an order that BLAS and torch pick by shape (other kernels for
+# 1 row than for 32, other blockings for other lengths), so a sequence's attention would depend
+# on its neighbours, its chunking and its padding. Here every sum is of integer-valued floats
+# that fit the mantissa: exact in any order, so the same row gives the same bits in any call.
+F32_EXACT, F64_EXACT = 2**24, 2**53  # integers below these add exactly in float32 / float64
+MAX_KEYS = 2**15  # the longest key span the exact sums are sized for
+FLOAT_K_LEVELS, FLOAT_V_LEVELS = 2**20, 2**18  # grids of float (not int8) K/V rows: ~1e-6 of the row's largest value
+_TINY = 1e-30
+
+
+def _grid(x: torch.Tensor, levels: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x ~= n * scale`` per row (last dim), ``n`` integer-valued in [-levels, levels]; float32 scale [..., 1]."""
+    x = x.float()
+    scale = x.abs().amax(-1, keepdim=True).clamp_min(_TINY) / levels
+    return torch.round(x / scale), scale
+
+
+def _exact_scores(q: torch.Tensor, k: torch.Tensor, k_max: float) -> torch.Tensor:
+    """``q @ k.T / sqrt(d)`` for integer-valued ``k`` (|k| <= k_max) [..., L, D], float32 [..., R, L].
+
+    q goes on a per-row integer grid split in two slices small enough that every partial sum of
+    a slice's products stays below 2**24 (exact in float32); where that leaves too few bits,
+    one float64 slice takes the whole grid.
+    """
+    d = q.shape[-1]
+    bits = int(math.log2((F32_EXACT - 1) / (d * k_max)))
+    if bits < 10:
+        n, scale = _grid(q, min(F32_EXACT, (F64_EXACT - 1) // (2 * d * k_max)))
+        acc = torch.matmul(n.double(), k.double().transpose(-1, -2)).float()
+    else:
+        n, scale = _grid(q, 2.0 ** (2 * bits))
+        hi = torch.round(n * 2.0**-bits)
+        both = torch.matmul(torch.cat([hi, n - hi * 2.0**bits], -2), k.float().transpose(-1, -2))
+        r = q.shape[-2]
+        acc = both[..., :r, :] * 2.0**bits + both[..., r:, :]
+    return acc * (scale * (1.0 / math.sqrt(d)))
+
+
+def _exact_attention(q: torch.Tensor, k: torch.Tensor, k_scale: torch.Tensor, k_max: float,
+                     v: torch.Tensor, v_scale: torch.Tensor, v_max: float, allowed: torch.Tensor) -> torch.Tensor:
+    """Softmax attention over integer-valued K/V with per-key scales; float64 [..., R, D].
+
+    q [..., R, D]; k, v [..., L, D] integer-valued (|k| <= k_max, |v| <= v_max); k_scale,
+    v_scale [..., 1, L]; allowed [..., R, L] (broadcastable). The max is exact anyway; the
+    softmax's sum and the probability-weighted sum of V run on integer grids in float64.
+    """
+    if k.shape[-2] > MAX_KEYS:
+        raise ValueError(f"attention over {k.shape[-2]} keys; the exact sums are sized for {MAX_KEYS}")
+    scores = (_exact_scores(q, k, k_max) * k_scale).masked_fill(~allowed, float("-inf"))
+    e = torch.exp(scores - scores.amax(-1, keepdim=True))  # 1 at each row's max, 0 where masked
+    z = torch.round(e * 2.0**28).sum(-1, keepdim=True, dtype=torch.float64)  # in units of 2**-28
+    p = e * v_scale
+    p_bits = int(math.log2((F64_EXACT - 1) / (v_max * MAX_KEYS))) - 1
+    n, p_unit = _grid(p, 2.0**p_bits)
+    out = torch.matmul(n.double(), v.double())
+    return out * (p_unit.double() * 2.0**28) / z
+
+
+def _as_grid(x: torch.Tensor, scale: torch.Tensor | None, levels: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """K or V [..., Hkv, D] as integers and per-row scales [..., Hkv, 1]: int8 with its scales, or a float put on a grid."""
+    if scale is not None:
+        return x, scale, QMAX
+    n, s = _grid(x, levels)
+    return n, s, levels
+
+
 def attention(
     q: torch.Tensor,  # [Tq, H, D]
-    k: torch.Tensor,  # [Tk, Hkv, D]
-    v: torch.Tensor,  # [Tk, Hkv, D]
+    k: torch.Tensor,  # [Tk, Hkv, D] float, or int8 with k_scale
+    v: torch.Tensor,  # [Tk, Hkv, D] float, or int8 with v_scale
     q_pos: torch.Tensor,  # [Tq] absolute positions
     k_pos: torch.Tensor,  # [Tk] absolute positions
     window: int | None = None,
+    k_scale: torch.Tensor | None = None,  # [Tk, Hkv, 1] float32 when k is int8
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal (and optionally sliding-window) attention of one sequence; returns [Tq, H, D].
 
     A query at position p sees keys at positions in (p - window, p]. Query heads are
-    grouped onto KV heads (MQA/GQA) by a reshape, never by copying K/V. Long prefills go in
-    query slices so the score matrix stays small (see ``DECODE_SLICE_BYTES``).
+    grouped onto KV heads (MQA/GQA) by a reshape, never by copying K/V. Each query row's
+    result is exact-order (see ``_exact_attention``): the same whichever rows come with it
+    and wherever the keys start. Long prefills go in query slices so the score matrix stays
+    small (see ``DECODE_SLICE_BYTES``).
     """
     tq, h, d = q.shape
     rows = max(1, DECODE_SLICE_BYTES // (h * k.shape[0] * 4))
     if tq > rows:
-        return torch.cat([attention(q[i:i + rows], k, v, q_pos[i:i + rows], k_pos, window)
+        return torch.cat([attention(q[i:i + rows], k, v, q_pos[i:i + rows], k_pos, window, k_scale, v_scale)
                           for i in range(0, tq, rows)])
     hkv = k.shape[1]
-    qg = q.reshape(tq, hkv, h // hkv, d).permute(1, 2, 0, 3)  # [Hkv, G, Tq, D]
-    kt = k.permute(1, 2, 0).to(q.dtype)  # [Hkv, D, Tk]
-    vt = v.permute(1, 0, 2).to(q.dtype)  # [Hkv, Tk, D]
-    scores = torch.matmul(qg, kt.unsqueeze(1)) * (1.0 / math.sqrt(d))  # [Hkv, G, Tq, Tk]
+    kn, ks, k_max = _as_grid(k, k_scale, FLOAT_K_LEVELS)
+    vn, vs, v_max = _as_grid(v, v_scale, FLOAT_V_LEVELS)
+    qg = q.reshape(tq, hkv, h // hkv, d).permute(1, 2, 0, 3).reshape(hkv, -1, d)  # [Hkv, G*Tq, D]
     delta = q_pos[:, None] - k_pos[None, :]
     allowed = delta >= 0
     if window is not None:
         allowed &= delta < window
-    scores = scores.float().masked_fill(~allowed, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(q.dtype)
-    out = torch.matmul(probs, vt.unsqueeze(1))  # [Hkv, G, Tq, D]
-    return out.permute(2, 0, 1, 3).reshape(tq, h, d)
+    allowed = allowed.repeat(h // hkv, 1)  # rows in (g, t) order, like qg
+    out = _exact_attention(qg, kn.permute(1, 0, 2), ks.permute(1, 2, 0), k_max,
+                           vn.permute(1, 0, 2), vs.permute(1, 2, 0), v_max, allowed)  # [Hkv, G*Tq, D]
+    return out.view(hkv, h // hkv, tq, d).permute(2, 0, 1, 3).reshape(tq, h, d).to(q.dtype)
 
 
 # -- paged KV: pools of shape [num_blocks, block_size, Hkv, D] (int8) with scales [..., Hkv, 1] --
@@ -169,16 +239,11 @@ def paged_decode_attention(
         got = pool.index_select(0, flat).view(b, nblk, bs, hkv, -1).permute(0, 3, 1, 2, 4)
         return got.reshape(b, hkv, nblk * bs, got.shape[-1]).contiguous()
 
-    k, v = _widen(take(k_pool), q.dtype), _widen(take(v_pool), q.dtype)
-    qg = q.view(b, hkv, h // hkv, d)
-    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * (1.0 / math.sqrt(d))  # [B, Hkv, G, L]
-    if k_scale is not None:
-        scores = scores * take(k_scale).transpose(-1, -2)
-    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    if v_scale is not None:
-        probs = probs * take(v_scale).transpose(-1, -2)
-    return torch.matmul(probs.to(q.dtype), v).reshape(b, h, d)
+    kn, ks, k_max = _as_grid(take(k_pool), None if k_scale is None else take(k_scale), FLOAT_K_LEVELS)
+    vn, vs, v_max = _as_grid(take(v_pool), None if v_scale is None else take(v_scale), FLOAT_V_LEVELS)
+    out = _exact_attention(q.view(b, hkv, h // hkv, d), _widen(kn, torch.float32), ks.transpose(-1, -2), k_max,
+                           vn.to(torch.float64), vs.transpose(-1, -2), v_max, valid[:, None, None, :])
+    return out.reshape(b, h, d).to(q.dtype)
 
 
 def paged_prefill_attention(
@@ -192,6 +257,9 @@ def paged_prefill_attention(
     t = q.shape[0]
     first = 0 if window is None else max(0, start - window + 1)
     k_pos = torch.arange(first, start + t, device=q.device)
-    k, v = gather_kv(k_pool, v_pool, k_scale, v_scale, key_slots(block_table, k_pos, k_pool.shape[1]), q.dtype)
+    slots = key_slots(block_table, k_pos, k_pool.shape[1])
+    hkv, d = k_pool.shape[-2], k_pool.shape[-1]
+    k, v = k_pool.view(-1, hkv, d)[slots], v_pool.view(-1, hkv, d)[slots]
+    scales = (None, None) if k_scale is None else (k_scale.view(-1, hkv, 1)[slots], v_scale.view(-1, hkv, 1)[slots])
     q_pos = torch.arange(start, start + t, device=q.device)
-    return attention(q, k, v, q_pos, k_pos, window)
+    return attention(q, k, v, q_pos, k_pos, window, *scales)
