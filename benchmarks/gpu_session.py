@@ -64,7 +64,7 @@ class Plan:
     engine_batches: tuple[int, ...] = (1, 32, 128)
     engine_contexts: tuple[int, ...] = (1024, 8192)
     engine_prefill: tuple[int, ...] = (2048, 8192)
-    capacity_contexts: tuple[int, ...] = (8192, 32768)
+    capacity_contexts: tuple[int, ...] = (8192, 32704)  # 32k less a block: room to decode
     capacity_step_cap: int = 4096  # decode steps are run at the fitted batch up to this many sequences
     headroom_bytes: int = 12 * 2**30  # activations of a step at the largest batch, and the allocator's slack
     steps: int = 5
@@ -170,9 +170,26 @@ def stage_kernel_tests(s: Session) -> dict:
         from benchmarks.kernels import check_correctness
 
         figures["model_shape_failures"] = check_correctness(s.dev)
+        figures["quantize_vs_cpu_reference"] = _quantize_vs_cpu(s.dev)
     if rc != 0:
         raise RuntimeError(f"kernel tests on {s.dev.type}: {summary.strip()}")
     return figures
+
+
+def _quantize_vs_cpu(dev: torch.device) -> dict:
+    """Rows whose int8 codes differ from the CPU reference: the Triton kernel's, and torch's own on the GPU
+    (torch divides by a scalar on CUDA through its reciprocal, which rounds differently)."""
+    from kernels import reference
+    from kernels import triton_gemm as tg
+
+    x = torch.randn(300, 5120, generator=torch.Generator().manual_seed(7)) * 5
+    want_q, want_s = reference.quantize_rows(x)
+    got_q, got_s = tg.quantize_rows(x.to(dev))
+    torch_q, torch_s = reference.quantize_rows(x.to(dev))
+    return {"triton_code_mismatches": int((got_q.cpu() != want_q).sum()),
+            "triton_scale_mismatches": int((got_s.cpu() != want_s).sum()),
+            "torch_cuda_code_mismatches": int((torch_q.cpu() != want_q).sum()),
+            "torch_cuda_scale_mismatches": int((torch_s.cpu() != want_s).sum())}
 
 
 # -- stage 3: kernel benchmarks --------------------------------------------------------------------------
@@ -271,6 +288,11 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+def _pool_bytes(cfg, batch: int, context: int) -> int:
+    """A KV budget that holds ``batch`` sequences a few blocks past ``context`` under the allocator's split."""
+    return 2 * batch * cfg.kv_bytes(context + 2 * cfg.block_size) + 2**26
+
+
 def _step_ms(engine, steps: int) -> tuple[float, float]:
     """Median wall time of a whole engine step, and of its model forward alone (ms)."""
     engine.step()  # warm-up (and Triton compiles for this batch's shapes)
@@ -291,6 +313,17 @@ def _kv_read_bytes(cfg, batch: int, context: int) -> int:
 
 
 def stage_engine(s: Session) -> dict:
+    """Decode and prefill of the 13B-class model, with the kernels' value checks off (each reads
+    device tensors back to the host, a sync per call); one row with them on shows what they cost."""
+    p = s.plan
+    os.environ["PDSERVE_KERNEL_CHECKS"] = "0"
+    try:
+        return _engine_figures(s)
+    finally:
+        os.environ.pop("PDSERVE_KERNEL_CHECKS", None)
+
+
+def _engine_figures(s: Session) -> dict:
     p = s.plan
     model = _model(s, p.preset)
     cfg = model.config
@@ -304,8 +337,7 @@ def stage_engine(s: Session) -> dict:
                 rows.append({"batch": batch, "context": context, "skipped": "budget"})
                 continue
             kv = _kv_read_bytes(cfg, batch, context)
-            need = batch * cfg.kv_bytes(context + p.steps + 4 + cfg.block_size) + 2**26
-            engine = _decoding_engine(model, batch, context, need, p.steps)
+            engine = _decoding_engine(model, batch, context, _pool_bytes(cfg, batch, context), p.steps)
             ms, forward_ms = _step_ms(engine, p.steps)
             floor_ms = 1e3 * (weights + kv) / (hbm * 1e9) if hbm else None
             rows.append({"batch": batch, "context": context, "step_ms": ms, "forward_ms": forward_ms,
@@ -315,6 +347,22 @@ def stage_engine(s: Session) -> dict:
                          "forward_x_floor": forward_ms / floor_ms if floor_ms else None})
             print(rows[-1], flush=True)
             del engine
+    batch, context = p.engine_batches[-1], p.engine_contexts[-1]
+    if s.left() > 40:
+        os.environ["PDSERVE_KERNEL_CHECKS"] = "1"
+        try:
+            engine = _decoding_engine(model, batch, context, _pool_bytes(cfg, batch, context), p.steps)
+            ms, forward_ms = _step_ms(engine, p.steps)
+            rows.append({"batch": batch, "context": context, "value_checks": True, "step_ms": ms,
+                         "forward_ms": forward_ms, "host_ms": ms - forward_ms})
+            del engine
+        except Exception as e:  # keep the rows above
+            rows.append({"batch": batch, "context": context, "value_checks": True, "error": repr(e)})
+        os.environ["PDSERVE_KERNEL_CHECKS"] = "0"
+    try:
+        profile = _profile(model, batch, context, p.steps) if s.left() > 40 else None
+    except Exception as e:
+        profile = {"error": repr(e)}
     prefill = []
     for n in p.engine_prefill:
         if s.left() < 40:
@@ -322,7 +370,25 @@ def stage_engine(s: Session) -> dict:
         prefill.append(_prefill(s, model, n, weights, peak_ops))
         print(prefill[-1], flush=True)
     return {"preset": p.preset, "compute": cfg.quant.compute, "weights_gb": weights / 1e9, "decode": rows,
-            "prefill": prefill}
+            "prefill": prefill, "profile": profile}
+
+
+def _profile(model, batch: int, context: int, steps: int) -> dict:
+    """torch.profiler over a few decode steps: where a step's time goes, by device and by host time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine = _decoding_engine(model, batch, context, _pool_bytes(model.config, batch, context), steps)
+    engine.step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        for _ in range(3):
+            engine.step()
+        _sync()
+    avg = prof.key_averages()
+    device_key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    return {"batch": batch, "context": context, "steps": 3,
+            "by_device_time": avg.table(sort_by=device_key, row_limit=20, max_name_column_width=60),
+            "by_host_time": avg.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60)}
 
 
 def _prefill(s: Session, model, n: int, weights: int, peak_ops: float | None) -> dict:
@@ -424,7 +490,10 @@ def table(results: dict) -> str:
     for g in results.get("kernels", {}).get("goals", []):
         lines.append(f"goal: {g}")
     for r in results.get("engine", {}).get("decode", []):
-        if "step_ms" in r:
+        if r.get("value_checks") and "step_ms" in r:
+            lines.append(f"engine decode b={r['batch']} ctx={r['context']} with kernel value checks on: "
+                         f"{r['step_ms']:.2f} ms/step (forward {r['forward_ms']:.2f})")
+        elif "step_ms" in r:
             floor = f"{r['x_floor']:.2f}x floor" if r.get("x_floor") else "no floor"
             lines.append(f"engine decode b={r['batch']} ctx={r['context']}: {r['step_ms']:.2f} ms/step "
                          f"(forward {r['forward_ms']:.2f}), {r['tokens_per_s']:.0f} tok/s, {floor}")
