@@ -10,6 +10,7 @@ import torch
 
 QMAX = 127.0
 DECODE_SLICE_BYTES = 8 * 2**20  # attention temporaries per slice: cache-friendly, below malloc's mmap threshold
+PREFILL_SLICE_ROWS = 128  # query rows per prefill slice: causal slices skip the keys after their last row
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,7 +86,7 @@ def _exact_scores(q: torch.Tensor, k: torch.Tensor, k_max: float) -> torch.Tenso
         hi = torch.round(n * 2.0**-bits)
         both = torch.matmul(torch.cat([hi, n - hi * 2.0**bits], -2), k.float().transpose(-1, -2))
         r = q.shape[-2]
-        acc = both[..., :r, :] * 2.0**bits + both[..., r:, :]
+        acc = torch.add(both[..., r:, :], both[..., :r, :], alpha=2.0**bits)  # exact scaling, one rounding
     return acc * (scale * (1.0 / math.sqrt(d)))
 
 
@@ -102,10 +103,9 @@ def _exact_attention(q: torch.Tensor, k: torch.Tensor, k_scale: torch.Tensor, k_
     scores = (_exact_scores(q, k, k_max) * k_scale).masked_fill(~allowed, float("-inf"))
     e = torch.exp(scores - scores.amax(-1, keepdim=True))  # 1 at each row's max, 0 where masked
     z = torch.round(e * 2.0**28).sum(-1, keepdim=True, dtype=torch.float64)  # in units of 2**-28
-    p = e * v_scale
-    p_bits = int(math.log2((F64_EXACT - 1) / (v_max * MAX_KEYS))) - 1
-    n, p_unit = _grid(p, 2.0**p_bits)
-    out = torch.matmul(n.double(), v.double())
+    p = e * v_scale  # >= 0
+    p_unit = p.amax(-1, keepdim=True) / 2.0 ** (int(math.log2((F64_EXACT - 1) / (v_max * MAX_KEYS))) - 1)
+    out = torch.matmul(torch.round(p / p_unit).double(), v.double())
     return out * (p_unit.double() * 2.0**28) / z
 
 
@@ -132,14 +132,22 @@ def attention(
     A query at position p sees keys at positions in (p - window, p]. Query heads are
     grouped onto KV heads (MQA/GQA) by a reshape, never by copying K/V. Each query row's
     result is exact-order (see ``_exact_attention``): the same whichever rows come with it
-    and wherever the keys start. Long prefills go in query slices so the score matrix stays
-    small (see ``DECODE_SLICE_BYTES``).
+    and wherever the keys start. Long prefills go in query slices that read only the keys
+    their rows can see, so the score matrix stays small (``DECODE_SLICE_BYTES``) and the
+    masked-out half of a causal prefill is skipped.
     """
     tq, h, d = q.shape
-    rows = max(1, DECODE_SLICE_BYTES // (h * k.shape[0] * 4))
-    if tq > rows:
-        return torch.cat([attention(q[i:i + rows], k, v, q_pos[i:i + rows], k_pos, window, k_scale, v_scale)
-                          for i in range(0, tq, rows)])
+    rows = max(1, min(PREFILL_SLICE_ROWS, DECODE_SLICE_BYTES // (h * k.shape[0] * 4)))
+    if tq > rows:  # causal slices: each reads only the keys its rows can see (exact sums: the bits don't change)
+        out = []
+        for i in range(0, tq, rows):
+            qp = q_pos[i:i + rows]
+            lo = int(qp.min()) - window + 1 if window is not None else None
+            a = 0 if lo is None else int(torch.searchsorted(k_pos, lo))
+            b = int(torch.searchsorted(k_pos, int(qp.max()), right=True))
+            scales = [None if x is None else x[a:b] for x in (k_scale, v_scale)]
+            out.append(attention(q[i:i + rows], k[a:b], v[a:b], qp, k_pos[a:b], window, *scales))
+        return torch.cat(out)
     hkv = k.shape[1]
     kn, ks, k_max = _as_grid(k, k_scale, FLOAT_K_LEVELS)
     vn, vs, v_max = _as_grid(v, v_scale, FLOAT_V_LEVELS)
@@ -195,11 +203,6 @@ def key_slots(block_table: torch.Tensor, positions: torch.Tensor, block_size: in
     return blocks * block_size + positions % block_size
 
 
-def _widen(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """int8 -> float; through bf16 (exact for |x| <= 256), which torch's CPU casts do twice as fast."""
-    return x.to(torch.bfloat16).to(dtype) if x.dtype == torch.int8 else x.to(dtype)
-
-
 def paged_decode_attention(
     q: torch.Tensor,  # [B, H, D], one query per sequence, at position seq_lens - 1
     k_pool: torch.Tensor, v_pool: torch.Tensor, k_scale: torch.Tensor, v_scale: torch.Tensor,
@@ -212,6 +215,8 @@ def paged_decode_attention(
     Whole blocks are gathered; K's scales multiply the scores and V's the probabilities, so
     the int8 tensors are only widened, never rescaled element by element. Large batches go
     in slices whose temporaries stay small (cache-resident, and below malloc's mmap threshold).
+    Every sum is exact (``_exact_attention``), so neither the batch, its padding to the longest
+    sequence nor the slicing changes a sequence's bits, and a prefill row gets the same ones.
     """
     b, h, d = q.shape
     span = int((seq_lens - (seq_lens - window).clamp_min(0) if window is not None else seq_lens).max())
@@ -235,14 +240,19 @@ def paged_decode_attention(
     # [B, nblk, bs, Hkv, D] -> [B, Hkv, L, D], widened and laid out for batched matmuls in one copy
     flat = ids.reshape(-1)
 
-    def take(pool: torch.Tensor) -> torch.Tensor:  # [B, nblk, bs, Hkv, X] -> [B, Hkv, L, X]
+    def take(pool: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:  # -> [B, Hkv, L, X]
         got = pool.index_select(0, flat).view(b, nblk, bs, hkv, -1).permute(0, 3, 1, 2, 4)
-        return got.reshape(b, hkv, nblk * bs, got.shape[-1]).contiguous()
+        out = torch.empty(got.shape, dtype=dtype or got.dtype, device=got.device).copy_(got)
+        return out.view(b, hkv, nblk * bs, got.shape[-1])
 
-    kn, ks, k_max = _as_grid(take(k_pool), None if k_scale is None else take(k_scale), FLOAT_K_LEVELS)
-    vn, vs, v_max = _as_grid(take(v_pool), None if v_scale is None else take(v_scale), FLOAT_V_LEVELS)
-    out = _exact_attention(q.view(b, hkv, h // hkv, d), _widen(kn, torch.float32), ks.transpose(-1, -2), k_max,
-                           vn.to(torch.float64), vs.transpose(-1, -2), v_max, valid[:, None, None, :])
+    if k_scale is None:  # float pools: each row on a grid
+        (kn, ks), (vn, vs), k_max, v_max = _grid(take(k_pool), FLOAT_K_LEVELS), _grid(take(v_pool), FLOAT_V_LEVELS), \
+            FLOAT_K_LEVELS, FLOAT_V_LEVELS
+    else:
+        kn, vn, ks, vs = take(k_pool, torch.float32), take(v_pool, torch.float64), take(k_scale), take(v_scale)
+        k_max = v_max = QMAX
+    out = _exact_attention(q.view(b, hkv, h // hkv, d), kn, ks.transpose(-1, -2), k_max,
+                           vn, vs.transpose(-1, -2), v_max, valid[:, None, None, :])
     return out.reshape(b, h, d).to(q.dtype)
 
 

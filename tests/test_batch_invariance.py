@@ -76,7 +76,7 @@ def test_decode_attention_of_a_sequence_is_the_same_alone_in_a_batch_and_in_slic
 
 
 @pytest.mark.parametrize("window", [None, 9])
-def test_prefill_rows_are_the_same_whole_chunked_and_decoded_one_by_one(window):
+def test_prefill_rows_are_the_same_whole_chunked_and_decoded_one_by_one(window, monkeypatch):
     g = torch.Generator().manual_seed(3)
     kq, vq, ks, vs = _pool(g)
     table = torch.randperm(40, generator=g)[:6]  # 96 positions
@@ -86,6 +86,9 @@ def test_prefill_rows_are_the_same_whole_chunked_and_decoded_one_by_one(window):
     chunked = torch.cat([reference.paged_prefill_attention(q[a:b], kq, vq, ks, vs, table, a, window)
                          for a, b in [(0, 5), (5, 6), (6, 40), (40, 41), (41, 90)]])
     assert torch.equal(chunked, whole)
+    monkeypatch.setattr(reference, "PREFILL_SLICE_ROWS", 7)  # causal query slices, each over fewer keys
+    assert torch.equal(reference.paged_prefill_attention(q, kq, vq, ks, vs, table, 0, window), whole)
+    monkeypatch.undo()
     for p in (0, 1, 17, 63, 89):
         decoded = reference.paged_decode_attention(q[p:p + 1], kq, vq, ks, vs, table[None], torch.tensor([p + 1]), window)
         assert torch.equal(decoded[0], whole[p]), f"position {p}"
