@@ -58,6 +58,8 @@ def _int_mm_small(xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
 # that fit the mantissa: exact in any order, so the same row gives the same bits in any call.
 F32_EXACT, F64_EXACT = 2**24, 2**53  # integers below these add exactly in float32 / float64
 MAX_KEYS = 2**15  # the longest key span the exact sums are sized for
+PV_CHUNK = 256  # keys per float32 partial sum of 8-bit probability slices and int8 V: 256 * 256 * 127 < 2**24
+PV_CHUNKED_MIN = 2**18  # V elements from which the chunked float32 sums beat one float64 GEMM
 FLOAT_K_LEVELS, FLOAT_V_LEVELS = 2**20, 2**18  # grids of float (not int8) K/V rows: ~1e-6 of the row's largest value
 _TINY = 1e-30
 
@@ -104,9 +106,31 @@ def _exact_attention(q: torch.Tensor, k: torch.Tensor, k_scale: torch.Tensor, k_
     e = torch.exp(scores - scores.amax(-1, keepdim=True))  # 1 at each row's max, 0 where masked
     z = torch.round(e * 2.0**28).sum(-1, keepdim=True, dtype=torch.float64)  # in units of 2**-28
     p = e * v_scale  # >= 0
-    p_unit = p.amax(-1, keepdim=True) / 2.0 ** (int(math.log2((F64_EXACT - 1) / (v_max * MAX_KEYS))) - 1)
-    out = torch.matmul(torch.round(p / p_unit).double(), v.double())
+    p_unit = p.amax(-1, keepdim=True) / 2.0 ** min(24, int(math.log2((F64_EXACT - 1) / (v_max * MAX_KEYS))) - 1)
+    out = _exact_pv(torch.round(p / p_unit), v, v_max)
     return out * (p_unit.double() * 2.0**28) / z
+
+
+def _exact_pv(n: torch.Tensor, v: torch.Tensor, v_max: float) -> torch.Tensor:
+    """``n @ v`` exactly, float64 [..., R, D], for integers n in [0, 2**24] [..., R, L] and integer-valued v [..., L, D].
+
+    One float64 GEMM in general. For a large int8 V held in float32 whose length is a multiple
+    of ``PV_CHUNK`` (decode), n goes in three 8-bit slices and the keys in chunks of PV_CHUNK,
+    so every float32 partial sum stays below 2**24: the same exact integers from float32 V, at
+    half the bytes of widening V to float64 (decode attention is bound by those bytes; a small
+    V is cheaper in one GEMM than in the slicing's extra ops).
+    """
+    length = v.shape[-2]
+    if v_max > QMAX or v.dtype != torch.float32 or length % PV_CHUNK or v.numel() < PV_CHUNKED_MIN:
+        return torch.matmul(n.double(), v.double())
+    top = torch.floor(n * 2.0**-16)
+    mid = torch.floor((n - top * 2.0**16) * 2.0**-8)
+    low = n - top * 2.0**16 - mid * 2.0**8
+    chunks = length // PV_CHUNK
+    slices = torch.cat([top, mid, low], -2).unflatten(-1, (chunks, PV_CHUNK)).movedim(-2, -3)  # [..., C, 3R, PV_CHUNK]
+    parts = torch.matmul(slices, v.unflatten(-2, (chunks, PV_CHUNK))).sum(-3, dtype=torch.float64)  # [..., 3R, D]
+    r = n.shape[-2]
+    return (parts[..., :r, :] * 2.0**16 + parts[..., r:2 * r, :] * 2.0**8) + parts[..., 2 * r:, :]
 
 
 def _as_grid(x: torch.Tensor, scale: torch.Tensor | None, levels: float) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -230,7 +254,8 @@ def paged_decode_attention(
     first = (seq_lens - window).clamp_min(0) if window is not None else torch.zeros_like(seq_lens)
     lo = first // bs
     hi = (seq_lens - 1) // bs
-    nblk = int((hi - lo).max()) + 1
+    per_chunk = math.lcm(bs, PV_CHUNK) // bs
+    nblk = -(-(int((hi - lo).max()) + 1) // per_chunk) * per_chunk  # whole PV chunks (the extra blocks are masked)
     logical = lo[:, None] + torch.arange(nblk, device=q.device)[None, :]  # [B, nblk]
     held = logical <= hi[:, None]
     ids = block_tables.gather(1, torch.minimum(logical, hi[:, None]))
@@ -249,7 +274,7 @@ def paged_decode_attention(
         (kn, ks), (vn, vs), k_max, v_max = _grid(take(k_pool), FLOAT_K_LEVELS), _grid(take(v_pool), FLOAT_V_LEVELS), \
             FLOAT_K_LEVELS, FLOAT_V_LEVELS
     else:
-        kn, vn, ks, vs = take(k_pool, torch.float32), take(v_pool, torch.float64), take(k_scale), take(v_scale)
+        kn, vn, ks, vs = take(k_pool, torch.float32), take(v_pool, torch.float32), take(k_scale), take(v_scale)
         k_max = v_max = QMAX
     out = _exact_attention(q.view(b, hkv, h // hkv, d), kn, ks.transpose(-1, -2), k_max,
                            vn, vs.transpose(-1, -2), v_max, valid[:, None, None, :])

@@ -69,6 +69,9 @@ def test_decode_attention_of_a_sequence_is_the_same_alone_in_a_batch_and_in_slic
     sliced = reference.paged_decode_attention(q, kq, vq, ks, vs, tables, lens, window)
     monkeypatch.undo()
     assert torch.equal(sliced, batched)
+    monkeypatch.setattr(reference, "PV_CHUNKED_MIN", 0)  # the float32 chunked sums: the same exact integers
+    assert torch.equal(reference.paged_decode_attention(q, kq, vq, ks, vs, tables, lens, window), batched)
+    monkeypatch.undo()
     for i in range(6):
         alone = reference.paged_decode_attention(q[i:i + 1], kq, vq, ks, vs, tables[i:i + 1, :-(-int(lens[i]) // 16)],
                                                  lens[i:i + 1], window)
