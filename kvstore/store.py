@@ -111,10 +111,15 @@ class KVStore:
         """One call for a batch of lookups (one actor round trip)."""
         return [self.match(t) for t in requests]
 
-    def match(self, tokens: list[int]) -> StoreMatch:
+    def match(self, tokens: list[int], count: bool = True) -> StoreMatch:
+        """The longest reusable prefix (whole blocks, then the shared part of the next one).
+        ``count=False`` leaves the hit/miss counters alone: a writer re-matching what it has just
+        put is not a cache hit (the counters count reuse by other requests)."""
         self.leases.reclaim_expired()
         m = self.index.match(list(tokens))
         tiers = [self._tier_of(k) for k in m.keys]
+        if not count:
+            return StoreMatch(m.tokens, m.keys, tiers)
         for i, tier in enumerate(tiers):
             n = min(self.spec.block_size, m.tokens - i * self.spec.block_size)
             self.stats.hit_tokens[tier] += n

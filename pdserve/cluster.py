@@ -304,7 +304,8 @@ class LocalCluster:
                    for name, load in loads.items()}
         return {"workers": workers, "store": self.store_stats(), "policy": stats["policy"],
                 "cost_model": self.cost_model.name, "predicted_hit_tokens": stats["predicted_hit_tokens"],
-                "delivered_hit_tokens": stats["delivered_hit_tokens"], "requests": stats["requests"],
+                "delivered_hit_tokens": stats["delivered_hit_tokens"],
+                "delivered_partial_tokens": stats["delivered_partial_tokens"], "requests": stats["requests"],
                 "rejected": stats["rejected"], "in_flight": stats["in_flight"]}
 
     def shutdown(self) -> None:

@@ -39,7 +39,7 @@ class PrefillWorker:
         t0 = time.perf_counter()
         prefix = None
         m = call(self.store, "match", prompt)
-        if m.tokens >= self.engine.pool.block_size:
+        if m.tokens > 0:  # a partial block counts too (design invariant 2: token-granular reuse)
             data = fetch_export(self.store, self.spec, m.keys, m.tokens)
             if data is not None:
                 prefix = self.engine.import_kv(data)
@@ -62,7 +62,7 @@ class PrefillWorker:
         try:
             data = self.engine.export_kv(rid)
             call(self.store, "put", prompt, data, self.fingerprint)
-            held = call(self.store, "match", prompt)
+            held = call(self.store, "match", prompt, False)  # its own blocks: not a hit
             keys = held.keys
             if stopped is None and keys:
                 lease = call(self.store, "lease", keys, self.lease_ttl_s, self.name)

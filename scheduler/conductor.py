@@ -5,7 +5,9 @@ What feeds the view:
 - placements: a prefill worker's predicted busy-until grows by the request's predicted prefill,
   a decode worker's incoming sequences by one;
 - prefill reports (the ``Handoff``): the blocks that worker published are now local to it,
-  the delivered cache hit is recorded next to the predicted one (design invariant 5);
+  the delivered cache hit is recorded next to the predicted one (design invariant 5), in the
+  same unit: tokens of whole blocks (the view knows block keys, not the partial tail a store
+  matches token by token); the partial-block tokens delivered on top are counted apart;
 - finished requests: the conversation's KV (prompt + answer, published by the decode worker
   into the same node's store) is attributed to the prefill worker that served the request, so
   the next turn finds its prefix there;
@@ -42,8 +44,10 @@ class Conductor:
             self.view.attach_cache(p, None)
         self.lock = threading.Lock()
         self.outstanding: dict[str, Outstanding] = {}
+        self.block_size = block_size
         self.predicted_hit_tokens = 0
-        self.delivered_hit_tokens = 0
+        self.delivered_hit_tokens = 0  # whole blocks, as predicted
+        self.delivered_partial_tokens = 0  # the partially matched block's tokens on top
         self.requests = 0
         self.rejected = 0
         self.placements: dict[str, str] = {}  # request id -> prefill worker (last 10k)
@@ -85,7 +89,9 @@ class Conductor:
             ps.queued = max(0, ps.queued - 1)
             now = self.clock()
             ps.busy_until = max(now, ps.busy_until - out.predicted_s) if ps.queued else now
-            self.delivered_hit_tokens += cached_tokens
+            whole = cached_tokens // self.block_size * self.block_size
+            self.delivered_hit_tokens += whole
+            self.delivered_partial_tokens += cached_tokens - whole
             if keys:
                 self.view.cache_insert(p, keys, kv_tokens)
             ds = self.view.decode_state[out.placement.decode]
@@ -136,7 +142,8 @@ class Conductor:
             return {"policy": getattr(self.policy, "name", type(self.policy).__name__),
                     "requests": self.requests, "rejected": self.rejected,
                     "predicted_hit_tokens": self.predicted_hit_tokens,
-                    "delivered_hit_tokens": self.delivered_hit_tokens, "in_flight": len(self.outstanding)}
+                    "delivered_hit_tokens": self.delivered_hit_tokens,
+                    "delivered_partial_tokens": self.delivered_partial_tokens, "in_flight": len(self.outstanding)}
 
 
 def _drop_subtree(index, key: int) -> None:

@@ -61,6 +61,25 @@ def test_skv_tiny_through_the_cluster_matches_the_model(tiny_cluster):
     assert stats["live_leases"] == 0
 
 
+def test_a_short_second_turn_reuses_less_than_a_block(tiny_cluster):
+    """A conversation shorter than one block still hits the cache on its next turn (token-granular
+    reuse of the partial block), and only other requests' reuse counts as a store hit."""
+    ref = load("skv-tiny", quant=W8KV8).model
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    first = [300, 301, 302, 303, 304, 305]  # prompt + answer < one block (16)
+    tokens, _, handoff = tiny_cluster.generate(first, params, session_id="short")
+    assert handoff.cached_tokens == 0
+    second = first + tokens + [310, 311]
+    hits = sum(tiny_cluster.store_stats()["hit_tokens"].values())
+    tokens2, last, handoff2 = tiny_cluster.generate(second, params, session_id="short")
+    published = len(first) + len(tokens) - 1  # the decode worker publishes all but the last token's KV
+    assert handoff2.cached_tokens == published
+    assert sum(tiny_cluster.store_stats()["hit_tokens"].values()) == hits + published
+    assert_same_greedy(ref, second, list(generate(ref, second, params)), tokens2)
+    status = tiny_cluster.status()
+    assert status["delivered_partial_tokens"] >= published and status["delivered_hit_tokens"] % 16 == 0
+
+
 def test_cancel_mid_decode_and_mid_prefill_frees_everything(tiny_cluster):
     params = SamplingParams(max_tokens=400, ignore_eos=True)
     sub = tiny_cluster.submit(list(range(5, 60)), params)

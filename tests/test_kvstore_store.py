@@ -52,6 +52,9 @@ def test_put_match_get_round_trip_and_events():
     assert [e.kind for e in s.drain_events()] == ["stored"] * 3
     assert s.snapshot()["hit_tokens"]["host"] == 10 and s.snapshot()["miss_tokens"] == 2
     assert [x.tokens for x in s.match_many([toks, [7] * 5, toks[:6]])] == [10, 0, 6]
+    before = s.snapshot()
+    assert s.match(toks, count=False).tokens == 10  # a writer re-matching its own put: not a hit
+    assert s.snapshot()["hit_tokens"] == before["hit_tokens"] and s.snapshot()["miss_tokens"] == before["miss_tokens"]
 
 
 def test_host_capacity_and_lru_order():
