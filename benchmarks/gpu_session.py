@@ -236,14 +236,15 @@ def _fill_random(engine) -> None:
             t.uniform_(0.005, 0.02)
 
 
-def _decoding_engine(model, batch: int, context: int, kv_bytes: int, steps: int):
+def _decoding_engine(model, batch: int, context: int, kv_bytes: int, steps: int, graphs: str = "off"):
     """An engine holding ``batch`` sequences at ``context`` tokens, placed in the pool without a prefill
     (as benchmarks/decode_steps.py does): each following step is one decode token per sequence."""
     from model.engine import Engine, EngineConfig, SamplingParams
     from model.engine.sequence import Status
 
     cfg = model.config
-    engine = Engine(model, EngineConfig(kv_cache_bytes=kv_bytes, max_seqs=batch, max_batched_tokens=max(batch, 64)))
+    engine = Engine(model, EngineConfig(kv_cache_bytes=kv_bytes, max_seqs=batch, max_batched_tokens=max(batch, 64),
+                                        decode_graphs=graphs))
     engine.eos_ids = set()
     _fill_random(engine)
     prompt = torch.randint(100, cfg.vocab_size, (context,), generator=torch.Generator().manual_seed(0)).tolist()
@@ -293,8 +294,9 @@ def _pool_bytes(cfg, batch: int, context: int) -> int:
     return 2 * batch * cfg.kv_bytes(context + 2 * cfg.block_size) + 2**26
 
 
-def _step_ms(engine, steps: int) -> tuple[float, float]:
-    """Median wall time of a whole engine step, and of its model forward alone (ms)."""
+def _step_ms(engine, steps: int) -> tuple[float, float | None]:
+    """Median wall time of a whole engine step, and of its model forward alone (ms; None when the
+    steps replayed CUDA graphs, which call no forward)."""
     engine.step()  # warm-up (and Triton compiles for this batch's shapes)
     timed = engine.model = _TimedForward(engine.model)
     times = []
@@ -303,7 +305,7 @@ def _step_ms(engine, steps: int) -> tuple[float, float]:
         engine.step()
         times.append(time.perf_counter() - t)
     engine.model = timed.model
-    return 1e3 * statistics.median(times), 1e3 * statistics.median(timed.times)
+    return 1e3 * statistics.median(times), 1e3 * statistics.median(timed.times) if timed.times else None
 
 
 def _kv_read_bytes(cfg, batch: int, context: int) -> int:
@@ -347,6 +349,7 @@ def _engine_figures(s: Session) -> dict:
                          "forward_x_floor": forward_ms / floor_ms if floor_ms else None})
             print(rows[-1], flush=True)
             del engine
+            rows.append(_graph_row(s, model, batch, context, floor_ms))
     batch, context = p.engine_batches[-1], p.engine_contexts[-1]
     if s.left() > 40:
         os.environ["PDSERVE_KERNEL_CHECKS"] = "1"
@@ -371,6 +374,20 @@ def _engine_figures(s: Session) -> dict:
         print(prefill[-1], flush=True)
     return {"preset": p.preset, "compute": cfg.quant.compute, "weights_gb": weights / 1e9, "decode": rows,
             "prefill": prefill, "profile": profile}
+
+
+def _graph_row(s: Session, model, batch: int, context: int, floor_ms: float | None) -> dict:
+    """The same decode step replayed as a CUDA graph (on CPU: the graphs' static path, uncaptured)."""
+    mode = "auto" if s.dev.type == "cuda" else "eager"
+    try:
+        engine = _decoding_engine(model, batch, context, _pool_bytes(model.config, batch, context), s.plan.steps, mode)
+        ms, _ = _step_ms(engine, s.plan.steps)
+    except Exception as e:  # recorded; the eager rows stand
+        return {"batch": batch, "context": context, "graphs": mode, "error": repr(e)[:2000]}
+    row = {"batch": batch, "context": context, "graphs": mode, "step_ms": ms, "tokens_per_s": batch / ms * 1e3,
+           "x_floor": ms / floor_ms if floor_ms else None}
+    print(row, flush=True)
+    return row
 
 
 def _profile(model, batch: int, context: int, steps: int) -> dict:
@@ -490,7 +507,13 @@ def table(results: dict) -> str:
     for g in results.get("kernels", {}).get("goals", []):
         lines.append(f"goal: {g}")
     for r in results.get("engine", {}).get("decode", []):
-        if r.get("value_checks") and "step_ms" in r:
+        if r.get("graphs") and "step_ms" in r:
+            floor = f"{r['x_floor']:.2f}x floor" if r.get("x_floor") else "no floor"
+            lines.append(f"engine decode b={r['batch']} ctx={r['context']} as a CUDA graph ({r['graphs']}): "
+                         f"{r['step_ms']:.2f} ms/step, {r['tokens_per_s']:.0f} tok/s, {floor}")
+        elif r.get("graphs"):
+            lines.append(f"engine decode b={r['batch']} ctx={r['context']} as a CUDA graph: {r.get('error', '')[:300]}")
+        elif r.get("value_checks") and "step_ms" in r:
             lines.append(f"engine decode b={r['batch']} ctx={r['context']} with kernel value checks on: "
                          f"{r['step_ms']:.2f} ms/step (forward {r['forward_ms']:.2f})")
         elif "step_ms" in r:

@@ -8,6 +8,7 @@ so ``PDSERVE_KERNEL_CHECKS=0`` turns those off for production runs that trust th
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -20,8 +21,23 @@ class KernelInputError(ValueError):
     """Bad input to a kernel, detected before launch."""
 
 
+_suspended = 0
+
+
 def value_checks_enabled() -> bool:
-    return os.environ.get("PDSERVE_KERNEL_CHECKS", "1") != "0"
+    return not _suspended and os.environ.get("PDSERVE_KERNEL_CHECKS", "1") != "0"
+
+
+@contextlib.contextmanager
+def suspended():
+    """No value checks inside (a CUDA graph capture cannot sync the host); the engine's own
+    indices are what the kernels read there."""
+    global _suspended
+    _suspended += 1
+    try:
+        yield
+    finally:
+        _suspended -= 1
 
 
 def dtype(name: str, t: torch.Tensor, allowed: tuple[torch.dtype, ...]) -> None:

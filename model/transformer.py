@@ -111,9 +111,11 @@ class Transformer(nn.Module):
         self.ropes = nn.ModuleDict({_rope_key(b): Rotary(config.head_dim, b, config.max_seq_len) for b in bases})
         self._layer_rope = [self.ropes[_rope_key(config.rope_base(i))] for i in range(config.n_layers)]
 
-    def forward(self, tokens: torch.Tensor, kv: KVBackend, logits_at: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [len(logits_at) or N, vocab] in float32 for the tokens [N] of this step."""
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.config.vocab_size):
+    def forward(self, tokens: torch.Tensor, kv: KVBackend, logits_at: torch.Tensor | None = None,
+                check_tokens: bool = True) -> torch.Tensor:
+        """Logits [len(logits_at) or N, vocab] in float32 for the tokens [N] of this step.
+        ``check_tokens=False`` skips the range check (a host sync), for callers that checked already."""
+        if check_tokens and tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.config.vocab_size):
             raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}); got "
                              f"[{int(tokens.min())}, {int(tokens.max())}]")
         x = self.embed_tokens(tokens)

@@ -70,6 +70,25 @@ def test_max_batch_is_exactly_what_the_engine_can_hold():
         _decoding_engine(model, fit + 12, context, budget, 2)
 
 
+def test_decode_graph_inputs_give_the_eager_tokens():
+    """The CUDA graphs' path (static buffers padded to a bucket, rows past the batch on a scratch
+    block, tables padded to the longest context) run uncaptured: the tokens of the eager engine,
+    through prefill chunks (eager), decode steps of every batch size as requests finish, and
+    preemption in a pool too small for all of them at once."""
+    model = load("skv-tiny").model
+    prompts = [list(range(3 + i, 20 + 9 * i)) for i in range(9)]
+    params = [SamplingParams(max_tokens=6 + 3 * i) for i in range(9)]
+    out = {}
+    for mode in ("off", "eager"):
+        engine = Engine(model, EngineConfig(num_blocks=40, max_seqs=8, max_batched_tokens=48, decode_graphs=mode))
+        out[mode] = engine.generate(prompts, params)
+        if mode == "eager":
+            assert set(engine.graphs.graphs) >= {1, 8}  # buckets used: the last request alone, a full batch
+    assert out["eager"] == out["off"]
+    with pytest.raises(ValueError, match="decode_graphs"):
+        EngineConfig(decode_graphs="on")
+
+
 def _micro_tokens(compute: str, kernels_mode: str, monkeypatch) -> list[list[int]]:
     cfg = MICRO.with_quant(QuantConfig(compute=compute))
     model = build(cfg, random_state(cfg, 0))
@@ -104,8 +123,11 @@ def test_device_session_dry_run_measures_every_stage(tmp_path):
     assert "passed" in results["kernel_tests"]["pytest_summary"]
     k = results["kernels"]
     assert k["gemm"] and all(r["int8_ms"] > 0 and r["speedup"] > 0 for r in k["gemm"]) and k["decode"]
-    decode = [r for r in results["engine"]["decode"] if "step_ms" in r]
+    decode = [r for r in results["engine"]["decode"] if "step_ms" in r and not r.get("graphs")
+              and not r.get("value_checks")]
     assert decode and all(r["step_ms"] >= r["forward_ms"] > 0 and r["kv_read_gb"] > 0 for r in decode)
+    graphs = [r for r in results["engine"]["decode"] if r.get("graphs")]
+    assert len(graphs) == len(decode) and all(r["step_ms"] > 0 for r in graphs), graphs
     assert results["engine"]["prefill"][0]["tokens_per_s"] > 0
     cap = results["capacity"]["skv-tiny"]
     assert all(0 < r["ran_batch"] <= r["max_batch"] and r["step_ms"] > 0 for r in cap)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from model.engine.block_pool import BlockPool, KVExport, Prefix, blocks_per_group
+from model.engine.decode_graphs import DecodeGraphs
 from model.engine.paged import PagedBatch, Segment
 from model.engine.sampling import SamplingParams
 from model.engine.scheduler import Scheduled, Scheduler
@@ -22,11 +23,15 @@ class EngineConfig:
     num_blocks: int | None = None  # blocks per group instead of a byte budget (tests: tiny pools)
     max_batched_tokens: int = 512  # tokens per step: decode tokens plus prefill chunks
     max_seqs: int = 64  # running sequences
+    decode_graphs: str = "auto"  # "auto": CUDA graphs for decode steps on CUDA; "off"; "eager": the graphs'
+    #                              padded static inputs run without capture (tests the path on CPU)
 
     def __post_init__(self) -> None:
         for name in ("kv_cache_bytes", "max_batched_tokens", "max_seqs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"engine config: {name} must be positive, got {getattr(self, name)}")
+        if self.decode_graphs not in ("auto", "off", "eager"):
+            raise ValueError(f"engine config: decode_graphs must be 'auto', 'off' or 'eager', got {self.decode_graphs!r}")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ValueError(f"engine config: num_blocks must be positive, got {self.num_blocks}")
 
@@ -41,6 +46,9 @@ class Engine:
                   blocks_per_group(self.mcfg, config.kv_cache_bytes, config.max_seqs, config.max_batched_tokens))
         self.device = next(iter(model.buffers()), torch.empty(0)).device
         self.pool = BlockPool(self.mcfg, counts, self.device)
+        graphs = config.decode_graphs == "eager" or (config.decode_graphs == "auto" and self.device.type == "cuda")
+        self.graphs = DecodeGraphs(model, self.pool, config.max_seqs, capture=config.decode_graphs == "auto") \
+            if graphs else None
         self.scheduler = Scheduler(self.mcfg, self.pool, config.max_batched_tokens, config.max_seqs)
         self.sequences: dict[str, Sequence] = {}
         self._ids = itertools.count()
@@ -124,12 +132,17 @@ class Engine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
-        tokens = torch.tensor([t for s in batch for t in s.seq.token_slice(s.start, s.n)], dtype=torch.long)
-        paged = PagedBatch(self.pool, [Segment(s.seq.tables, s.start, s.n) for s in batch])
-        ends = list(itertools.accumulate(s.n for s in batch))
         sampling = [i for i, s in enumerate(batch) if s.completes]
-        logits_at = torch.tensor([ends[i] - 1 for i in sampling], dtype=torch.long)
-        logits = self.model(tokens.to(self.device), paged, logits_at=logits_at.to(self.device))
+        if self.graphs is not None and all(s.n == 1 for s in batch) and self.graphs.bucket(len(batch)):
+            logits = self.graphs.run([s.seq.token_slice(s.start, 1)[0] for s in batch], [s.start for s in batch],
+                                     [[s.seq.tables[g] for s in batch] for g in range(len(self.mcfg.kv_groups))])
+            logits = logits[sampling]
+        else:
+            tokens = torch.tensor([t for s in batch for t in s.seq.token_slice(s.start, s.n)], dtype=torch.long)
+            paged = PagedBatch(self.pool, [Segment(s.seq.tables, s.start, s.n) for s in batch])
+            ends = list(itertools.accumulate(s.n for s in batch))
+            logits_at = torch.tensor([ends[i] - 1 for i in sampling], dtype=torch.long)
+            logits = self.model(tokens.to(self.device), paged, logits_at=logits_at.to(self.device))
         greedy = self._greedy_tokens(logits, [batch[i].seq for i in sampling])
         outputs = []
         for s in batch:

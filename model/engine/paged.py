@@ -48,6 +48,20 @@ class PagedBatch:
         if pool.device.type != "cpu":
             self._to_device(pool.device)
 
+    @classmethod
+    def for_decode(cls, pool: BlockPool, positions: torch.Tensor, slots: list[torch.Tensor], lens: torch.Tensor,
+                   tables: list[torch.Tensor]) -> "PagedBatch":
+        """A decode-only batch over index tensors that already live on the pool's device (the static
+        buffers a CUDA graph replays): one token per row, at ``positions``, KV written to ``slots``."""
+        self = cls.__new__(cls)
+        n = positions.shape[0]
+        self.pool, self.segments, self.positions, self.slots = pool, [], positions, slots
+        self.offsets = list(range(n + 1))
+        self.decode_idx, self.prefill_idx, self.tables = list(range(n)), [], [{} for _ in slots]
+        self.decode_rows = torch.arange(n, device=positions.device)
+        self.decode_lens, self.decode_tables = lens, tables
+        return self
+
     @staticmethod
     def _padded(tables: list[list[int]]) -> torch.Tensor:
         width = max(len(t) for t in tables)
