@@ -229,6 +229,7 @@ def _weight_bytes(model) -> int:
 def _fill_random(engine) -> None:
     """Random int8 codes and small positive scales in every pool: never time on zeros."""
     pool = engine.pool
+    torch.manual_seed(1234)  # the same contents in every engine of the session (graphs vs eager compare them)
     for group in range(len(pool.k)):
         for t in (pool.k[group], pool.v[group]):
             t.random_(-127, 128)
@@ -350,6 +351,7 @@ def _engine_figures(s: Session) -> dict:
             print(rows[-1], flush=True)
             del engine
             rows.append(_graph_row(s, model, batch, context, floor_ms))
+    agreement = _graph_agreement(s, model)
     batch, context = p.engine_batches[-1], p.engine_contexts[-1]
     if s.left() > 40:
         os.environ["PDSERVE_KERNEL_CHECKS"] = "1"
@@ -373,6 +375,7 @@ def _engine_figures(s: Session) -> dict:
         prefill.append(_prefill(s, model, n, weights, peak_ops))
         print(prefill[-1], flush=True)
     return {"preset": p.preset, "compute": cfg.quant.compute, "weights_gb": weights / 1e9, "decode": rows,
+            "graph_agreement": agreement,
             "prefill": prefill, "profile": profile}
 
 
@@ -388,6 +391,30 @@ def _graph_row(s: Session, model, batch: int, context: int, floor_ms: float | No
            "x_floor": ms / floor_ms if floor_ms else None}
     print(row, flush=True)
     return row
+
+
+def _graph_agreement(s: Session, model, batch: int = 8, context: int = 1000, steps: int = 8) -> dict:
+    """Greedy tokens of the same requests (prefilled, then decoded), with decode steps replayed as graphs
+    and run eagerly: the fraction that agree (on a GPU not bit for bit: a graph's tables are padded
+    wider, so attention splits its sums differently)."""
+    from model.engine import Engine, EngineConfig, SamplingParams
+
+    cfg = model.config
+    prompts = torch.randint(100, cfg.vocab_size, (batch, context), generator=torch.Generator().manual_seed(2)).tolist()
+    mode = "auto" if s.dev.type == "cuda" else "eager"
+    got = {}
+    try:
+        for graphs in ("off", mode):
+            engine = Engine(model, EngineConfig(kv_cache_bytes=_pool_bytes(cfg, batch, context + steps),
+                                                max_seqs=batch, max_batched_tokens=2048, decode_graphs=graphs))
+            got[graphs] = engine.generate(prompts, SamplingParams(max_tokens=steps, ignore_eos=True))
+    except Exception as e:
+        return {"error": repr(e)[:2000]}
+    pairs = [(a, b) for x, y in zip(got["off"], got[mode]) for a, b in zip(x, y)]
+    first = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x)) for x, y in zip(got["off"], got[mode])]
+    return {"tokens": len(pairs), "agree": sum(a == b for a, b in pairs) / max(1, len(pairs)),
+            "identical_sequences": sum(x == y for x, y in zip(got["off"], got[mode])), "sequences": batch,
+            "first_difference": first}
 
 
 def _profile(model, batch: int, context: int, steps: int) -> dict:
@@ -520,6 +547,8 @@ def table(results: dict) -> str:
             floor = f"{r['x_floor']:.2f}x floor" if r.get("x_floor") else "no floor"
             lines.append(f"engine decode b={r['batch']} ctx={r['context']}: {r['step_ms']:.2f} ms/step "
                          f"(forward {r['forward_ms']:.2f}), {r['tokens_per_s']:.0f} tok/s, {floor}")
+    if results.get("engine", {}).get("graph_agreement"):
+        lines.append(f"graphs vs eager greedy tokens: {results['engine']['graph_agreement']}")
     for r in results.get("engine", {}).get("prefill", []):
         floor = f"{r['x_floor']:.2f}x floor" if r.get("x_floor") else "no floor"
         lines.append(f"engine prefill {r['tokens']} tok: {r['tokens_per_s']:.0f} tok/s, {floor}")
