@@ -37,22 +37,30 @@ class DecodeGraphs:
     def bucket(self, n: int) -> int | None:
         return next((b for b in self.buckets if b >= n), None)
 
-    def run(self, tokens: list[int], positions: list[int], tables: list[list[list[int]]]) -> torch.Tensor:
-        """Logits [n, vocab] of ``n`` decode rows: ``tables[g][i]`` is row i's block table in group g."""
+    def run(self, ids: list[object], tokens: list[int], positions: list[int], tables: list[list[list[int]]]
+            ) -> torch.Tensor:
+        """Logits [n, vocab] of ``n`` decode rows: ``tables[g][i]`` is row i's block table in group g, and
+        ``ids[i]`` names that table's owner until its blocks are dropped (a preempted sequence gets a new id)."""
         n = len(tokens)
         b = self.bucket(n)
         if b not in self.graphs:
             self.graphs[b] = self._build(b)
         graph, static, logits = self.graphs[b]
-        self._fill(static, tokens, positions, tables)
+        self._fill(static, ids, tokens, positions, tables)
         if graph is None:
             return self._forward(static)[:n]
         graph.replay()
         return logits[:n]
 
     # -- static buffers --------------------------------------------------------------------------------
-    def _fill(self, static: dict, tokens: list[int], positions: list[int], tables: list[list[list[int]]]) -> None:
-        """Copy one step's inputs into the static buffers: the real rows, then the padding rows."""
+    def _fill(self, static: dict, ids: list[object], tokens: list[int], positions: list[int],
+              tables: list[list[list[int]]]) -> None:
+        """Copy one step's inputs into the static buffers: the real rows, then the padding rows.
+
+        A block table changes only when a block is appended or its last block is copied on write,
+        and the kernels read no entry past a row's length, so a row is rewritten only when its
+        request, length or last entry changed (rebuilding 128 x 512 entries per group each step
+        would cost more than the step)."""
         b, n, bs = static["tokens"].shape[0], len(tokens), self.block_size
         pad = b - n
         host = {"tokens": tokens + [0] * pad, "positions": positions + [0] * pad,
@@ -60,10 +68,18 @@ class DecodeGraphs:
         for name, values in host.items():
             static[name].copy_(torch.tensor(values, dtype=torch.long), non_blocking=True)
         for g, per_row in enumerate(tables):
-            scratch = self.scratch[g]
-            rows = [t + [-1] * (self.width - len(t)) for t in per_row] + [[scratch] + [-1] * (self.width - 1)] * pad
+            scratch, seen = self.scratch[g], static["rows"][g]
+            keys = [(rid, len(t), t[-1]) for rid, t in zip(ids, per_row)] + [None] * pad
+            changed = [i for i in range(b) if seen[i] != keys[i]]
+            if changed:
+                width = max(len(per_row[i]) if i < n else 1 for i in changed)
+                rows = [per_row[i] + [-1] * (width - len(per_row[i])) if i < n else [scratch] + [-1] * (width - 1)
+                        for i in changed]
+                index = torch.tensor(changed, dtype=torch.long).to(static["tables"][g].device)
+                static["tables"][g][:, :width].index_copy_(0, index, torch.tensor(rows, dtype=torch.long).to(index.device))
+                for i in changed:
+                    seen[i] = keys[i]
             slots = [t[p // bs] * bs + p % bs for t, p in zip(per_row, positions)] + [scratch * bs] * pad
-            static["tables"][g].copy_(torch.tensor(rows, dtype=torch.long), non_blocking=True)
             static["slots"][g].copy_(torch.tensor(slots, dtype=torch.long), non_blocking=True)
 
     def _static(self, b: int) -> dict:
@@ -75,6 +91,7 @@ class DecodeGraphs:
         static["slots"] = [torch.full((b,), s * self.block_size, dtype=torch.long, device=dev) for s in self.scratch]
         for g, s in enumerate(self.scratch):
             static["tables"][g][:, 0] = s
+        static["rows"] = [[None] * b for _ in range(groups)]  # what each row of the tables holds now
         return static
 
     def _forward(self, static: dict) -> torch.Tensor:

@@ -134,7 +134,8 @@ class Engine:
             return []
         sampling = [i for i, s in enumerate(batch) if s.completes]
         if self.graphs is not None and all(s.n == 1 for s in batch) and self.graphs.bucket(len(batch)):
-            logits = self.graphs.run([s.seq.token_slice(s.start, 1)[0] for s in batch], [s.start for s in batch],
+            logits = self.graphs.run([(s.seq.serial, s.seq.generation) for s in batch], [s.seq.token_slice(s.start, 1)[0] for s in batch],
+                                     [s.start for s in batch],
                                      [[s.seq.tables[g] for s in batch] for g in range(len(self.mcfg.kv_groups))])
             logits = logits[sampling]
         else:

@@ -72,6 +72,7 @@ class Scheduler:
     def preempt(self, seq: Sequence) -> None:
         """Free everything ``seq`` holds; it goes back to the front of the queue and is recomputed."""
         self.release_blocks(seq)
+        seq.generation += 1
         seq.computed = 0
         seq.cached = 0
         seq.status = Status.WAITING

@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import enum
+import itertools
 from dataclasses import dataclass, field
 
 from model.engine.sampling import Sampler, SamplingParams
+
+
+_SERIALS = itertools.count()
 
 
 class Status(enum.Enum):
@@ -44,6 +48,8 @@ class Sequence:
     text: str = ""  # decoded output so far (with a tokenizer)
     text_sent: int = 0  # characters of ``text`` already streamed
     sampler: Sampler = field(init=False)
+    serial: int = field(init=False, default_factory=lambda: next(_SERIALS))  # unique for the process's life
+    generation: int = 0  # bumped when preemption drops the blocks: tables with the same shape may differ
 
     def __post_init__(self) -> None:
         self.sampler = Sampler(self.params)
