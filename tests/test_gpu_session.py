@@ -12,7 +12,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.gpu_session import max_batch  # noqa: E402
+from benchmarks.gpu_engine import max_batch  # noqa: E402
 from model.config import ModelConfig, QuantConfig, shared_kv_layers  # noqa: E402
 from model.engine import Engine, EngineConfig, SamplingParams  # noqa: E402
 from model.engine.block_pool import blocks_per_group  # noqa: E402
@@ -59,7 +59,7 @@ def test_allocator_gives_global_groups_the_memory_local_groups_cannot_use():
 
 
 def test_max_batch_is_exactly_what_the_engine_can_hold():
-    from benchmarks.gpu_session import _decoding_engine
+    from benchmarks.gpu_engine import _decoding_engine
 
     model = load("skv-tiny").model
     cfg, budget, context = model.config, 256 * 1024, 100
@@ -114,8 +114,9 @@ def test_engine_on_the_triton_kernels_gives_the_reference_tokens(monkeypatch):
 @pytest.mark.slow
 def test_device_session_dry_run_measures_every_stage(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PDSERVE_KERNELS")}
-    done = subprocess.run([sys.executable, "-m", "benchmarks.gpu_session", "--dry-run", "--out", str(tmp_path)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-m", "benchmarks.gpu_session", "--dry-run", "--budget-s", "1500",
+                           "--out", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = json.loads((tmp_path / "gpu_session.json").read_text())
     status = {name: r["status"] for name, r in results.items()}
