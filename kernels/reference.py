@@ -98,7 +98,8 @@ def _exact_attention(q: torch.Tensor, k: torch.Tensor, k_scale: torch.Tensor, k_
 
     q [..., R, D]; k, v [..., L, D] integer-valued (|k| <= k_max, |v| <= v_max); k_scale,
     v_scale [..., 1, L]; allowed [..., R, L] (broadcastable). The max is exact anyway; the
-    softmax's sum and the probability-weighted sum of V run on integer grids in float64.
+    softmax's sum (float64) and the probability-weighted sum of V (``_exact_pv``) run on
+    integer grids. exp is torch's vectorised one, which computes every element alike.
     """
     if k.shape[-2] > MAX_KEYS:
         raise ValueError(f"attention over {k.shape[-2]} keys; the exact sums are sized for {MAX_KEYS}")
@@ -146,7 +147,7 @@ def attention(
     k: torch.Tensor,  # [Tk, Hkv, D] float, or int8 with k_scale
     v: torch.Tensor,  # [Tk, Hkv, D] float, or int8 with v_scale
     q_pos: torch.Tensor,  # [Tq] absolute positions
-    k_pos: torch.Tensor,  # [Tk] absolute positions
+    k_pos: torch.Tensor,  # [Tk] absolute positions, ascending
     window: int | None = None,
     k_scale: torch.Tensor | None = None,  # [Tk, Hkv, 1] float32 when k is int8
     v_scale: torch.Tensor | None = None,

@@ -45,6 +45,15 @@ def test_weights_are_rotated_by_the_same_function_as_activations():
 
 
 # -- attention kernels ----------------------------------------------------------------------------
+def test_exp_computes_an_element_the_same_wherever_it_sits():
+    """The exact attention relies on it (torch's exp runs every element through one vector code;
+    silu, exp2 and others finish a tensor's tail with a scalar formula that can differ)."""
+    x = -torch.rand(4099, generator=torch.Generator().manual_seed(5)) * 30
+    whole = torch.exp(x)
+    assert torch.equal(torch.cat([torch.exp(x[i:i + 7]) for i in range(0, 4099, 7)]), whole)
+    assert torch.equal(torch.exp(x[1:].view(-1, 3)[:, :2]).flatten(), whole[1:].view(-1, 3)[:, :2].flatten())
+
+
 def _pool(g, n_blocks=40, bs=16, hkv=2, d=16):
     k, v = torch.randn(n_blocks, bs, hkv, d, generator=g), torch.randn(n_blocks, bs, hkv, d, generator=g)
     (kq, ks), (vq, vs) = kernels.quantize_rows(k), kernels.quantize_rows(v)
