@@ -63,16 +63,10 @@ class ContiguousKVCache:
             self.k[group, start:end] = k
             self.v[group, start:end] = v
 
-    def read(self, group: int, start: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dequantized K, V of positions [start, length)."""
-        span = slice(start, self.length)
-        if self.int8:
-            return (kernels.dequantize_rows(self.k[group, span], self.k_scale[group, span], dtype),
-                    kernels.dequantize_rows(self.v[group, span], self.v_scale[group, span], dtype))
-        return self.k[group, span], self.v[group, span]
-
     def attend(self, group: int, q: torch.Tensor, window: int | None) -> torch.Tensor:
+        """int8 K/V go to the kernel as they are held, with their scales: the paged engine's arithmetic, bit for bit."""
         first = 0 if window is None else max(0, int(self.positions[0]) - window + 1)
-        k, v = self.read(group, first, q.dtype)
-        k_pos = torch.arange(first, self.length, device=q.device)
-        return kernels.attention(q, k, v, self.positions, k_pos, window)
+        span = slice(first, self.length)
+        scales = dict(k_scale=self.k_scale[group, span], v_scale=self.v_scale[group, span]) if self.int8 else {}
+        return kernels.attention(q, self.k[group, span], self.v[group, span], self.positions,
+                                 torch.arange(first, self.length, device=q.device), window, **scales)
