@@ -1,6 +1,6 @@
 """Decode step time against batch size and context: the data the scheduler's cost model is fitted to.
 
-    python benchmarks/decode_steps.py [--model smollm2-135m] [--batches 1,8,32,64] [--contexts 256,1024,4096] [--json]
+    python -m benchmarks.decode_steps [--model smollm2-135m] [--batches 1,8,32,64] [--contexts 256,1024,4096] [--json]
 
 Sequences are placed in the pool at the given context without running their prefill (the
 bytes are whatever the pool holds: step time does not depend on their values), then a few

@@ -1,6 +1,6 @@
 """Prefill and decode speed of the engine on SmolLM2, against transformers and llama.cpp, one run.
 
-    python benchmarks/engine_speed.py [--runs 3] [--skip-peers] [--json]
+    python -m benchmarks.engine_speed [--runs 3] [--skip-peers] [--json]
 
 Workloads (../shared/anchors.md): (b) one 512-token prompt, 128 greedy tokens; (a) 32 such
 prompts submitted together. Prompts are random in-vocabulary tokens; EOS is ignored so every
