@@ -17,7 +17,7 @@ import torch
 
 from kernels import checks
 from model.engine.block_pool import BlockPool
-from model.engine.paged import PagedBatch
+from model.engine.paged import PagedBatch, slot
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 
@@ -79,7 +79,7 @@ class DecodeGraphs:
                 static["tables"][g][:, :width].index_copy_(0, index, torch.tensor(rows, dtype=torch.long).to(index.device))
                 for i in changed:
                     seen[i] = keys[i]
-            slots = [t[p // bs] * bs + p % bs for t, p in zip(per_row, positions)] + [scratch * bs] * pad
+            slots = [slot(t, p, bs) for t, p in zip(per_row, positions)] + [scratch * bs] * pad
             static["slots"][g].copy_(torch.tensor(slots, dtype=torch.long), non_blocking=True)
 
     def _static(self, b: int) -> dict:

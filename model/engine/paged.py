@@ -16,6 +16,11 @@ class Segment:
     n: int  # tokens of this step
 
 
+def slot(table: list[int], position: int, block_size: int) -> int:
+    """The flat pool slot of ``position`` through a host-side block table (``key_slots`` on ints)."""
+    return table[position // block_size] * block_size + position % block_size
+
+
 class PagedBatch:
     """Flattened tokens of several sequences. One-token segments (decode) share one batched
     attention call per group; longer ones (prefill chunks) attend one sequence at a time."""
@@ -32,7 +37,7 @@ class PagedBatch:
             offsets.append(offsets[-1] + s.n)
         self.offsets = offsets
         n_groups = len(pool.k)
-        self.slots = [torch.tensor([s.tables[g][p // bs] * bs + p % bs for s in segments
+        self.slots = [torch.tensor([slot(s.tables[g], p, bs) for s in segments
                                     for p in range(s.start, s.start + s.n)], dtype=torch.long)
                       for g in range(n_groups)]
         self.decode_idx = [i for i, s in enumerate(segments) if s.n == 1]
