@@ -3,6 +3,13 @@ request to its continuous batch, streams tokens, and publishes the conversation'
 
 One engine loop runs on a background thread; requests arrive and streams are read on other
 threads (a threaded Ray actor), all engine access under one lock.
+
+Failure is normal here: KV that cannot be fetched (store gone, late, a block failing its checksum)
+is recomputed by this engine (``kv_load_failure = "recompute"``, the default) or fails the request
+(``"fail"``); a publish that fails costs the next turn a cache hit, never this request; an
+exception in an engine step fails the requests of that batch and the loop goes on. While a
+request runs, each block it fills is published too, so that if this worker dies the request can
+resume elsewhere from the store instead of recomputing everything.
 """
 from __future__ import annotations
 
@@ -13,15 +20,21 @@ import time
 
 from kvstore.actor import fetch_export
 from kvstore.blocks import BlockSpec
+from kvstore.errors import KVLoadError, StoreUnavailable
+from kvstore.faults import Fault, Faults, InjectedFault
 from kvstore.handoff import Handoff, WorkerInfo
 from model.engine import Engine, EngineConfig, RequestOutput, SamplingParams
 from model.transformer import Transformer
-from prefill.worker import call, device_of  # the helpers the prefill worker uses too
+# the helpers the prefill worker uses too
+from prefill.worker import call, check_kv_load_failure, device_of, forget_damaged
+
+STEP_FAILED = "error: the decode engine failed on this request's batch"
 
 
 class DecodeWorker:
     def __init__(self, name: str, model: Transformer, store, fingerprint: int,
-                 engine_config: EngineConfig = EngineConfig(), tokenizer=None, publish: bool = True):
+                 engine_config: EngineConfig = EngineConfig(), tokenizer=None, publish: bool = True,
+                 store_timeout_s: float = 10.0, kv_load_failure: str = "recompute"):
         self.name = name
         self.engine = Engine(model, engine_config, tokenizer)
         self.spec = BlockSpec.of(model.config)
@@ -33,6 +46,11 @@ class DecodeWorker:
         self.prompts: dict[str, list[int]] = {}
         self.step_times: list[float] = []
         self.device = device_of(model)
+        self.store_timeout_s = store_timeout_s
+        self.kv_load_failure = check_kv_load_failure(kv_load_failure)
+        self.faults = Faults()
+        self.published: dict[str, int] = {}  # running request -> tokens of its KV already in the store
+        self.kv_load_failures = self.recomputed_tokens = self.publish_failures = self.step_failures = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"{name}-engine", daemon=True)
         self._thread.start()
@@ -43,8 +61,9 @@ class DecodeWorker:
                           self.fingerprint, device=self.device)
 
     # -- requests --------------------------------------------------------------------------------
-    def submit(self, handoff: Handoff, params: SamplingParams) -> None:
-        """Take over a prefilled request. Its first token is streamed at once."""
+    def submit(self, handoff: Handoff, params: SamplingParams) -> dict:
+        """Take over a prefilled request. Its first token is streamed at once. Returns what loading
+        its KV cost: ``recomputed_tokens`` (KV that could not be fetched, computed here instead)."""
         rid = handoff.request_id
         out_q: queue.Queue = queue.Queue()
         with self.lock:
@@ -56,12 +75,10 @@ class DecodeWorker:
             out_q.put(RequestOutput(rid, tokens, finished=True, finish_reason=handoff.finish_reason,
                                     prompt_tokens=len(handoff.prompt), cached_tokens=handoff.cached_tokens,
                                     completion_tokens=len(tokens)))
-            return
-        prefix = None
+            return {"recomputed_tokens": 0}
+        prefix, recomputed = None, 0
         try:
-            data = fetch_export(self.store, self.spec, handoff.keys, handoff.kv_tokens) if handoff.keys else None
-            if handoff.lease_id is not None:
-                call(self.store, "release", handoff.lease_id)  # acknowledged: the blocks are ours now
+            data, recomputed = self._fetch(handoff)
             tokens = handoff.prompt + [handoff.first_token]
             rest = dataclasses.replace(params, max_tokens=params.max_tokens - 1) if params.max_tokens > 1 else None
             out_q.put(RequestOutput(rid, [handoff.first_token], prompt_tokens=len(handoff.prompt),
@@ -69,11 +86,13 @@ class DecodeWorker:
                                     finished=rest is None, finish_reason="length" if rest is None else None,
                                     logprobs=[handoff.logprob] if params.logprobs else None))
             if rest is None:
-                return
+                return {"recomputed_tokens": recomputed}
             with self.lock:
                 if data is not None:
                     prefix = self.engine.import_kv(data)
                 self.prompts[rid] = tokens
+                if not recomputed:  # what the prefill worker stored already
+                    self.published[rid] = handoff.kv_tokens // self.spec.block_size * self.spec.block_size
                 self.engine.add_request(tokens, rest, request_id=rid, prefix=prefix, hold_kv=self.publish)
         except Exception:
             with self.lock:  # the caller gets the exception; nobody will stream this request
@@ -84,6 +103,30 @@ class DecodeWorker:
             if prefix is not None:
                 with self.lock:
                     self.engine.release_prefix(prefix)
+        return {"recomputed_tokens": recomputed}
+
+    def _fetch(self, handoff: Handoff):
+        """The handoff's KV and the tokens to recompute for lack of it; the lease is acknowledged
+        either way (a store that does not answer lets it expire)."""
+        data, recomputed = None, 0
+        try:
+            if handoff.keys:
+                self.faults.hit("kv.fetch")  # "raise" here stands for a transfer that fails
+                data = fetch_export(self.store, self.spec, handoff.keys, handoff.kv_tokens, self.store_timeout_s)
+        except (KVLoadError, InjectedFault) as e:
+            self.kv_load_failures += 1
+            forget_damaged(self.store, handoff.keys, e, self.store_timeout_s)
+            if self.kv_load_failure == "fail":
+                raise KVLoadError(f"{e} (kv_load_failure = fail)") from None
+            recomputed = handoff.kv_tokens
+            self.recomputed_tokens += recomputed
+        finally:
+            if handoff.lease_id is not None:
+                try:
+                    call(self.store, "release", handoff.lease_id, timeout=self.store_timeout_s)
+                except StoreUnavailable:
+                    pass
+        return data, recomputed
 
     def stream(self, request_id: str, timeout_s: float = 600.0):
         """Yields RequestOutput as tokens are made; the last one is finished."""
@@ -105,6 +148,7 @@ class DecodeWorker:
         with self.lock:
             out = self.engine.abort(request_id)
             self.prompts.pop(request_id, None)
+            self.published.pop(request_id, None)
             q = self.streams.get(request_id)
         if q is not None:
             q.put(RequestOutput(request_id, [], finished=True, finish_reason="abort"))
@@ -115,7 +159,14 @@ class DecodeWorker:
             s = self.engine.scheduler
             return {"name": self.name, "running": len(s.running), "waiting": len(s.waiting),
                     "free_blocks": self.engine.pool.free_counts(), "capacity": self.engine.pool.capacity,
-                    "mean_step_s": sum(self.step_times[-50:]) / max(1, len(self.step_times[-50:]))}
+                    "mean_step_s": sum(self.step_times[-50:]) / max(1, len(self.step_times[-50:])),
+                    "kv_load_failures": self.kv_load_failures, "recomputed_tokens": self.recomputed_tokens,
+                    "publish_failures": self.publish_failures, "step_failures": self.step_failures}
+
+    def arm_fault(self, point: str, action: str = "exit", after: int = 0, times: int = 1,
+                  seconds: float = 0.0) -> None:
+        """Fault injection (tests, ``pdserve chaos``): see ``kvstore.faults``."""
+        self.faults.arm(Fault(point, action, after, times, seconds))
 
     def shutdown(self) -> None:
         self._stop.set()
@@ -124,16 +175,11 @@ class DecodeWorker:
     # -- the engine loop -------------------------------------------------------------------------
     def _loop(self) -> None:
         while not self._stop.is_set():
-            with self.lock:
-                if not self.engine.has_work():
-                    outs = None
-                else:
-                    t = time.perf_counter()
-                    outs = self.engine.step()
-                    self.step_times.append(time.perf_counter() - t)
-                    for out in outs:
-                        if out.finished and self.publish and out.request_id in self.engine.sequences:
-                            self._publish(out.request_id)
+            try:
+                outs = self._step()
+            except Exception:  # noqa: BLE001 - one bad batch must not stop the worker
+                self._fail_running()
+                continue
             if outs is None:
                 time.sleep(0.002)
                 continue
@@ -143,11 +189,67 @@ class DecodeWorker:
                     out.completion_tokens += 1  # the first token came from the prefill worker
                     q.put(out)
 
+    def _step(self) -> list[RequestOutput] | None:
+        with self.lock:
+            if not self.engine.has_work():
+                return None
+            self.faults.hit("decode.step")
+            t = time.perf_counter()
+            outs = self.engine.step()
+            self.step_times.append(time.perf_counter() - t)
+            del self.step_times[:-1000]
+            for out in outs:
+                if out.finished and self.publish and out.request_id in self.engine.sequences:
+                    self._publish(out.request_id)
+                elif out.finished:
+                    self.published.pop(out.request_id, None)
+            if self.publish:
+                self._publish_running()
+            return outs
+
+    def _fail_running(self) -> None:
+        """An engine step raised: the requests of the engine end with an error (the cluster may
+        resume them elsewhere), their blocks are freed, and the loop goes on with new ones."""
+        with self.lock:
+            self.step_failures += 1
+            failed = list(self.engine.sequences)
+            for rid in failed:
+                self.engine.abort(rid)
+                self.prompts.pop(rid, None)
+                self.published.pop(rid, None)
+        for rid in failed:
+            q = self.streams.get(rid)
+            if q is not None:
+                q.put(RequestOutput(rid, [], finished=True, finish_reason=STEP_FAILED))
+
     def _publish(self, rid: str) -> None:
+        """The finished conversation's KV to the store, best effort (a failure costs the next turn a
+        cache hit); its blocks are freed either way."""
         try:
+            self.faults.hit("decode.publish")
             seq = self.engine.sequences[rid]
             data = self.engine.export_kv(rid)
-            call(self.store, "put", seq.tokens, data, self.fingerprint)
+            call(self.store, "put", seq.tokens, data, self.fingerprint, timeout=self.store_timeout_s)
+        except (StoreUnavailable, InjectedFault, ValueError):
+            self.publish_failures += 1
         finally:
             self.engine.release(rid)
             self.prompts.pop(rid, None)
+            self.published.pop(rid, None)
+
+    def _publish_running(self) -> None:
+        """Each running request's newly filled blocks go to the store without waiting for the answer
+        (a migrated request resumes from them). Best effort: a failed put only costs recomputing."""
+        bs = self.spec.block_size
+        for rid, seq in self.engine.sequences.items():
+            full = seq.computed // bs * bs
+            if full <= self.published.get(rid, 0) or seq.status.name != "RUNNING":
+                continue
+            self.published[rid] = full
+            try:
+                data = self.engine.export_kv(rid, 0, full)
+                fn = self.store.put
+                args = (seq.tokens[:full], data, self.fingerprint)
+                fn.remote(*args) if hasattr(fn, "remote") else fn(*args)
+            except Exception:  # noqa: BLE001 - publishing is a help, never the request's failure
+                self.publish_failures += 1

@@ -4,8 +4,10 @@ call whose result Ray moves between the nodes."""
 from __future__ import annotations
 
 import numpy as np
+import xxhash
 
 from kvstore.blocks import BlockSpec
+from kvstore.errors import KVLoadError
 from kvstore.index import KVLayout
 from kvstore.store import KVStore, StoreConfig
 
@@ -13,7 +15,10 @@ from kvstore.store import KVStore, StoreConfig
 class StoreActor(KVStore):
     def __init__(self, spec: BlockSpec, fingerprint: int, layout: KVLayout = KVLayout(),
                  config: StoreConfig = StoreConfig()):
+        import uuid
+
         super().__init__(spec, fingerprint, layout, config, use_ray=True)
+        self.incarnation = uuid.uuid4().hex[:12]
 
     def get(self, keys: list[int], end: int):
         """By value: contiguous arrays, which Ray serializes without a per-element copy. Readers on
@@ -24,6 +29,16 @@ class StoreActor(KVStore):
                 g.k, g.v = np.ascontiguousarray(g.k), np.ascontiguousarray(g.v)
                 g.k_scale, g.v_scale = np.ascontiguousarray(g.k_scale), np.ascontiguousarray(g.v_scale)
         return out
+
+    def ping(self) -> dict:
+        """Cheap liveness for the supervisor: ``incarnation`` changes when Ray restarts this actor
+        (empty: every block it held is gone)."""
+        return {"incarnation": self.incarnation, "blocks": len(self.index.entries)}
+
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
 
     def node_id(self) -> str:
         import ray
@@ -37,23 +52,37 @@ def start_store(spec: BlockSpec, fingerprint: int, layout: KVLayout, config: Sto
     custom resource and registered under ``name``."""
     import ray
 
-    options = {"num_cpus": 0, "resources": resources or {}}
+    # restartable: a store that dies comes back empty (its blocks lived in its own objects)
+    options = {"num_cpus": 0, "resources": resources or {}, "max_restarts": -1, "max_task_retries": 0}
     if name:
         options["name"] = name
     return ray.remote(StoreActor).options(**options).remote(spec, fingerprint, layout, config)
 
 
-def fetch_export(store, spec: BlockSpec, keys: list[int], end: int):
+def fetch_export(store, spec: BlockSpec, keys: list[int], end: int, timeout_s: float | None = None):
     """A prefix's KV from a store: a local ``KVStore`` directly, an actor by object refs (zero-copy
-    from the object store on the same node, moved by Ray from another), joined here."""
+    from the object store on the same node, moved by Ray from another), joined here. Every block is
+    checked against the checksum the store recorded when it was put; a missing, damaged or late
+    block raises ``KVLoadError`` (the caller recomputes those tokens: never wrong KV)."""
     if not hasattr(store.get_refs, "remote"):
-        return store.get(keys, end)
+        out = store.get(keys, end)
+        if out is None:
+            raise KVLoadError(f"KV store: {len(keys)} block(s) of the prefix are gone")
+        return out
     import ray
 
     from kvstore.blocks import join_export
 
-    refs = ray.get(store.get_refs.remote(keys))
-    if refs is None:
-        return None
-    bufs = ray.get([ref for _, ref in refs])
-    return join_export(spec, [(mask, buf) for (mask, _), buf in zip(refs, bufs)], end)
+    try:
+        refs = ray.get(store.get_refs.remote(keys, True), timeout=timeout_s)
+        if refs is None:
+            raise KVLoadError(f"KV store: {len(keys)} block(s) of the prefix are gone")
+        bufs = ray.get([ref for _, ref, _ in refs], timeout=timeout_s)
+    except KVLoadError:
+        raise
+    except Exception as e:  # dead, restarting, lost objects, timeout: all the same to the reader
+        raise KVLoadError(f"KV store: fetching {len(keys)} block(s) failed ({type(e).__name__})") from None
+    for i, ((_, _, digest), buf) in enumerate(zip(refs, bufs)):
+        if digest is not None and xxhash.xxh3_64_intdigest(np.ascontiguousarray(buf).view(np.uint8)) != digest:
+            raise KVLoadError(f"KV store: block {i} of the prefix fails its checksum", i)
+    return join_export(spec, [(mask, buf) for (mask, _, _), buf in zip(refs, bufs)], end)

@@ -41,3 +41,4 @@ class Handoff:
     cached_tokens: int  # the prefix hit the prefill worker delivered
     timings: dict[str, float] = field(default_factory=dict)
     logprob: float | None = None
+    recomputed_tokens: int = 0  # cached KV the prefill worker could not load and computed again

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import itertools
 import time
+
+import numpy as np
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -144,18 +146,30 @@ class KVStore:
         self.stats.seconds_moving += time.perf_counter() - t0
         return out
 
-    def get_refs(self, keys: list[int]) -> list[tuple[int, object]] | None:
+    def get_refs(self, keys: list[int], with_digest: bool = False) -> list[tuple] | None:
         """Where the blocks are, for a reader to fetch itself: (group mask, Ray object ref) per block
-        under Ray (zero-copy on this node, moved by Ray to another), or the arrays without Ray.
+        under Ray (zero-copy on this node, moved by Ray to another), or the arrays without Ray;
+        ``with_digest`` adds each block's xxh3_64 checksum for the reader to verify.
         Disk blocks are promoted first; None if any block is gone or damaged."""
         out = []
         for key in keys:
             if key not in self.host and self._read(key) is None:
                 return None
             mask = self.host.blocks[key][0]
-            out.append((mask, self.host.ref(key)))
+            ref = self.host.ref(key)
+            out.append((mask, ref, self.host.digests.get(key)) if with_digest else (mask, ref))
             self.stats.bytes_out += self.host.blocks[key][2]
         return out
+
+    def drop(self, keys: list[int]) -> int:
+        """Forget blocks a reader found damaged (and every block chained after them); returns how many
+        of ``keys`` were still held. The next request recomputes them."""
+        held = [k for k in keys if k in self.index]
+        for k in held:
+            if k in self.index:
+                self.stats.corrupt_blocks += 1
+                self._drop_subtree(k)
+        return len(held)
 
     def lease(self, keys: list[int], ttl_s: float | None = None, owner: str = "") -> str:
         missing = [k for k in keys if k not in self.index]
@@ -198,9 +212,25 @@ class KVStore:
         self.events.append(Event("stored", key, self.config.node, "disk"))
         self.events.append(Event("removed", key, self.config.node, "host"))
 
+    def corrupt(self, key: int) -> bool:
+        """Fault injection: flip a byte of a host block, keeping its recorded checksum, so that the
+        next reader must notice. False if the block is not in host memory."""
+        if key not in self.host:
+            return False
+        _, buf = self.host.get(key)
+        bad = np.array(buf, copy=True)
+        bad.reshape(-1).view(np.uint8)[0] ^= 0xFF
+        self.host.replace(key, bad)
+        return True
+
     def _read(self, key: int):
         if key in self.host:
-            return self.host.get(key)
+            got = self.host.get(key)
+            if not self.host.verified(key, got[1]):  # damaged in memory: a miss, never data
+                self.stats.corrupt_blocks += 1
+                self._drop_subtree(key)
+                return None
+            return got
         if self.disk is None or key not in self.disk:
             return None
         got = self.disk.get(key)

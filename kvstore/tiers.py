@@ -27,6 +27,7 @@ class HostTier:
         self.capacity = capacity_blocks
         self.use_ray = use_ray
         self.blocks: OrderedDict[int, tuple[int, object, int]] = OrderedDict()  # key -> (mask, value, nbytes)
+        self.digests: dict[int, int] = {}  # key -> xxh3_64 of the bytes put: readers verify what they got
         self.bytes = 0
 
     def __contains__(self, key: int) -> bool:
@@ -37,6 +38,7 @@ class HostTier:
 
     def put(self, key: int, mask: int, buf: np.ndarray) -> None:
         value = buf
+        self.digests[key] = xxhash.xxh3_64_intdigest(np.ascontiguousarray(buf).view(np.uint8))
         if self.use_ray:
             import ray
 
@@ -53,6 +55,21 @@ class HostTier:
             value = ray.get(value)
         return mask, value
 
+    def replace(self, key: int, buf: np.ndarray) -> None:
+        """New bytes under a key, keeping its mask and recorded checksum (fault injection only)."""
+        mask, _, nbytes = self.blocks[key]
+        value = buf
+        if self.use_ray:
+            import ray
+
+            value = ray.put(buf)
+        self.blocks[key] = (mask, value, nbytes)
+
+    def verified(self, key: int, buf: np.ndarray) -> bool:
+        """Whether ``buf`` still has the checksum recorded when ``key`` was put."""
+        digest = self.digests.get(key)
+        return digest is None or xxhash.xxh3_64_intdigest(np.ascontiguousarray(buf).view(np.uint8)) == digest
+
     def ref(self, key: int):
         """The Ray object ref of a block (for a same-node reader), or the array itself without Ray."""
         return self.blocks[key][1]
@@ -60,6 +77,7 @@ class HostTier:
     def pop(self, key: int) -> tuple[int, np.ndarray]:
         mask, buf = self.get(key)
         self.bytes -= self.blocks.pop(key)[2]
+        self.digests.pop(key, None)
         return mask, buf
 
     def coldest(self):

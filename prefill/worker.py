@@ -3,15 +3,22 @@ first token, publishes the prompt's KV and leases it to the decode worker.
 
 One request at a time, on the calling thread: each request goes to decode as soon as its first
 token exists. (A version batching concurrent prefills on a background engine loop measured slower
-on a 2-core machine: 90 vs 132 tok/s end to end for 32 concurrent requests.)"""
+on a 2-core machine: 90 vs 132 tok/s end to end for 32 concurrent requests.)
+
+The store is a help, not a dependency: a store that fails or is slow while matching or fetching
+means those tokens are computed here (counted as recomputed), and one that fails while publishing
+means the handoff carries no keys, so the decode worker computes the prompt's KV itself."""
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import threading
 import time
 
 from kvstore.actor import fetch_export
 from kvstore.blocks import BlockSpec
+from kvstore.errors import KVLoadError, StoreUnavailable
+from kvstore.faults import Fault, Faults, InjectedFault
 from kvstore.handoff import Handoff, WorkerInfo
 from model.engine import Engine, EngineConfig, SamplingParams
 from model.transformer import Transformer
@@ -19,16 +26,23 @@ from model.transformer import Transformer
 
 class PrefillWorker:
     def __init__(self, name: str, model: Transformer, store, fingerprint: int,
-                 engine_config: EngineConfig = EngineConfig(), tokenizer=None, lease_ttl_s: float = 60.0):
+                 engine_config: EngineConfig = EngineConfig(), tokenizer=None, lease_ttl_s: float = 60.0,
+                 store_timeout_s: float = 10.0, kv_load_failure: str = "recompute"):
         self.name = name
         self.engine = Engine(model, engine_config, tokenizer)
         self.spec = BlockSpec.of(model.config)
         self.store = store  # a KVStore or the node's store actor (calls go through ``call``)
         self.fingerprint = fingerprint
         self.lease_ttl_s = lease_ttl_s
+        self.store_timeout_s = store_timeout_s
+        self.kv_load_failure = check_kv_load_failure(kv_load_failure)
         self.served = 0
         self.queued_tokens = 0  # tokens of the request being prefilled (the actor queues the rest)
         self.device = device_of(model)
+        self.faults = Faults()
+        self.kv_load_failures = 0
+        self.recomputed_tokens = 0  # tokens the store held but could not hand over in time
+        self._one_at_a_time = threading.Lock()  # the actor answers pings on other threads meanwhile
 
     def info(self) -> WorkerInfo:
         cfg = self.engine.mcfg
@@ -36,14 +50,15 @@ class PrefillWorker:
                           self.fingerprint, device=self.device)
 
     def prefill(self, request_id: str, prompt: list[int], params: SamplingParams) -> Handoff:
+        with self._one_at_a_time:
+            return self._prefill(request_id, prompt, params)
+
+    def _prefill(self, request_id: str, prompt: list[int], params: SamplingParams) -> Handoff:
         t0 = time.perf_counter()
-        prefix = None
-        m = call(self.store, "match", prompt)
-        if m.tokens > 0:  # a partial block counts too (design invariant 2: token-granular reuse)
-            data = fetch_export(self.store, self.spec, m.keys, m.tokens)
-            if data is not None:
-                prefix = self.engine.import_kv(data)
+        before = self.recomputed_tokens
+        prefix = self._load_prefix(prompt)
         t1 = time.perf_counter()
+        self.faults.hit("prefill.compute")
         first = dataclasses.replace(params, max_tokens=1, stop=())
         self.queued_tokens = len(prompt)
         try:
@@ -51,33 +66,68 @@ class PrefillWorker:
         finally:
             if prefix is not None:
                 self.engine.release_prefix(prefix)
-        outs = [o for o in self.engine.stream()]
+        try:
+            outs = [o for o in self.engine.stream()]
+        except BaseException:  # this request fails; the engine stays clean for the next one
+            self.engine.abort(rid)
+            self.queued_tokens = 0
+            raise
         out = next(o for o in reversed(outs) if o.request_id == rid)
         t2 = time.perf_counter()
         token = out.token_ids[0] if out.token_ids else None
         stopped = out.finish_reason if token is None or params.max_tokens == 1 else None
         if stopped is None and token is not None and token in params.stop_token_ids:
             stopped = "stop"
-        keys, lease = [], None
+        keys, lease, kv_tokens = [], None, 0
         try:
             data = self.engine.export_kv(rid)
-            call(self.store, "put", prompt, data, self.fingerprint)
-            held = call(self.store, "match", prompt, False)  # its own blocks: not a hit
-            keys = held.keys
-            if stopped is None and keys:
-                lease = call(self.store, "lease", keys, self.lease_ttl_s, self.name)
+            t = self.store_timeout_s
+            call(self.store, "put", prompt, data, self.fingerprint, timeout=t)
+            held = call(self.store, "match", prompt, False, timeout=t)  # its own blocks: not a hit
+            if stopped is None and held.keys:
+                lease = call(self.store, "lease", held.keys, self.lease_ttl_s, self.name, timeout=t)
+            keys, kv_tokens = held.keys, held.tokens
+        except (StoreUnavailable, KeyError):  # not published (or evicted at once): decode computes it
+            keys, lease, kv_tokens = [], None, 0
         finally:
             self.engine.release(rid)
             self.queued_tokens = 0
         self.served += 1
         t3 = time.perf_counter()
-        return Handoff(rid, list(prompt), token, stopped, keys, held.tokens, lease, out.cached_tokens,
+        return Handoff(rid, list(prompt), token, stopped, keys, kv_tokens, lease, out.cached_tokens,
                        {"load_prefix": t1 - t0, "prefill": t2 - t1, "publish": t3 - t2},
-                       out.logprobs[0] if out.logprobs else None)
+                       out.logprobs[0] if out.logprobs else None, self.recomputed_tokens - before)
+
+    def _load_prefix(self, prompt: list[int]):
+        """The prompt's cached prefix in this worker's pool, or None: a store that fails to match or
+        to hand over the blocks costs recomputing them, never the request."""
+        try:
+            m = call(self.store, "match", prompt, timeout=self.store_timeout_s)
+        except StoreUnavailable:
+            return None
+        if m.tokens == 0:  # a partial block counts too (design invariant 2: token-granular reuse)
+            return None
+        try:
+            self.faults.hit("kv.fetch")  # "raise" here stands for a transfer that fails
+            data = fetch_export(self.store, self.spec, m.keys, m.tokens, self.store_timeout_s)
+        except (KVLoadError, InjectedFault) as e:
+            self.kv_load_failures += 1
+            forget_damaged(self.store, m.keys, e, self.store_timeout_s)
+            if self.kv_load_failure == "fail":
+                raise KVLoadError(f"{e} (kv_load_failure = fail)") from None
+            self.recomputed_tokens += m.tokens
+            return None
+        return self.engine.import_kv(data)
 
     def load(self) -> dict:
         return {"name": self.name, "served": self.served, "queued_tokens": self.queued_tokens,
-                "free_blocks": self.engine.pool.free_counts()}
+                "free_blocks": self.engine.pool.free_counts(), "kv_load_failures": self.kv_load_failures,
+                "recomputed_tokens": self.recomputed_tokens}
+
+    def arm_fault(self, point: str, action: str = "exit", after: int = 0, times: int = 1,
+                  seconds: float = 0.0) -> None:
+        """Fault injection (tests, ``pdserve chaos``): see ``kvstore.faults``."""
+        self.faults.arm(Fault(point, action, after, times, seconds))
 
     def shutdown(self) -> None:
         """Nothing runs in the background here; for symmetry with the decode worker."""
@@ -88,11 +138,36 @@ def device_of(model: Transformer) -> str:
     return str(next(itertools.chain(model.buffers(), model.parameters())).device)
 
 
-def call(target, method: str, *args):
-    """Call a store method on a local object or a Ray actor alike."""
-    fn = getattr(target, method)
-    if hasattr(fn, "remote"):
-        import ray
+def check_kv_load_failure(policy: str) -> str:
+    if policy not in ("recompute", "fail"):
+        raise ValueError(f"kv_load_failure must be 'recompute' or 'fail', got {policy!r}")
+    return policy
 
-        return ray.get(fn.remote(*args))
-    return fn(*args)
+
+def forget_damaged(store, keys: list[int], error: Exception, timeout_s: float) -> None:
+    """A block that failed its checksum (``KVLoadError(msg, index)``) and those chained after it
+    leave the store, so nobody is served them again."""
+    if len(error.args) > 1:
+        try:
+            call(store, "drop", keys[error.args[1]:], timeout=timeout_s)
+        except StoreUnavailable:
+            pass
+
+
+def call(target, method: str, *args, timeout: float | None = None):
+    """Call a store method on a local object or a Ray actor alike. Under Ray the wait is bounded by
+    ``timeout`` and a store that is dead, restarting or late raises ``StoreUnavailable``; the
+    method's own exceptions (KeyError, ValueError) arrive as themselves."""
+    fn = getattr(target, method)
+    if not hasattr(fn, "remote"):
+        return fn(*args)
+    import ray
+
+    try:
+        return ray.get(fn.remote(*args), timeout=timeout)
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, Exception):
+            raise e.cause from None
+        raise StoreUnavailable(f"KV store: {method} failed") from None
+    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError, ray.exceptions.ObjectLostError) as e:
+        raise StoreUnavailable(f"KV store: {method} got no answer ({type(e).__name__})") from None
