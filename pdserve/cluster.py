@@ -2,7 +2,10 @@
 
 Used by the tests and the CLI. Each request is placed by the Conductor (``scheduler.conductor``)
 with a policy object (``scheduler.policies``, the same ones the simulator runs), prefilled on one
-worker, handed to a decode worker through the store, and streamed back.
+worker, handed to a decode worker through the store, and streamed back (``pdserve.driver``, which
+also moves a request whose worker is lost). Workers and the store are restartable Ray actors
+(``pdserve.actors``); ``pdserve.supervisor`` watches them and keeps the Conductor's placement to
+the live ones. ``kill``, ``arm_fault`` and ``corrupt_block`` inject faults (tests, ``pdserve chaos``).
 
 Workers can hold a Ray GPU share each (``prefill_num_gpus`` / ``decode_num_gpus``; 0.5 and 0.5
 pack a prefill and a decode worker on one GPU). Each worker picks its device inside its own
@@ -10,34 +13,27 @@ process, where Ray has made its assigned GPUs visible: the driver makes no CUDA 
 """
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import os
 import threading
-from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
 
-from decode.worker import DecodeWorker
 from kvstore.actor import start_store
 from kvstore.blocks import BlockSpec
-from kvstore.handoff import Handoff, WorkerInfo, handshake
+from kvstore.handoff import WorkerInfo, handshake
 from kvstore.index import KVLayout
 from kvstore.keys import fingerprint_of
 from kvstore.store import StoreConfig
 from model.config import QuantConfig
-from model.engine import EngineConfig, RequestOutput, SamplingParams
+from model.engine import EngineConfig
 from model.loader import load
-from pdserve.config import check_gpu_keys
-from prefill.worker import PrefillWorker
+from pdserve.actors import DecodeActor, PrefillActor, ResourceError, spawn, worker_device  # noqa: F401 (re-exported)
+from pdserve.config import Resilience, check_gpu_keys
+from pdserve.driver import Counters, RequestFlow, Rejected, Submitted  # noqa: F401 (re-exported)
+from pdserve.supervisor import Member, Supervisor
 from scheduler.conductor import Conductor
 from scheduler.cost_model import live_cost_model
-from scheduler.placement import Placement, PlacementRequest, Reject
 from scheduler.policies import SLO, make_policy
-
-
-class ResourceError(ValueError):
-    """The workers ask for GPUs or a device the cluster does not have."""
 
 
 GPU_UNITS = 10_000  # Ray counts resources in fixed point, 1/10000 of a unit
@@ -69,81 +65,13 @@ def check_gpu_capacity(n_prefill: int, prefill_num_gpus: float, n_decode: int, d
                             "cluster.n_decode, or (a local Ray) declare GPUs with cluster.num_gpus")
 
 
-def worker_device(device: str, gpu_ids: tuple[str, ...]) -> str:
-    """The torch device of a worker, decided inside its Ray process (Ray sets CUDA_VISIBLE_DEVICES
-    to the GPUs it assigned, so "cuda" is the worker's first one). ``auto`` means cuda where the
-    worker holds a GPU share and torch sees CUDA; asking for cuda where torch sees none is a
-    configuration error, reported as one rather than as torch's traceback from the first tensor."""
-    if device == "cpu" or (device == "auto" and not gpu_ids):
-        return "cpu"
-    import torch
-
-    if torch.cuda.is_available():
-        return "cuda"
-    if device == "auto":
-        return "cpu"
-    raise ResourceError(f"config key cluster.device = 'cuda', but torch {torch.__version__} sees no CUDA device "
-                        f"on node {os.uname().nodename} (Ray assigned GPU ids {list(gpu_ids)}, CUDA_VISIBLE_DEVICES="
-                        f"{os.environ.get('CUDA_VISIBLE_DEVICES', '')!r}); use device = 'auto' or 'cpu' there")
-
-
-class _RayWorker:
-    """What the prefill and decode actors share: loading on their device, reporting their GPUs.
-
-    The work of construction happens in ``start``, a method, because Ray hands the driver only the
-    text (with its traceback) of an exception raised in an actor's constructor, while a method's
-    exception arrives as itself: a ResourceError stays one."""
-
-    def __init__(self) -> None:
-        """Nothing yet: ``start`` builds the worker."""
-
-    def start(self, name: str, model_name: str, quant: QuantConfig | None, store, fingerprint: int,
-              engine_config: EngineConfig, device: str) -> WorkerInfo:
-        """Loads the model on this worker's device, chosen here because only this process sees the
-        GPUs Ray assigned it; returns the worker's info for the handshake."""
-        import ray
-
-        self.gpu_ids = tuple(ray.get_runtime_context().get_accelerator_ids().get("GPU", []))
-        loaded = load(model_name, quant=quant, device=worker_device(device, self.gpu_ids))
-        super().__init__(name, loaded.model, store, fingerprint, engine_config, loaded.tokenizer)
-        return self.info()
-
-    def info(self) -> WorkerInfo:
-        """The worker's info with the GPU ids that only Ray knows."""
-        return dataclasses.replace(super().info(), gpu_ids=self.gpu_ids)
-
-
-class PrefillActor(_RayWorker, PrefillWorker):
-    """A prefill worker in its own Ray process."""
-
-
-class DecodeActor(_RayWorker, DecodeWorker):
-    """A decode worker in its own Ray process (threaded: streams are read while it decodes)."""
-
-
-class Rejected(RuntimeError):
-    """The placement policy refused the request (early rejection); ``reason`` says why."""
-
-    def __init__(self, request_id: str, reason: str):
-        super().__init__(f"request {request_id} rejected: {reason}")
-        self.request_id, self.reason = request_id, reason
-
-
-@dataclass
-class Submitted:
-    request_id: str
-    placement: Placement
-    handoff: Future  # -> Handoff, once prefill is done and decode has the request
-    prompt: list[int] = field(default_factory=list)
-
-
-class LocalCluster:
+class LocalCluster(RequestFlow):
     def __init__(self, model: str = "skv-tiny", quant: QuantConfig | None = None, n_prefill: int = 1,
                  n_decode: int = 1, engine_config: EngineConfig = EngineConfig(),
                  store_config: StoreConfig = StoreConfig(), num_cpus: int | None = None,
                  policy: str = "cache_aware", cost_model: str | None = None, slo: SLO = SLO(),
                  device: str = "auto", prefill_num_gpus: float = 0.0, decode_num_gpus: float = 0.0,
-                 num_gpus: int | None = None):
+                 num_gpus: int | None = None, resilience: Resilience = Resilience()):
         if quant is not None and not quant.kv:
             raise ValueError("the cluster ships int8 KV between workers: use an int8 KV precision "
                              f"(got {quant.tag}); float runs need the single-process engine")
@@ -161,6 +89,13 @@ class LocalCluster:
         self.prefill: dict = {}
         self.decode: dict = {}
         self.store = None
+        self.supervisor = None
+        self.resilience = resilience
+        self.counters = Counters()
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+        self._live: dict = {}
+        self._cancelled: set[str] = set()
         self._pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="pdserve-submit")
         try:
             check_gpu_capacity(n_prefill, prefill_num_gpus, n_decode, decode_num_gpus,
@@ -170,10 +105,6 @@ class LocalCluster:
         except BaseException:
             self.shutdown()  # what started so far, and our own Ray
             raise
-        self._ids = itertools.count()
-        self._lock = threading.Lock()
-        self._live: dict[str, Submitted] = {}
-        self._cancelled: set[str] = set()
 
     def _start(self, model: str, quant: QuantConfig | None, n_prefill: int, n_decode: int,
                engine_config: EngineConfig, store_config: StoreConfig, device: str, prefill_num_gpus: float,
@@ -188,15 +119,15 @@ class LocalCluster:
         cfg = self.model_config
         self.store = start_store(BlockSpec.of(cfg), self.fingerprint, KVLayout.of(cfg), store_config)
         frac = 1.0 / (n_prefill + n_decode)
-        self.prefill = {f"prefill-{i}": ray.remote(PrefillActor).options(num_cpus=frac, num_gpus=prefill_num_gpus)
-                        .remote() for i in range(n_prefill)}
-        self.decode = {f"decode-{i}": ray.remote(DecodeActor).options(num_cpus=frac, num_gpus=decode_num_gpus,
-                                                                      max_concurrency=256).remote()
-                       for i in range(n_decode)}
         args = (model, quant, self.store, self.fingerprint, engine_config, device)
+        opts = {"store_timeout_s": self.resilience.store_timeout_s, "kv_load_failure": self.resilience.kv_load_failure}
+        self.prefill = {f"prefill-{i}": spawn(PrefillActor, f"prefill-{i}", args, opts, num_cpus=frac,
+                                              num_gpus=prefill_num_gpus) for i in range(n_prefill)}
+        self.decode = {f"decode-{i}": spawn(DecodeActor, f"decode-{i}", args, opts, num_cpus=frac,
+                                            num_gpus=decode_num_gpus, max_concurrency=256) for i in range(n_decode)}
         actors = {**self.prefill, **self.decode}
         try:
-            infos = ray.get([a.start.remote(name, *args) for name, a in actors.items()])
+            infos = ray.get([a.start.remote(name, *args, **opts) for name, a in actors.items()])
         except ray.exceptions.RayTaskError as e:
             if isinstance(e.cause, ResourceError):
                 raise e.cause from None  # the worker's own message, without Ray's traceback around it
@@ -207,108 +138,111 @@ class LocalCluster:
                 handshake(p, d)
         self.conductor = Conductor(self.policy, self.cost_model, list(self.prefill), list(self.decode),
                                    cfg.block_size, self.fingerprint)
+        members = [Member(n, "prefill", a) for n, a in self.prefill.items()]
+        members += [Member(n, "decode", a) for n, a in self.decode.items()]
+        members.append(Member("store", "store", self.store))
+        self.supervisor = Supervisor(members, self.conductor.mark_down, self._rejoin, self._store_reset,
+                                     unresponsive_s=self.resilience.unresponsive_s).start()
 
-    # -- requests --------------------------------------------------------------------------------
-    def submit(self, prompt: list[int], params: SamplingParams = SamplingParams(), session_id: str | None = None,
-               request_id: str | None = None, ttft_slo_s: float | None = None, tbt_slo_s: float | None = None,
-               priority: int = 0) -> Submitted:
-        rid = request_id or f"r{next(self._ids)}"
-        request = PlacementRequest(rid, len(prompt), session_id, ttft_slo_s, tbt_slo_s, priority, tuple(prompt))
-        placement = self.conductor.place(request)
-        if isinstance(placement, Reject):
-            raise Rejected(rid, placement.reason)
-        sub = Submitted(rid, placement, self._pool.submit(self._run, rid, prompt, params, placement), list(prompt))
-        with self._lock:
-            self._live[rid] = sub
-        return sub
+    def _rejoin(self, member: Member) -> bool:
+        """A worker answers again (maybe restarted): it must still pair with the others (handshake)
+        before it goes back into placement."""
+        info = member.load.get("info")
+        if info is not None:
+            for other in self.workers.values():
+                if other.role != info.role:
+                    try:
+                        handshake(info, other)
+                    except ValueError:
+                        return False
+            self.workers[member.name] = info
+        self.conductor.mark_up(member.name)
+        return True
 
-    def _run(self, rid: str, prompt: list[int], params: SamplingParams, placement: Placement) -> Handoff:
-        ray = self.ray
-        try:
-            handoff: Handoff = ray.get(self.prefill[placement.prefill].prefill.remote(rid, prompt, params))
-        except BaseException:
-            self.conductor.finished(rid)
-            raise
-        self.conductor.prefilled(rid, handoff.keys, handoff.kv_tokens, handoff.cached_tokens)
-        self.conductor.apply_events(ray.get(self.store.drain_events.remote()))
-        if handoff.finish_reason is not None or rid in self._cancelled:
-            self.conductor.finished(rid)
-        if rid in self._cancelled:  # cancelled while prefilling: give back the lease, go no further
-            if handoff.lease_id:
-                ray.get(self.store.release.remote(handoff.lease_id))
-            return handoff
-        try:
-            ray.get(self.decode[placement.decode].submit.remote(handoff, params))
-        except BaseException:  # decode refused or failed: free the lease and the Conductor's slot
-            if handoff.lease_id:
-                ray.get(self.store.release.remote(handoff.lease_id))
-            self.conductor.finished(rid)
-            self._forget(rid)
-            raise
-        return handoff
+    def _store_reset(self) -> None:
+        """The store came back empty: nobody holds any block now."""
+        self.counters.add(store_resets=1)
+        self.conductor.forget_blocks()
 
-    def stream(self, sub: Submitted) -> Iterator[RequestOutput]:
-        sub.handoff.result()  # prefill done, decode has the request (or it was cancelled)
-        if sub.request_id in self._cancelled:
-            self._forget(sub.request_id)
-            yield RequestOutput(sub.request_id, [], finished=True, finish_reason="abort")
-            return
-        actor = self.decode[sub.placement.decode]
-        tokens, finished = [], False
-        try:
-            for ref in actor.stream.options(num_returns="streaming").remote(sub.request_id):
-                out = self.ray.get(ref)
-                tokens.extend(out.token_ids)
-                finished = finished or (out.finished and out.finish_reason != "abort")
-                yield out
-        finally:
-            # the decode worker publishes the KV of prompt + answer (the last token has none yet)
-            self.conductor.finished(sub.request_id, sub.prompt + tokens[:-1] if finished else None)
-            self._forget(sub.request_id)
+    # -- health and fault injection --------------------------------------------------------------------
+    def serving(self) -> bool:
+        """Whether the cluster can serve a request now: a live prefill and a live decode worker."""
+        return bool(self.supervisor.live("prefill")) and bool(self.supervisor.live("decode"))
 
-    def _forget(self, request_id: str) -> None:
-        with self._lock:
-            self._live.pop(request_id, None)
-            self._cancelled.discard(request_id)
+    def actor(self, name: str):
+        """The Ray actor behind a worker name ("prefill-0", "decode-1") or "store"."""
+        handles = {**self.prefill, **self.decode, "store": self.store}
+        if name not in handles:
+            raise ValueError(f"unknown cluster member {name!r}; members: {', '.join(handles)}")
+        return handles[name]
 
-    def generate(self, prompt: list[int], params: SamplingParams = SamplingParams(),
-                 session_id: str | None = None) -> tuple[list[int], RequestOutput, Handoff]:
-        sub = self.submit(prompt, params, session_id)
-        tokens, last = [], None
-        for out in self.stream(sub):
-            tokens.extend(out.token_ids)
-            last = out
-        return tokens, last, sub.handoff.result()
+    def kill(self, name: str, restart: bool = True) -> None:
+        """Kill a worker or the store now, as a crash would (Ray restarts it unless ``restart`` is off)."""
+        self.ray.kill(self.actor(name), no_restart=not restart)
 
-    def cancel(self, request_id: str) -> None:
-        self._cancelled.add(request_id)
-        sub = self._live.get(request_id)
-        if sub is not None:
-            self.ray.get(self.decode[sub.placement.decode].cancel.remote(request_id))
+    def arm_fault(self, name: str, point: str, action: str = "exit", after: int = 0, times: int = 1,
+                  seconds: float = 0.0) -> None:
+        """Arm a fault in a worker: at ``point`` ("decode.step", "decode.publish", "prefill.compute",
+        "kv.fetch"), after ``after`` passing hits, ``exit`` (the process dies), ``raise`` or ``delay``."""
+        if name == "store":
+            raise ValueError("the store has no fault points; kill it, or corrupt_block one of its blocks")
+        self.ray.get(self.actor(name).arm_fault.remote(point, action, after, times, seconds), timeout=30)
+
+    def corrupt_block(self, key: int) -> bool:
+        """Damage a stored block's bytes (its checksum stays): readers must detect it and recompute."""
+        return self.ray.get(self.store.corrupt.remote(key), timeout=30)
 
     def store_stats(self) -> dict:
-        return self.ray.get(self.store.snapshot.remote())
+        return self.ray.get(self.store.snapshot.remote(), timeout=self.resilience.store_timeout_s)
 
-    def loads(self) -> dict[str, dict]:
+    def loads(self, timeout_s: float = 5.0) -> dict[str, dict]:
+        """Each worker's load report, fresh; a worker that does not answer in time has none (its state
+        is in ``status()``)."""
         actors = {**self.prefill, **self.decode}
-        return dict(zip(actors, self.ray.get([a.load.remote() for a in actors.values()])))
+        refs = {name: a.load.remote() for name, a in actors.items()}
+        self.ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
+        out = {}
+        for name, ref in refs.items():
+            try:
+                out[name] = self.ray.get(ref, timeout=0)
+            except Exception:  # noqa: BLE001 - dead, restarting or busy: no report
+                pass
+        return out
 
     def status(self) -> dict:
-        """The cluster at a glance (the gateway serves it): worker loads, devices and GPU ids, store
-        stats, the policy, and the Conductor's predicted vs delivered cache hits (design invariant 5)."""
-        loads = self.loads()
+        """The cluster at a glance (the gateway serves it): each worker's state (alive, restarting,
+        dead), restarts, load, device and GPU ids; store stats; the policy; the Conductor's predicted
+        vs delivered cache hits (design invariant 5); failure counters. Never raises for a dead part."""
+        loads = self.loads(timeout_s=2.0)
         self.conductor.update_loads(loads)
-        self.conductor.apply_events(self.ray.get(self.store.drain_events.remote()))
+        self._drain_store_events()
         stats = self.conductor.stats()
-        workers = {name: {**load, "device": self.workers[name].device, "gpu_ids": list(self.workers[name].gpu_ids)}
-                   for name, load in loads.items()}
-        return {"workers": workers, "store": self.store_stats(), "policy": stats["policy"],
+        health = self.supervisor.snapshot()
+        workers = {}
+        for name in [*self.prefill, *self.decode]:
+            h = health[name]
+            load = loads.get(name) or {k: v for k, v in h["load"].items() if k != "info"}
+            if h["state"] != "alive":  # its batch is gone: no stale numbers in the gauges
+                load = {k: v for k, v in load.items() if k not in ("running", "waiting", "queued_tokens")}
+            info = self.workers[name]
+            workers[name] = {**load, "role": h["role"], "state": h["state"], "restarts": h["restarts"],
+                             "device": info.device, "gpu_ids": list(info.gpu_ids)}
+        try:
+            store = self.store_stats()
+        except Exception:  # noqa: BLE001
+            store = {}
+        store.update(state=health["store"]["state"], restarts=health["store"]["restarts"])
+        return {"workers": workers, "store": store, "policy": stats["policy"],
                 "cost_model": self.cost_model.name, "predicted_hit_tokens": stats["predicted_hit_tokens"],
                 "delivered_hit_tokens": stats["delivered_hit_tokens"],
                 "delivered_partial_tokens": stats["delivered_partial_tokens"], "requests": stats["requests"],
-                "rejected": stats["rejected"], "in_flight": stats["in_flight"]}
+                "rejected": stats["rejected"], "in_flight": stats["in_flight"], "serving": self.serving(),
+                "counters": {**self.counters.snapshot(),
+                             "restarts": sum(h["restarts"] for n, h in health.items() if n != "store")}}
 
     def shutdown(self) -> None:
+        if self.supervisor is not None:
+            self.supervisor.stop()
         self._pool.shutdown(wait=False, cancel_futures=True)
         for a in [*self.prefill.values(), *self.decode.values()]:
             try:
@@ -316,7 +250,7 @@ class LocalCluster:
             except Exception:
                 pass
         for a in [*self.prefill.values(), *self.decode.values(), *([self.store] if self.store is not None else [])]:
-            self.ray.kill(a)
+            self.ray.kill(a, no_restart=True)
         if self.owns_ray:
             self.ray.shutdown()
 

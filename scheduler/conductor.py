@@ -12,7 +12,9 @@ What feeds the view:
   into the same node's store) is attributed to the prefill worker that served the request, so
   the next turn finds its prefix there;
 - worker load reports (running / waiting sequences) and the store's ``removed`` events, which
-  drop blocks from every worker's index.
+  drop blocks from every worker's index;
+- liveness: a worker marked down (dead, restarting or not answering) leaves placement until it is
+  marked up again; a store that restarted empty makes the Conductor forget every block.
 
 A plain thread-safe class: ``pdserve.cluster.LocalCluster`` calls it from its submit threads.
 """
@@ -25,6 +27,9 @@ from dataclasses import dataclass
 from kvstore.keys import block_keys
 from scheduler.cost_model import CostModel
 from scheduler.placement import ClusterView, Placement, PlacementRequest, Reject
+from scheduler.view import BlockLocator
+
+NO_LIVE_WORKER = "no live prefill or no live decode worker"  # a Reject that waiting can cure
 
 
 @dataclass
@@ -52,11 +57,44 @@ class Conductor:
         self.rejected = 0
         self.placements: dict[str, str] = {}  # request id -> prefill worker (last 10k)
         self.on_disk: set[int] = set()
+        self.all_prefill, self.all_decode = list(prefill), list(decode)
+        self.down: set[str] = set()
+
+    # -- liveness --------------------------------------------------------------------------------
+    def mark_down(self, name: str) -> None:
+        """Stop placing on ``name`` (dead, restarting or not answering)."""
+        with self.lock:
+            self.down.add(name)
+            self._live()
+
+    def mark_up(self, name: str) -> None:
+        with self.lock:
+            self.down.discard(name)
+            self._live()
+
+    def _live(self) -> None:
+        self.view.prefill = [p for p in self.all_prefill if p not in self.down]
+        self.view.decode = [d for d in self.all_decode if d not in self.down]
+
+    def can_serve(self) -> bool:
+        with self.lock:
+            return bool(self.view.prefill) and bool(self.view.decode)
+
+    def forget_blocks(self) -> None:
+        """The store restarted empty: no worker holds any block any more."""
+        with self.lock:
+            self.view.locator = BlockLocator()
+            self.on_disk.clear()
+            for p in self.all_prefill:
+                self.view.attach_cache(p, None)
 
     def place(self, request: PlacementRequest) -> Placement | Reject:
         with self.lock:
             now = self.view.now = self.clock()
             self.requests += 1
+            if not self.view.prefill or not self.view.decode:
+                self.rejected += 1
+                return Reject(NO_LIVE_WORKER)
             got = self.policy.place(request, self.view)
             if isinstance(got, Reject):
                 self.rejected += 1
@@ -123,16 +161,20 @@ class Conductor:
                     ds.running = int(load["running"]) + int(load.get("waiting", 0))
 
     def apply_events(self, events) -> None:
-        """The store's events: a removed block leaves every worker's index (with its extensions)."""
+        """The store's events: a removed block leaves every worker's index (with its extensions),
+        unless the same batch stores it again (a fuller copy replacing it)."""
         with self.lock:
+            last = {e.key: e.kind for e in events}
             for e in events:
+                if e.kind == "removed" and last[e.key] == "stored":  # replaced by a fuller copy: still held
+                    continue
                 if e.kind == "stored":
                     (self.on_disk.add if e.tier == "disk" else self.on_disk.discard)(e.key)
                     continue
                 if e.tier == "host" and e.key in self.on_disk:  # demoted, still cached
                     continue
                 self.on_disk.discard(e.key)
-                for p in self.view.prefill:
+                for p in self.all_prefill:
                     cache = self.view.prefill_state[p].cache
                     if cache is not None and e.key in cache:
                         _drop_subtree(cache, e.key)
