@@ -34,6 +34,14 @@ max_tokens_limit = 4096
 tls_cert = ""                # PEM files; both or neither
 tls_key = ""
 auth_token_env = ""          # the env var holding the bearer token clients must send
+
+[resilience]
+max_migrations = 3           # times one request may move to another worker when its worker dies
+recovery_timeout_s = 60      # how long a moving request waits for a live worker (then UNAVAILABLE)
+stall_timeout_s = 30         # no token from a decode worker for this long: treated as lost
+store_timeout_s = 10         # a store call without an answer by then: treated as a failed fetch
+kv_load_failure = "recompute"  # KV that cannot be loaded (gone, late, bad checksum): recompute | fail
+unresponsive_s = 1           # a worker that misses its pings this long leaves placement
 ```
 
 Unknown sections or keys, and values of the wrong type, fail with a message naming the key.
@@ -97,11 +105,32 @@ class ServerSection:
 
 
 @dataclass
+class Resilience:
+    max_migrations: int = 3
+    recovery_timeout_s: float = 60.0
+    stall_timeout_s: float = 30.0
+    store_timeout_s: float = 10.0
+    kv_load_failure: str = "recompute"
+    unresponsive_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.kv_load_failure not in ("recompute", "fail"):
+            raise ConfigError(f"config key resilience.kv_load_failure must be 'recompute' or 'fail', "
+                              f"got {self.kv_load_failure!r}")
+        for key in ("recovery_timeout_s", "stall_timeout_s", "store_timeout_s", "unresponsive_s"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"config key resilience.{key} must be > 0, got {getattr(self, key)!r}")
+        if self.max_migrations < 0:
+            raise ConfigError(f"config key resilience.max_migrations must be >= 0, got {self.max_migrations!r}")
+
+
+@dataclass
 class Config:
     cluster: ClusterSection = field(default_factory=ClusterSection)
     store: StoreSection = field(default_factory=StoreSection)
     slo: SLOSection = field(default_factory=SLOSection)
     server: ServerSection = field(default_factory=ServerSection)
+    resilience: Resilience = field(default_factory=Resilience)
 
     def validate(self) -> "Config":
         positive = {"cluster.n_prefill": self.cluster.n_prefill, "cluster.n_decode": self.cluster.n_decode,

@@ -5,6 +5,10 @@ into an asyncio queue: the event loop never blocks and hundreds of streams run a
 accepted request ends in a final message or an explicit status; a stream that ends early
 (client cancel, deadline, stop string, error) cancels the request in the cluster, which frees
 its slots, blocks and leases.
+
+What a client reads on a failure is a status code and a short message of ours (``pdserve.errors``),
+never an exception's own text. The health service follows the cluster: NOT_SERVING while it has no
+live prefill or no live decode worker, SERVING again once it has.
 """
 from __future__ import annotations
 
@@ -21,7 +25,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from pdserve.cluster import Rejected
+from pdserve.driver import Rejected
+from pdserve.errors import client_message
 from pdserve.metrics import Metrics
 from pdserve.textcodec import Codec, Detokenizer
 from pdserve.validate import FieldError, Limits, Prepared, prepare
@@ -111,8 +116,8 @@ class Gateway(pb_grpc.PDServeServicer):
     async def ClusterStatus(self, request, context):
         try:
             s = await self._call(self.cluster.status)
-        except Exception as e:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"cluster status unavailable: {e}")
+        except Exception:  # noqa: BLE001 - the text of a cluster exception is not for clients
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "cluster status unavailable right now; retry")
         self.metrics.update_cluster(s)
         return status_message(self.cluster.model_config.name, s)
 
@@ -139,9 +144,11 @@ class Gateway(pb_grpc.PDServeServicer):
                 state["cluster_done"] = True
                 self.metrics.rejected.labels(self.limits.model).inc()
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"rejected: {e.reason}")
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - a status of ours, never the exception's text
                 state["cluster_done"] = True
-                await context.abort(grpc.StatusCode.UNAVAILABLE, f"cluster refused the request: {e}")
+                code, message = client_message(e)
+                self.metrics.errors.labels(self.limits.model, code).inc()
+                await context.abort(grpc.StatusCode[code], message)
             async for r in self._pump(rid, sub, req, context, t0, state):
                 yield r
         finally:  # cancel, deadline, stop string, error: free what the request holds in the cluster
@@ -191,9 +198,9 @@ class Gateway(pb_grpc.PDServeServicer):
             if item is None:
                 await context.abort(grpc.StatusCode.INTERNAL, "the cluster ended the stream without a final message")
             if isinstance(item, BaseException):
-                code = grpc.StatusCode.INTERNAL if isinstance(item, ValueError) else grpc.StatusCode.UNAVAILABLE
-                self.metrics.errors.labels(self.limits.model, code.name).inc()
-                await context.abort(code, f"request {rid} failed in the cluster: {item}")
+                code, message = client_message(item)
+                self.metrics.errors.labels(self.limits.model, code).inc()
+                await context.abort(grpc.StatusCode[code], f"request {rid}: {message}")
             state["cluster_done"] = item.finished
             if item.finish_reason and item.finish_reason.startswith("error"):
                 self.metrics.errors.labels(self.limits.model, "INTERNAL").inc()
@@ -234,13 +241,14 @@ class Gateway(pb_grpc.PDServeServicer):
 
 
 def status_message(model: str, s: dict) -> pb.ClusterStatusResponse:
-    workers = [pb.WorkerStatus(name=name, role="decode" if "running" in w else "prefill",
+    workers = [pb.WorkerStatus(name=name, role=w.get("role") or ("decode" if "running" in w else "prefill"),
                                running=w.get("running", 1 if w.get("queued_tokens") else 0),
                                waiting=w.get("waiting", 0), free_blocks=_total(w.get("free_blocks", 0)),
                                capacity_blocks=_total(w.get("capacity", 0)), device=w.get("device", ""),
-                               gpu_ids=w.get("gpu_ids", []))
+                               gpu_ids=w.get("gpu_ids", []), state=w.get("state", "alive"),
+                               restarts=int(w.get("restarts", 0)))
                for name, w in s.get("workers", {}).items()]
-    store = s.get("store", {})
+    store, counters = s.get("store", {}), s.get("counters", {})
     tiers = [pb.TierStatus(tier=t, blocks=store.get("blocks", {}).get(t, 0), bytes=store.get("bytes", {}).get(t, 0),
                            hit_tokens=store.get("hit_tokens", {}).get(t, 0)) for t in ("host", "disk")]
     return pb.ClusterStatusResponse(
@@ -248,7 +256,10 @@ def status_message(model: str, s: dict) -> pb.ClusterStatusResponse:
         live_leases=store.get("live_leases", 0), predicted_hit_tokens=int(s.get("predicted_hit_tokens", 0)),
         delivered_hit_tokens=int(s.get("delivered_hit_tokens", 0)), requests=int(s.get("requests", 0)),
         rejected=int(s.get("rejected", 0)), in_flight=int(s.get("in_flight", 0)),
-        bytes_transferred=store.get("bytes_in", 0) + store.get("bytes_out", 0))
+        bytes_transferred=store.get("bytes_in", 0) + store.get("bytes_out", 0), serving=bool(s.get("serving", True)),
+        store_state=store.get("state", "alive"), store_restarts=int(store.get("restarts", 0)),
+        migrations=int(counters.get("migrations", 0)), recomputed_tokens=int(counters.get("recomputed_tokens", 0)),
+        kv_load_failures=int(counters.get("kv_load_failures", 0)))
 
 
 def _total(v) -> int:
@@ -285,8 +296,11 @@ class Running:
     port: int
     gateway: Gateway
     health: object  # grpc_health.v1.health.aio.HealthServicer
+    watcher: asyncio.Task | None = None
 
     async def stop(self, grace: float = 5.0) -> None:
+        if self.watcher is not None:
+            self.watcher.cancel()
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
         self.gateway.pool.shutdown(wait=False, cancel_futures=True)
@@ -314,4 +328,22 @@ async def start(cluster, opts: ServerOptions, metrics: Metrics) -> Running:
     await server.start()
     for name in ("", SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return Running(server, port, gateway, health_servicer)
+    watcher = asyncio.create_task(watch_health(cluster, health_servicer)) if hasattr(cluster, "serving") else None
+    return Running(server, port, gateway, health_servicer, watcher)
+
+
+async def watch_health(cluster, servicer, every_s: float = 0.25) -> None:
+    """Health follows the cluster: NOT_SERVING while it cannot serve (``cluster.serving()`` reads the
+    supervisor's view, no Ray call), SERVING once it can again."""
+    last = True
+    while True:
+        try:
+            now = bool(cluster.serving())
+        except Exception:  # noqa: BLE001 - a cluster that cannot even say is not serving
+            now = False
+        if now != last:
+            status = health_pb2.HealthCheckResponse.SERVING if now else health_pb2.HealthCheckResponse.NOT_SERVING
+            for name in ("", SERVICE):
+                await servicer.set(name, status)
+            last = now
+        await asyncio.sleep(every_s)

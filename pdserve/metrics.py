@@ -47,6 +47,19 @@ class Metrics:
         self.kv_blocks = Gauge("pdserve:kv_cache_blocks", "KV blocks held by the store per tier", m + ["tier"], registry=r)
         self.bytes_moved = Gauge("pdserve:kv_bytes_transferred", "KV bytes moved in and out of the store", m, registry=r)
         self.leases = Gauge("pdserve:kv_live_leases", "Block leases not yet acknowledged", m, registry=r)
+        self.serving = Gauge("pdserve:cluster_serving", "1 while a live prefill and a live decode worker exist", m,
+                             registry=r)
+        self.workers = Gauge("pdserve:workers", "Workers by role and state (alive, restarting, dead)",
+                             m + ["role", "state"], registry=r)
+        self.restarts = Counter("pdserve:worker_restarts", "Times Ray restarted a worker or the store", m + ["role"],
+                                registry=r)
+        self.migrations = Counter("pdserve:request_migrations", "Streams moved to another decode worker mid-stream",
+                                  m, registry=r)
+        self.recomputed = Counter("pdserve:recomputed_tokens", "Tokens whose KV was lost or failed to load and was "
+                                  "computed again", m, registry=r)
+        self.kv_load_failures = Counter("pdserve:kv_load_failures", "KV fetches that failed, timed out or failed "
+                                        "their checksum", m, registry=r)
+        self._seen: dict[str, float] = {}  # the cluster's cumulative counts, as last copied
 
     def finished(self, reason: str, ttft: float | None, gaps: list[float], e2e: float, prompt: int, cached: int,
                  completion: int) -> None:
@@ -77,6 +90,31 @@ class Metrics:
             self.kv_blocks.labels(lm, tier).set(n)
         self.bytes_moved.labels(lm).set(store.get("bytes_in", 0) + store.get("bytes_out", 0))
         self.leases.labels(lm).set(store.get("live_leases", 0))
+        self.serving.labels(lm).set(1 if status.get("serving", True) else 0)
+        states = {(r, st): 0 for r in ("prefill", "decode") for st in ("alive", "restarting", "dead")}
+        for w in status.get("workers", {}).values():
+            if w.get("role") and w.get("state"):
+                states[(w["role"], w["state"])] = states.get((w["role"], w["state"]), 0) + 1
+        for (role, state), n in states.items():
+            self.workers.labels(lm, role, state).set(n)
+        restarts = {r: 0 for r in ("prefill", "decode")}
+        for w in status.get("workers", {}).values():
+            if w.get("role") in restarts:
+                restarts[w["role"]] += int(w.get("restarts", 0))
+        restarts["store"] = int(store.get("restarts", 0))
+        counters = status.get("counters", {})
+        for role, n in restarts.items():
+            self._advance(f"restarts.{role}", n, self.restarts.labels(lm, role))
+        self._advance("migrations", counters.get("migrations", 0), self.migrations.labels(lm))
+        self._advance("recomputed", counters.get("recomputed_tokens", 0), self.recomputed.labels(lm))
+        self._advance("kv_load_failures", counters.get("kv_load_failures", 0), self.kv_load_failures.labels(lm))
+
+    def _advance(self, key: str, total: float, counter) -> None:
+        """A Prometheus counter follows a cumulative count the cluster keeps (never goes back)."""
+        delta = total - self._seen.get(key, 0)
+        if delta > 0:
+            counter.inc(delta)
+            self._seen[key] = total
 
     def serve_http(self, port: int, host: str = "127.0.0.1") -> int:
         """Starts the /metrics endpoint (a daemon thread); returns the bound port."""

@@ -59,7 +59,7 @@ def build_cluster(cfg: Config, ray_address: str | None):
                            store_config=store, num_cpus=c.num_cpus or None, policy=c.policy,
                            slo=SLO(ttft_s=cfg.slo.ttft_ms / 1000, tbt_s=cfg.slo.tbt_ms / 1000), device=c.device,
                            prefill_num_gpus=c.prefill_num_gpus, decode_num_gpus=c.decode_num_gpus,
-                           num_gpus=c.num_gpus or None)
+                           num_gpus=c.num_gpus or None, resilience=cfg.resilience)
     if c.block_size and c.block_size != cluster.model_config.block_size:
         cluster.shutdown()
         raise ValueError(f"config key cluster.block_size={c.block_size} differs from model {c.model!r}'s "
@@ -133,8 +133,9 @@ async def serve(cfg: Config, ray_address: str | None, state_file: Path | None, l
         print("pdserve: stopped", flush=True)
 
 
-async def _refresh(cluster, metrics, every_s: float = 5.0) -> None:
-    """Keeps the cluster gauges of the metrics endpoint current."""
+async def _refresh(cluster, metrics, every_s: float = 2.0) -> None:
+    """Keeps the cluster gauges of the metrics endpoint current (``status()`` answers for dead
+    workers too, so a failure shows within a refresh)."""
     while True:
         try:
             metrics.update_cluster(await asyncio.to_thread(cluster.status))

@@ -225,17 +225,32 @@ def _down(args) -> int:
 
 # -- clients -------------------------------------------------------------------------------------
 def _status(args) -> int:
+    """The server's workers with their state; a server that cannot be reached is one line and exit 2
+    (a dead worker is not an error: it is shown, and the exit is 0)."""
+    import grpc
+
     client = _client(args)
-    s = client.status()
-    print(f"model {s.model}, policy {s.policy}: {s.requests} requests, {s.rejected} rejected, {s.in_flight} in flight")
+    try:
+        s = client.status()
+    except grpc.RpcError as e:
+        print(f"pdserve: status: no answer from {client.target} ({e.code().name}): is the server up? "
+              "(`pdserve up`)", file=sys.stderr)
+        return 2
+    finally:
+        client.close()
+    print(f"model {s.model}, policy {s.policy}: {'serving' if s.serving else 'NOT SERVING'}; {s.requests} requests, "
+          f"{s.rejected} rejected, {s.in_flight} in flight")
     for w in s.workers:
         placed = w.device + (f" GPU {','.join(w.gpu_ids)}" if w.gpu_ids else "")
-        print(f"  {w.name:<12} {w.role:<8} {placed:<12} running {w.running:>3}  waiting {w.waiting:>3}  "
-              f"free blocks {w.free_blocks}/{w.capacity_blocks}")
+        print(f"  {w.name:<12} {w.role:<8} {w.state or 'alive':<10} {placed:<12} running {w.running:>3}  "
+              f"waiting {w.waiting:>3}  free blocks {w.free_blocks}/{w.capacity_blocks}  restarts {w.restarts}")
+    print(f"  store        {s.store_state or 'alive':<10} restarts {s.store_restarts}")
     for t in s.tiers:
         print(f"  store {t.tier:<5} {t.blocks:>7} blocks  {t.bytes / 2**20:9.1f} MiB  hit tokens {t.hit_tokens}")
     print(f"  cache hit tokens: predicted {s.predicted_hit_tokens}, delivered {s.delivered_hit_tokens}; "
           f"live leases {s.live_leases}; KV bytes moved {s.bytes_transferred}")
+    print(f"  failures: {s.migrations} migrations, {s.recomputed_tokens} recomputed tokens, "
+          f"{s.kv_load_failures} KV load failures")
     return 0
 
 
