@@ -17,7 +17,7 @@ from types import ModuleType
 
 import torch
 
-from kernels import reference
+from kernels import cpu_gemm, reference
 
 dequantize_rows = reference.dequantize_rows  # one elementwise op: torch is already optimal
 attention = reference.attention  # dense attention of the contiguous cache (tests, small runs)
@@ -56,10 +56,17 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def int8_matmul(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
-                bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32,
+                wq_float: torch.Tensor | None = None) -> torch.Tensor:
+    """``wq_float``: the caller's ``cpu_gemm.float_weight(wq)``, passed where ``int8_gemm_in_float`` said so."""
     if use_triton(xq):
         return _triton("gemm").int8_matmul(xq, x_scale, wq, w_scale, bias, out_dtype)
-    return reference.int8_matmul(xq, x_scale, wq, w_scale, bias, out_dtype)
+    return reference.int8_matmul(xq, x_scale, wq, w_scale, bias, out_dtype, wq_float)
+
+
+def int8_gemm_in_float(xq: torch.Tensor) -> bool:
+    """Whether this CPU GEMM should run as exact float32 GEMMs (``kernels.cpu_gemm``'s measured plan)."""
+    return xq.is_cpu and not use_triton(xq) and cpu_gemm.plan().use_float(xq.shape[0])
 
 
 def write_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, k_scale: torch.Tensor | None,

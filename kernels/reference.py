@@ -8,6 +8,8 @@ import math
 
 import torch
 
+from kernels import cpu_gemm
+
 QMAX = 127.0
 DECODE_SLICE_BYTES = 8 * 2**20  # attention temporaries per slice: cache-friendly, below malloc's mmap threshold
 PREFILL_SLICE_ROWS = 128  # query rows per prefill slice: causal slices skip the keys after their last row
@@ -32,13 +34,21 @@ def int8_matmul(
     w_scale: torch.Tensor,  # [N] float32
     bias: torch.Tensor | None = None,
     out_dtype: torch.dtype = torch.float32,
+    wq_float: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``(xq @ wq.T)`` accumulated exactly in int32, then ``* x_scale * w_scale (+ bias)``.
 
     Integer accumulation makes the result independent of how rows are batched, so a
-    batched engine reproduces an unbatched one bit for bit.
+    batched engine reproduces an unbatched one bit for bit. With ``wq_float``
+    (``cpu_gemm.float_weight(wq)``) the same integers come from float32 GEMMs
+    (``kernels.cpu_gemm``): the same bits, faster where the CPU's int8 path is slow.
     """
-    acc = torch._int_mm(xq, wq.t()) if xq.is_cpu or xq.shape[0] > 16 else _int_mm_small(xq, wq)
+    if wq_float is not None:
+        acc = cpu_gemm.int_mm_via_float(xq, wq_float)
+    elif xq.is_cpu or xq.shape[0] > 16:
+        acc = torch._int_mm(xq, wq.t())
+    else:
+        acc = _int_mm_small(xq, wq)
     out = acc.to(torch.float32) * x_scale * w_scale
     if bias is not None:
         out = out + bias

@@ -49,6 +49,8 @@ class QLinear(nn.Module):
         else:
             self.weight = nn.Parameter(torch.zeros(out_features, in_features, dtype=self.dtype), requires_grad=False)
         self._dequantized: torch.Tensor | None = None
+        self._as_float: torch.Tensor | None = None  # the int8 weight's exact float32 copy (kernels.cpu_gemm)
+        self._as_float_key: tuple | None = None
 
     @torch.no_grad()
     def load_float(self, weight: torch.Tensor, smooth: torch.Tensor | None = None) -> None:
@@ -65,7 +67,7 @@ class QLinear(nn.Module):
         q, scale = kernels.quantize_rows(w)
         self.weight_q.copy_(q)
         self.weight_scale.copy_(scale.squeeze(-1))
-        self._dequantized = None
+        self._dequantized = self._as_float = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -74,7 +76,8 @@ class QLinear(nn.Module):
             x = self._rotate(x.float() * self.inv_smooth)
             if self.int8_activations:
                 xq, xs = kernels.quantize_rows(x)
-                y = kernels.int8_matmul(xq, xs, self.weight_q, self.weight_scale, out_dtype=self.dtype)
+                wf = self._int8_as_float() if kernels.int8_gemm_in_float(xq) else None
+                y = kernels.int8_matmul(xq, xs, self.weight_q, self.weight_scale, out_dtype=self.dtype, wq_float=wf)
             else:
                 y = F.linear(x.to(self.dtype), self._float_weight())
         else:
@@ -91,6 +94,14 @@ class QLinear(nn.Module):
         if self._dequantized is None or self._dequantized.device != self.weight_q.device:
             self._dequantized = kernels.dequantize_rows(self.weight_q, self.weight_scale[:, None], self.dtype)
         return self._dequantized
+
+    def _int8_as_float(self) -> torch.Tensor:
+        """Made on first use, so only processes whose CPU plan takes the float path pay its memory;
+        remade when the int8 weight changes in place (a state dict loaded into the layer) or moves."""
+        key = (self.weight_q.device, self.weight_q.data_ptr(), self.weight_q._version)
+        if self._as_float is None or self._as_float_key != key:
+            self._as_float, self._as_float_key = kernels.int8_float_weight(self.weight_q), key
+        return self._as_float
 
 
 class QEmbedding(nn.Module):

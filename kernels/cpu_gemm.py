@@ -1,0 +1,111 @@
+"""Exact int8 GEMM through float32 where the CPU's int8 path is slow, chosen by measurement.
+
+``torch._int_mm`` on CPU is as fast as the machine's int8 units: with VNNI or AMX it beats
+float32, without them (AVX2 only) it runs ~20x slower than an fp32 GEMM of the same shape,
+and even with them it loses to fp32 at a single row. A float32 GEMM of int8 values can give
+the same integers: every product is exact (|q| <= 128, so |x*w| <= 2**14), and as long as
+no partial sum can pass 2**24 every addition is exact in any order, so the result is the
+integer sum whatever the BLAS kernel, blocking or batch. ``EXACT_K`` is the longest K for
+which that holds (1024 * 128 * 128 = 2**24); longer K goes in chunks whose exact partial
+results add in float64. So both paths give the same bits and batch invariance is untouched;
+only speed and memory differ (the float path holds a float32 copy of each int8 weight, 4x
+its bytes).
+
+Which path runs is a per-process plan: ``PDSERVE_INT8_GEMM=int`` or ``=float`` forces one;
+``auto`` (the default) times both at start-up (first use, ~0.1-0.3 s) for a few row counts
+and runs the float path below the smallest count at which ``_int_mm`` wins.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import time
+
+import torch
+
+EXACT_K = 1024  # K per float32 chunk: every partial sum stays within 2**24, exact in float32
+PROBE_ROWS = (1, 16, 128)  # row counts the start-up measurement compares
+PROBE_K, PROBE_N = 576, 576
+NEVER, ALWAYS = 0, 2**62
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmPlan:
+    """Rows (M) below ``float_below`` take the float32 path; the rest ``torch._int_mm``."""
+
+    float_below: int
+    source: str  # "env" or "measured"
+    timings_ms: dict[int, tuple[float, float]] = dataclasses.field(default_factory=dict)  # M -> (int_mm, float)
+
+    def use_float(self, rows: int) -> bool:
+        return rows < self.float_below
+
+    def describe(self) -> str:
+        rule = {NEVER: "torch._int_mm always", ALWAYS: "float32 always"}.get(
+            self.float_below, f"float32 below {self.float_below} rows, torch._int_mm from there")
+        probes = ", ".join(f"M={m}: int {a:.2f} / float {b:.2f} ms" for m, (a, b) in self.timings_ms.items())
+        return f"int8 GEMM on CPU: {rule} ({self.source}{'; ' + probes if probes else ''})"
+
+
+def float_weight(wq: torch.Tensor) -> torch.Tensor:
+    """The float32 copy of an int8 weight [N, K] the float path multiplies by: [K, N], contiguous."""
+    return wq.t().to(torch.float32).contiguous()
+
+
+def int_mm_via_float(xq: torch.Tensor, wq_float: torch.Tensor) -> torch.Tensor:
+    """``xq @ wq.T`` as exact integers in a float tensor [M, N] (float32 up to EXACT_K, float64 beyond).
+
+    ``wq_float`` is ``float_weight(wq)``. Chunks are of equal size so no chunk exceeds EXACT_K.
+    """
+    k = xq.shape[1]
+    x = xq.to(torch.float32)
+    if k <= EXACT_K:
+        return x @ wq_float
+    size = math.ceil(k / math.ceil(k / EXACT_K))
+    acc = None
+    for s in range(0, k, size):
+        part = (x[:, s:s + size] @ wq_float[s:s + size]).double()
+        acc = part if acc is None else acc + part
+    return acc
+
+
+def _median_ms(fn, reps: int = 3) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[reps // 2] * 1e3
+
+
+def measure() -> GemmPlan:
+    """Time both paths at PROBE_ROWS on a SmolLM2-sized layer; float runs below where _int_mm first wins."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randint(-127, 128, (PROBE_N, PROBE_K), dtype=torch.int8, generator=gen)
+    wt, wf = w.t(), float_weight(w)
+    timings, float_below = {}, ALWAYS
+    for m in PROBE_ROWS:
+        x = torch.randint(-127, 128, (m, PROBE_K), dtype=torch.int8, generator=gen)
+        t_int = _median_ms(lambda: torch._int_mm(x, wt))
+        t_float = _median_ms(lambda: int_mm_via_float(x, wf))
+        timings[m] = (t_int, t_float)
+        if t_int < t_float:
+            float_below = m
+            break
+    return GemmPlan(float_below, "measured", timings)
+
+
+@functools.cache
+def plan() -> GemmPlan:
+    """This process's plan: from ``PDSERVE_INT8_GEMM`` (int | float | auto), measured once for auto."""
+    mode = os.environ.get("PDSERVE_INT8_GEMM", "auto")
+    if mode == "int":
+        return GemmPlan(NEVER, "env")
+    if mode == "float":
+        return GemmPlan(ALWAYS, "env")
+    if mode != "auto":
+        raise ValueError(f"PDSERVE_INT8_GEMM must be int, float or auto; got {mode!r}")
+    return measure()

@@ -1,0 +1,89 @@
+"""The float32 route to int8 GEMMs gives torch._int_mm's integers exactly, and the model its bits."""
+import pytest
+import torch
+
+import kernels
+from kernels import cpu_gemm
+from model.config import QuantConfig
+from model.quant import QLinear
+
+
+@pytest.mark.parametrize("k", [64, 576, 1024, 1025, 1536, 3000])
+def test_float_route_equals_int_mm_at_the_extremes(k):
+    """All-127 and all-(-128) operands make every partial sum as large as it can be: the chunking must hold it."""
+    g = torch.Generator().manual_seed(k)
+    rows = [torch.full((1, k), 127, dtype=torch.int8), torch.full((1, k), -128, dtype=torch.int8),
+            torch.randint(-128, 128, (5, k), generator=g, dtype=torch.int8)]
+    xq = torch.cat(rows)
+    wq = torch.cat([torch.full((1, k), -128, dtype=torch.int8), torch.full((1, k), 127, dtype=torch.int8),
+                    torch.randint(-128, 128, (6, k), generator=g, dtype=torch.int8)])
+    want = torch._int_mm(xq, wq.t())
+    got = cpu_gemm.int_mm_via_float(xq, cpu_gemm.float_weight(wq))
+    assert torch.equal(got.double(), want.double())
+    assert torch.equal(got.to(torch.float32), want.to(torch.float32))  # and so the epilogue's float32 too
+
+
+def test_a_single_float32_gemm_past_exact_k_would_round():
+    """The reason for the chunks: one float32 GEMM over 1536 products of 127*127 is past 2**24 and rounds."""
+    k = 1536
+    x = torch.full((1, k), 127, dtype=torch.int8)
+    w = torch.cat([torch.full((1, k), 127, dtype=torch.int8), torch.full((1, k), 1, dtype=torch.int8)])
+    w[0, 0] = 126  # an odd total that float32 cannot hold
+    one_gemm = x.float() @ w.float().t()
+    exact = torch._int_mm(x, w.t())
+    assert int(exact[0, 0]) > 2**24 and float(one_gemm[0, 0]) != float(exact[0, 0])
+    assert float(cpu_gemm.int_mm_via_float(x, cpu_gemm.float_weight(w))[0, 0]) == float(exact[0, 0])
+
+
+def test_int8_matmul_gives_the_same_bits_by_either_route():
+    g = torch.Generator().manual_seed(0)
+    xq = torch.randint(-127, 128, (17, 1536), generator=g, dtype=torch.int8)
+    wq = torch.randint(-127, 128, (40, 1536), generator=g, dtype=torch.int8)
+    xs, ws = torch.rand(17, 1, generator=g), torch.rand(40, generator=g)
+    via_int = kernels.int8_matmul(xq, xs, wq, ws)
+    via_float = kernels.int8_matmul(xq, xs, wq, ws, wq_float=kernels.int8_float_weight(wq))
+    assert torch.equal(via_int, via_float)
+
+
+@pytest.mark.parametrize("mode, rows, expected", [("int", 1, False), ("float", 4096, True)])
+def test_the_plan_follows_the_environment(monkeypatch, mode, rows, expected):
+    monkeypatch.setenv("PDSERVE_INT8_GEMM", mode)
+    cpu_gemm.plan.cache_clear()
+    try:
+        assert cpu_gemm.plan().use_float(rows) is expected and cpu_gemm.plan().source == "env"
+        assert kernels.int8_gemm_in_float(torch.zeros(rows, 8, dtype=torch.int8)) is expected
+    finally:
+        cpu_gemm.plan.cache_clear()
+
+
+def test_a_bad_plan_setting_is_refused_by_name(monkeypatch):
+    monkeypatch.setenv("PDSERVE_INT8_GEMM", "fast")
+    cpu_gemm.plan.cache_clear()
+    try:
+        with pytest.raises(ValueError, match="PDSERVE_INT8_GEMM"):
+            cpu_gemm.plan()
+    finally:
+        cpu_gemm.plan.cache_clear()
+
+
+def test_the_measured_plan_names_what_it_timed():
+    plan = cpu_gemm.measure()
+    assert plan.source == "measured" and set(plan.timings_ms) <= set(cpu_gemm.PROBE_ROWS)
+    assert all(a > 0 and b > 0 for a, b in plan.timings_ms.values())
+    assert plan.float_below in (cpu_gemm.ALWAYS, *cpu_gemm.PROBE_ROWS)
+    assert "int8 GEMM on CPU" in plan.describe()
+
+
+def test_a_layer_gives_the_same_bits_by_either_route_and_follows_its_weights(monkeypatch):
+    layer = QLinear(1536, 64, QuantConfig())
+    layer.load_float(torch.randn(64, 1536))
+    x = torch.randn(9, 1536)
+    outs = {}
+    for mode in ("int", "float"):
+        monkeypatch.setenv("PDSERVE_INT8_GEMM", mode)
+        cpu_gemm.plan.cache_clear()
+        outs[mode] = layer(x)
+    assert torch.equal(outs["int"], outs["float"])
+    layer.load_state_dict({**layer.state_dict(), "weight_q": -layer.weight_q})  # in place: the float copy follows
+    assert torch.equal(layer(x), -outs["float"])
+    cpu_gemm.plan.cache_clear()
