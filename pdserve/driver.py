@@ -42,11 +42,12 @@ class Rejected(RuntimeError):
 
 
 class WorkerLost(Exception):
-    """A worker died, is restarting, or stopped answering while serving a request."""
+    """A worker died, is restarting, or stopped answering while serving a request. ``suspect`` is
+    off where the worker answers but lost the request (a restarted one): it stays in placement."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, suspect: bool = True):
         super().__init__(name)
-        self.name = name
+        self.name, self.suspect = name, suspect
 
 
 @dataclass
@@ -106,10 +107,11 @@ class RequestFlow:
         sub.handoff = self._pool.submit(self._run, sub, sub.prompt, params)
         return sub
 
-    def _place_again(self, sub: Submitted, lost: str, prompt: list[int]) -> None:
+    def _place_again(self, sub: Submitted, lost: str, prompt: list[int], suspect: bool = True) -> None:
         """``lost`` failed this request: out of placement (until it answers again) and the request on
         a live pair, waiting for one up to ``recovery_timeout_s``."""
-        self.supervisor.suspect(lost)
+        if suspect:
+            self.supervisor.suspect(lost)
         self.conductor.finished(sub.request_id)
         sub.migrations += 1
         if sub.migrations > self.resilience.max_migrations:
@@ -135,6 +137,9 @@ class RequestFlow:
         ray, rid = self.ray, sub.request_id
         while True:
             p, d = sub.placement.prefill, sub.placement.decode
+            if rid in self._cancelled:  # cancelled before prefill: nothing was taken yet
+                self.conductor.finished(rid)
+                return Handoff(rid, list(prompt), None, "abort", [], 0, None, 0)
             try:
                 handoff = self._prefill(p, rid, prompt, params)
             except WorkerLost:
@@ -197,7 +202,8 @@ class RequestFlow:
         """The request's outputs, moving it to another decode worker if its own is lost mid-stream."""
         sub.handoff.result()  # prefill done, decode has the request (or it was cancelled)
         rid = sub.request_id
-        if rid in self._cancelled:
+        if rid in self._cancelled:  # (cancel also reached the decode worker, if it had the request)
+            self.conductor.finished(rid)
             self._forget(rid)
             yield RequestOutput(rid, [], finished=True, finish_reason="abort")
             return
@@ -211,7 +217,7 @@ class RequestFlow:
                 lost = None
                 for out in self._decode_stream(sub):
                     if isinstance(out, WorkerLost):
-                        lost = out.name
+                        lost = out
                         break
                     streamed.extend(out.token_ids)
                     out.prompt_tokens, out.completion_tokens = len(sub.prompt), len(streamed)
@@ -233,7 +239,8 @@ class RequestFlow:
         gen = self.decode[name].stream.options(num_returns="streaming").remote(sub.request_id)
         while True:
             ready, _ = ray.wait([gen], timeout=self.resilience.stall_timeout_s)
-            if not ready:
+            if not ready:  # alive maybe, but silent: free what it may hold, then move on
+                self.ray_cancel(name, sub.request_id)
                 yield WorkerLost(name)
                 return
             try:
@@ -242,7 +249,10 @@ class RequestFlow:
                 yield WorkerLost(name)
                 return
             except BaseException as e:
-                if _lost(ray, e) or isinstance(getattr(e, "cause", None), KeyError):  # a restart forgot it
+                if isinstance(getattr(e, "cause", None), KeyError):  # it answers, restarted: forgot the request
+                    yield WorkerLost(name, suspect=False)
+                    return
+                if _lost(ray, e):
                     yield WorkerLost(name)
                     return
                 raise from_worker(e, f"decode worker {name}") from None
@@ -251,13 +261,14 @@ class RequestFlow:
                 return
             yield out
 
-    def _migrate(self, sub: Submitted, lost: str, streamed: list[int]) -> None:
+    def _migrate(self, sub: Submitted, lost: WorkerLost, streamed: list[int]) -> None:
         """Prompt + streamed tokens as the new prompt, placed on a live pair (prefill reuses what
         the store holds); the next output of the new decode worker is the stream's next token."""
-        self.ray_cancel(lost, sub.request_id)
+        if not lost.suspect:  # alive: make sure it holds nothing of the request any more
+            self.ray_cancel(lost.name, sub.request_id)
         prompt = sub.prompt + streamed
         rest = dataclasses.replace(sub.params, max_tokens=sub.params.max_tokens - len(streamed))
-        self._place_again(sub, lost, prompt)
+        self._place_again(sub, lost.name, prompt, lost.suspect)
         if sub.request_id in self._cancelled:
             return
         self.counters.add(migrations=1)

@@ -37,7 +37,14 @@ ENGINE = EngineConfig(kv_cache_bytes=16 * 2**20, max_seqs=8)
 
 @pytest.fixture(scope="module")
 def model():
-    return build(CFG, random_state(CFG, 0))
+    """skv-tiny with random weights; one torch thread while these tests run (the workers' engine
+    threads and the test share the cores: two intra-op threads on busy cores crawl)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield build(CFG, random_state(CFG, 0))
+    torch.set_num_threads(threads)
 
 
 class FlakyStore(KVStore):
