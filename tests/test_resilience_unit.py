@@ -289,3 +289,34 @@ def test_status_against_no_server_is_one_line_and_exit_2(tmp_path):
     assert len(out.stderr.strip().splitlines()) == 1 and "no answer from 127.0.0.1:9" in out.stderr
     out = cli("status", "--state-file", str(tmp_path / "none.json"), timeout=60)
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and "no running server" in out.stderr
+
+
+def test_gauges_and_counters_follow_a_failure():
+    """Right after a decode worker dies its batch leaves the running gauge, the worker counts as
+    restarting, and the failure counters advance by what the cluster adds (never backwards)."""
+    from prometheus_client import generate_latest
+
+    m = Metrics("skv-tiny")
+
+    def status(state, running, restarts, migrations):
+        return {"serving": state == "alive",
+                "workers": {"prefill-0": {"role": "prefill", "state": "alive", "restarts": 0},
+                            "decode-0": {"role": "decode", "state": state, "restarts": restarts,
+                                         **({"running": running, "waiting": 0} if state == "alive" else {})}},
+                "store": {"state": "alive", "restarts": 0},
+                "counters": {"migrations": migrations, "recomputed_tokens": 3 * migrations, "kv_load_failures": 0}}
+
+    def value(name, **labels):
+        return m.registry.get_sample_value(name, {"model_name": "skv-tiny", **labels})
+
+    m.update_cluster(status("alive", 8, 0, 0))
+    assert value("pdserve:num_requests_running") == 8 and value("pdserve:cluster_serving") == 1
+    m.update_cluster(status("restarting", 0, 0, 0))
+    assert value("pdserve:num_requests_running") == 0 and value("pdserve:cluster_serving") == 0
+    assert value("pdserve:workers", role="decode", state="restarting") == 1
+    assert value("pdserve:workers", role="decode", state="alive") == 0
+    m.update_cluster(status("alive", 8, 1, 8))
+    m.update_cluster(status("alive", 8, 1, 8))  # the same totals again: no double count
+    assert value("pdserve:worker_restarts_total", role="decode") == 1
+    assert value("pdserve:request_migrations_total") == 8 and value("pdserve:recomputed_tokens_total") == 24
+    assert b"pdserve:kv_load_failures_total" in generate_latest(m.registry)
