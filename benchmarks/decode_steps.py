@@ -18,15 +18,15 @@ from model.engine import Engine, EngineConfig, SamplingParams
 from model.engine.sequence import Status
 
 
-def step_time(model, batch: int, context: int, steps: int = 5) -> float:
+def placed_engine(model, batch: int, context: int, steps: int = 5) -> Engine:
+    """``batch`` sequences at ``context`` tokens, placed without their prefill, after one warm-up step."""
     cfg = model.config
-    need = batch * (context + steps + cfg.block_size) * cfg.kv_bytes_per_token_per_group * len(cfg.kv_groups)
+    need = batch * (context + 2 * steps + 2 * cfg.block_size) * cfg.kv_bytes_per_token_per_group * len(cfg.kv_groups)
     engine = Engine(model, EngineConfig(kv_cache_bytes=need + 2**26, max_seqs=batch, max_batched_tokens=batch))
     engine.eos_ids = set()
     sched = engine.scheduler
     for prompt in random_prompts(batch, context, cfg.vocab_size):
-        rid = engine.add_request(prompt, SamplingParams(max_tokens=steps + 2))
-        seq = engine.sequences[rid]
+        seq = engine.sequences[engine.add_request(prompt, SamplingParams(max_tokens=2 * steps + 4))]
         if not sched._reserve(seq, context - 1):
             raise MemoryError("pool too small for the grid point")
         seq.computed = context - 1
@@ -34,6 +34,11 @@ def step_time(model, batch: int, context: int, steps: int = 5) -> float:
         sched.waiting.remove(seq)
         sched.running.append(seq)
     engine.step()  # warm-up
+    return engine
+
+
+def step_time(model, batch: int, context: int, steps: int = 5) -> float:
+    engine = placed_engine(model, batch, context, steps)
     times = []
     for _ in range(steps):
         t = time.perf_counter()

