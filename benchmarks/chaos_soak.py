@@ -22,7 +22,7 @@ import statistics
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # before Ray: bind 127.0.0.1 only
 
@@ -39,6 +39,7 @@ class Tally:
     kills: list[str] = field(default_factory=list)
     recover_s: list[float] = field(default_factory=list)
     failures: dict[str, int] = field(default_factory=dict)
+    messages: dict[str, int] = field(default_factory=dict)  # what the failed clients read, and how often
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, **kw) -> None:
@@ -55,10 +56,12 @@ def one_request(cluster, reference, prompt: list[int], params: SamplingParams, t
     try:
         tokens = [t for out in cluster.stream(cluster.submit(prompt, params)) for t in out.token_ids]
     except Exception as e:  # noqa: BLE001 - counted by the status a client would see
-        code = "RESOURCE_EXHAUSTED" if isinstance(e, Rejected) else client_message(e)[0]
+        code, message = ("RESOURCE_EXHAUSTED", str(e)) if isinstance(e, Rejected) else client_message(e)
         with tally.lock:
             tally.failed += 1
             tally.failures[code] = tally.failures.get(code, 0) + 1
+            tally.messages.setdefault(message, 0)
+            tally.messages[message] += 1
         return
     tally.add(completed=1, wrong=int(tokens != reference(prompt)))
 
@@ -95,6 +98,7 @@ def main() -> None:
     ap.add_argument("--n-decode", type=int, default=1)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--admission-wait", type=float, default=10.0, help="resilience.admission_wait_s")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -117,7 +121,8 @@ def main() -> None:
     rng = random.Random(args.seed)
     tally, stop = Tally(), threading.Event()
     with LocalCluster("skv-tiny", quant=QuantConfig(), n_prefill=args.n_prefill, n_decode=args.n_decode,
-                      resilience=Resilience(recovery_timeout_s=120.0, stall_timeout_s=20.0)) as cluster:
+                      resilience=Resilience(recovery_timeout_s=120.0, stall_timeout_s=20.0,
+                                            admission_wait_s=args.admission_wait)) as cluster:
         probe = lambda: cluster.generate(list(range(3, 20)), SamplingParams(max_tokens=2, ignore_eos=True))
         k = threading.Thread(target=killer, args=(cluster, args.kill_every, stop, tally, random.Random(args.seed + 1),
                                                   probe), daemon=True)
@@ -137,7 +142,8 @@ def main() -> None:
         counters = cluster.status()["counters"]
     lost = tally.sent - tally.completed - tally.failed
     rec = sorted(tally.recover_s)
-    out = {**{k: v for k, v in asdict(tally).items() if k not in ("lock", "recover_s")}, "lost": lost,
+    out = {"sent": tally.sent, "completed": tally.completed, "failed": tally.failed, "failures": tally.failures, "messages": tally.messages,
+           "wrong": tally.wrong, "kills": tally.kills, "lost": lost,
            "recover_p50_s": statistics.median(rec) if rec else None,
            "recover_p99_s": rec[min(len(rec) - 1, int(0.99 * len(rec)))] if rec else None,
            "counters": counters, "args": vars(args), "machine": machine()}
@@ -150,6 +156,8 @@ def main() -> None:
           f"lost {lost}  duplicated/missing/wrong tokens {tally.wrong}")
     print(f"kills {len(tally.kills)} ({', '.join(tally.kills)}); time to recover p50 {out['recover_p50_s'] or 0:.1f}s "
           f"p99 {out['recover_p99_s'] or 0:.1f}s")
+    for message, n in tally.messages.items():
+        print(f"  {n} x {message}")
     print(f"cluster counters: {counters}")
 
 

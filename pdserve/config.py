@@ -42,6 +42,7 @@ stall_timeout_s = 30         # no token from a decode worker for this long: trea
 store_timeout_s = 10         # a store call without an answer by then: treated as a failed fetch
 kv_load_failure = "recompute"  # KV that cannot be loaded (gone, late, bad checksum): recompute | fail
 unresponsive_s = 1           # a worker that misses its pings this long leaves placement
+admission_wait_s = 10        # a new request waits this long for a live worker (then UNAVAILABLE)
 ```
 
 Unknown sections or keys, and values of the wrong type, fail with a message naming the key.
@@ -112,6 +113,7 @@ class Resilience:
     store_timeout_s: float = 10.0
     kv_load_failure: str = "recompute"
     unresponsive_s: float = 1.0
+    admission_wait_s: float = 10.0
 
     def __post_init__(self) -> None:
         if self.kv_load_failure not in ("recompute", "fail"):
@@ -120,6 +122,8 @@ class Resilience:
         for key in ("recovery_timeout_s", "stall_timeout_s", "store_timeout_s", "unresponsive_s"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"config key resilience.{key} must be > 0, got {getattr(self, key)!r}")
+        if self.admission_wait_s < 0:
+            raise ConfigError(f"config key resilience.admission_wait_s must be >= 0, got {self.admission_wait_s!r}")
         if self.max_migrations < 0:
             raise ConfigError(f"config key resilience.max_migrations must be >= 0, got {self.max_migrations!r}")
 

@@ -11,7 +11,8 @@ When a worker is lost on the way (its process died, Ray is restarting it, or it 
   twice and none missing. Greedy output is what an undisturbed run gives: the default int8 path is
   batch-invariant, so computing the replayed tokens as a prompt yields the same KV and logits.
   (Seeded sampling restarts its random stream at a move: valid samples, not the same ones.)
-Each request moves at most ``max_migrations`` times; it waits at most ``recovery_timeout_s`` for a
+A new request that finds no live prefill or decode worker waits up to ``admission_wait_s`` for one
+(a worker being restarted) before it is refused. Each request moves at most ``max_migrations`` times; it waits at most ``recovery_timeout_s`` for a
 live worker; a decode worker silent for ``stall_timeout_s`` counts as lost. Every failure ends in a
 ``ServeError`` with a short message of ours.
 
@@ -95,11 +96,14 @@ class RequestFlow:
                priority: int = 0) -> Submitted:
         rid = request_id or f"r{next(self._ids)}"
         request = PlacementRequest(rid, len(prompt), session_id, ttft_slo_s, tbt_slo_s, priority, tuple(prompt))
+        deadline = time.monotonic() + self.resilience.admission_wait_s
+        while not self.conductor.can_serve() and time.monotonic() < deadline:  # a worker is restarting
+            time.sleep(0.05)
         placement = self.conductor.place(request)
         if isinstance(placement, Reject):
             if placement.reason == NO_LIVE_WORKER:
                 raise ServeError("UNAVAILABLE", "no live prefill or decode worker right now (one is restarting); "
-                                                "retry in a few seconds")
+                                                "retry in a few seconds")  # after admission_wait_s
             raise Rejected(rid, placement.reason)
         sub = Submitted(rid, placement, Future(), list(prompt), params, session_id)
         with self._lock:
