@@ -57,10 +57,11 @@ def float_weight(wq: torch.Tensor) -> torch.Tensor:
 def int_mm_via_float(xq: torch.Tensor, wq_float: torch.Tensor) -> torch.Tensor:
     """``xq @ wq.T`` as exact integers in a float tensor [M, N] (float32 up to EXACT_K, float64 beyond).
 
-    ``wq_float`` is ``float_weight(wq)``. Chunks are of equal size so no chunk exceeds EXACT_K.
+    ``xq`` is int8, or its integers in float32 (``quantize_rows_float``); ``wq_float`` is
+    ``float_weight(wq)``. Chunks are of equal size so no chunk exceeds EXACT_K.
     """
     k = xq.shape[1]
-    x = xq.to(torch.float32)
+    x = xq if xq.dtype == torch.float32 else xq.to(torch.float32)
     if k <= EXACT_K:
         return x @ wq_float
     size = math.ceil(k / math.ceil(k / EXACT_K))

@@ -64,9 +64,13 @@ def int8_matmul(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_sca
     return reference.int8_matmul(xq, x_scale, wq, w_scale, bias, out_dtype, wq_float)
 
 
-def int8_gemm_in_float(xq: torch.Tensor) -> bool:
-    """Whether this CPU GEMM should run as exact float32 GEMMs (``kernels.cpu_gemm``'s measured plan)."""
-    return xq.is_cpu and not use_triton(xq) and cpu_gemm.plan().use_float(xq.shape[0])
+def int8_gemm_in_float(x: torch.Tensor) -> bool:
+    """Whether the GEMM of these rows [M, K] runs as exact float32 GEMMs (``kernels.cpu_gemm``'s measured plan);
+    then the caller quantizes with ``quantize_rows_float`` and passes ``wq_float``."""
+    return x.is_cpu and not use_triton(x) and cpu_gemm.plan().use_float(x.shape[0])
+
+
+quantize_rows_float = reference.quantize_rows_float  # the float route runs on CPU only
 
 
 def write_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, k_scale: torch.Tensor | None,

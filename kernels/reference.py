@@ -17,10 +17,15 @@ PREFILL_SLICE_ROWS = 128  # query rows per prefill slice: causal slices skip the
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row (per token, or per output channel) symmetric int8; returns (int8, float32 scale[..., 1])."""
+    q, scale = quantize_rows_float(x)
+    return q.to(torch.int8), scale
+
+
+def quantize_rows_float(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_rows``'s integers held in float32: the float GEMM route's input, without an int8 round trip."""
     xf = x.float()
     scale = xf.abs().amax(dim=-1, keepdim=True).clamp_min(1e-8) / QMAX
-    q = torch.round(xf / scale).clamp_(-QMAX, QMAX).to(torch.int8)
-    return q, scale
+    return torch.round(xf / scale).clamp_(-QMAX, QMAX), scale
 
 
 def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

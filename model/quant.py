@@ -51,6 +51,8 @@ class QLinear(nn.Module):
         self._dequantized: torch.Tensor | None = None
         self._as_float: torch.Tensor | None = None  # the int8 weight's exact float32 copy (kernels.cpu_gemm)
         self._as_float_key: tuple | None = None
+        self._smoothed_key: tuple | None = None
+        self._smoothed_value = True
 
     @torch.no_grad()
     def load_float(self, weight: torch.Tensor, smooth: torch.Tensor | None = None) -> None:
@@ -73,10 +75,12 @@ class QLinear(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         if self.int8_weights:
-            x = self._rotate(x.float() * self.inv_smooth)
+            x = self._rotate(x.float() * self.inv_smooth if self._smoothed() else x.float())
             if self.int8_activations:
-                xq, xs = kernels.quantize_rows(x)
-                wf = self._int8_as_float() if kernels.int8_gemm_in_float(xq) else None
+                if kernels.int8_gemm_in_float(x):
+                    (xq, xs), wf = kernels.quantize_rows_float(x), self._int8_as_float()
+                else:
+                    (xq, xs), wf = kernels.quantize_rows(x), None
                 y = kernels.int8_matmul(xq, xs, self.weight_q, self.weight_scale, out_dtype=self.dtype, wq_float=wf)
             else:
                 y = F.linear(x.to(self.dtype), self._float_weight())
@@ -94,6 +98,13 @@ class QLinear(nn.Module):
         if self._dequantized is None or self._dequantized.device != self.weight_q.device:
             self._dequantized = kernels.dequantize_rows(self.weight_q, self.weight_scale[:, None], self.dtype)
         return self._dequantized
+
+    def _smoothed(self) -> bool:
+        """Whether ``inv_smooth`` is other than all ones (a multiply per call saved when not; rechecked on change)."""
+        key = (self.inv_smooth.data_ptr(), self.inv_smooth._version)
+        if self._smoothed_key != key:
+            self._smoothed_key, self._smoothed_value = key, bool((self.inv_smooth != 1).any())
+        return self._smoothed_value
 
     def _int8_as_float(self) -> torch.Tensor:
         """Made on first use, so only processes whose CPU plan takes the float path pay its memory;

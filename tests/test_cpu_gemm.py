@@ -87,3 +87,24 @@ def test_a_layer_gives_the_same_bits_by_either_route_and_follows_its_weights(mon
     layer.load_state_dict({**layer.state_dict(), "weight_q": -layer.weight_q})  # in place: the float copy follows
     assert torch.equal(layer(x), -outs["float"])
     cpu_gemm.plan.cache_clear()
+
+
+def test_the_float_quantizer_holds_the_int8_quantizers_integers():
+    x = torch.randn(7, 300) * torch.logspace(-3, 3, 7)[:, None]
+    q, s = kernels.quantize_rows(x)
+    qf, sf = kernels.quantize_rows_float(x)
+    assert qf.dtype == torch.float32 and torch.equal(qf.to(torch.int8), q) and torch.equal(sf, s)
+
+
+def test_a_layer_notices_smoothing_loaded_after_its_first_call():
+    """The layer skips multiplying by an all-ones inv_smooth; a state dict that brings one must count."""
+    layer = QLinear(64, 16, QuantConfig())
+    layer.load_float(torch.randn(16, 64))
+    x = torch.randn(3, 64)
+    plain = layer(x)
+    smooth = torch.linspace(0.5, 2.0, 64)
+    layer.load_state_dict({**layer.state_dict(), "inv_smooth": 1.0 / smooth})
+    reference = QLinear(64, 16, QuantConfig())
+    reference.load_state_dict(layer.state_dict())
+    reference._smoothed = lambda: True  # the path that always multiplies
+    assert not torch.equal(layer(x), plain) and torch.equal(layer(x), reference(x))
