@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 
 from benchmarks.common import machine
@@ -99,7 +100,7 @@ def measure(model, workloads: list[str], runs: int, peers: bool) -> dict:
                 continue
             r = rates(median_run(lambda: run(w), n), w)
             res["rows"].append({"engine": name, "workload": w.name, "key": key, "runs": n, **r})
-            print(f"  {name} {w.name}: " + ", ".join(f"{k} {v:.2f}" for k, v in r.items()), flush=True)
+            print(f"  {name} {w.name}: " + ", ".join(f"{k} {v:.2f}" for k, v in r.items()), file=sys.stderr, flush=True)
     return res
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 from torch.profiler import ProfilerActivity, profile
@@ -93,7 +94,7 @@ def main() -> None:
                 r = (profile_decode(model, batch, context, args.steps, args.top) if phase == "decode"
                      else profile_prefill(model, batch, context, args.top))
                 rows.append({"phase": phase, "batch": batch, "context": context, **r})
-                print(f"  {phase} b{batch} ctx{context}: {r['step_ms']:.1f} ms", flush=True)
+                print(f"  {phase} b{batch} ctx{context}: {r['step_ms']:.1f} ms", file=sys.stderr, flush=True)
     if args.json:
         print(json.dumps({"machine": machine(), "int8_gemm": cpu_gemm.plan().describe(), "rows": rows}, indent=1))
         return
