@@ -1,165 +1,17 @@
-"""A soak: Poisson arrivals on a local cluster while a random worker or the store is killed
-(SIGKILL, as `kill -9` would) every few seconds; every finished stream is compared with the
-fault-free tokens of its prompt.
+"""The chaos soak as a benchmark script (the same as ``pdserve chaos soak``; see ``pdserve.chaos``):
+Poisson load on a local cluster while a random worker or the store is killed every few seconds.
 
     python -m benchmarks.chaos_soak [--seconds 120] [--rate 2] [--kill-every 8] [--n-prefill 1]
-                                    [--n-decode 1] [--max-tokens 32] [--seed 0] [--json]
-
-Prints: sent / completed / failed with an explicit status / lost (no final answer at all: must
-be 0) / completed with duplicated or missing tokens against the fault-free run (must be 0) /
-p50 and p99 time to recover (from a kill until the killed part is alive again and a probe
-request has been served). skv-tiny, default int8 precision (batch-invariant, so greedy tokens
-must match exactly), Ray on 127.0.0.1.
+                                    [--n-decode 1] [--max-tokens 32] [--admission-wait 10] [--json]
 """
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import random
-import signal
-import statistics
-import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+import sys
 
-os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # before Ray: bind 127.0.0.1 only
-
-from benchmarks.common import machine  # noqa: E402
-from model.engine import Engine, EngineConfig, SamplingParams  # noqa: E402
-
-
-@dataclass
-class Tally:
-    sent: int = 0
-    completed: int = 0
-    failed: int = 0  # ended with an explicit error (a status a client would get)
-    wrong: int = 0  # completed, but tokens duplicated, missing or different from the fault-free run
-    kills: list[str] = field(default_factory=list)
-    recover_s: list[float] = field(default_factory=list)
-    failures: dict[str, int] = field(default_factory=dict)
-    messages: dict[str, int] = field(default_factory=dict)  # what the failed clients read, and how often
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def add(self, **kw) -> None:
-        with self.lock:
-            for k, v in kw.items():
-                setattr(self, k, getattr(self, k) + v)
-
-
-def one_request(cluster, reference, prompt: list[int], params: SamplingParams, tally: Tally) -> None:
-    from pdserve.driver import Rejected
-    from pdserve.errors import client_message
-
-    tally.add(sent=1)
-    try:
-        tokens = [t for out in cluster.stream(cluster.submit(prompt, params)) for t in out.token_ids]
-    except Exception as e:  # noqa: BLE001 - counted by the status a client would see
-        code, message = ("RESOURCE_EXHAUSTED", str(e)) if isinstance(e, Rejected) else client_message(e)
-        with tally.lock:
-            tally.failed += 1
-            tally.failures[code] = tally.failures.get(code, 0) + 1
-            tally.messages.setdefault(message, 0)
-            tally.messages[message] += 1
-        return
-    tally.add(completed=1, wrong=int(tokens != reference(prompt)))
-
-
-def killer(cluster, every_s: float, stop: threading.Event, tally: Tally, rng: random.Random, probe) -> None:
-    names = [*cluster.prefill, *cluster.decode, "store"]
-    while not stop.wait(every_s):
-        name = rng.choice(names)
-        try:
-            pid = cluster.ray.get(cluster.actor(name).pid.remote(), timeout=10)
-        except Exception:  # noqa: BLE001 - still restarting from the last kill: try later
-            continue
-        t0 = time.monotonic()
-        os.kill(pid, signal.SIGKILL)
-        tally.kills.append(name)
-        while time.monotonic() - t0 < 300:  # alive again (a new incarnation) and serving a probe
-            state = cluster.supervisor.snapshot()[name]
-            if state["state"] == "alive" and cluster.serving():
-                try:
-                    probe()
-                    break
-                except Exception:  # noqa: BLE001
-                    pass
-            time.sleep(0.05)
-        tally.recover_s.append(time.monotonic() - t0)
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seconds", type=float, default=120.0)
-    ap.add_argument("--rate", type=float, default=2.0, help="Poisson arrivals per second")
-    ap.add_argument("--kill-every", type=float, default=8.0)
-    ap.add_argument("--n-prefill", type=int, default=1)
-    ap.add_argument("--n-decode", type=int, default=1)
-    ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--admission-wait", type=float, default=10.0, help="resilience.admission_wait_s")
-    ap.add_argument("--json", action="store_true")
-    args = ap.parse_args()
-
-    from model.config import QuantConfig
-    from model.loader import load
-    from pdserve.cluster import LocalCluster
-    from pdserve.config import Resilience
-
-    params = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True)
-    engine = Engine(load("skv-tiny", quant=QuantConfig()).model, EngineConfig(kv_cache_bytes=64 * 2**20, max_seqs=1))
-    ref_lock, refs = threading.Lock(), {}
-
-    def reference(prompt: list[int]) -> list[int]:
-        with ref_lock:
-            key = tuple(prompt)
-            if key not in refs:
-                refs[key] = engine.generate([prompt], params)[0]
-            return refs[key]
-
-    rng = random.Random(args.seed)
-    tally, stop = Tally(), threading.Event()
-    with LocalCluster("skv-tiny", quant=QuantConfig(), n_prefill=args.n_prefill, n_decode=args.n_decode,
-                      resilience=Resilience(recovery_timeout_s=120.0, stall_timeout_s=20.0,
-                                            admission_wait_s=args.admission_wait)) as cluster:
-        probe = lambda: cluster.generate(list(range(3, 20)), SamplingParams(max_tokens=2, ignore_eos=True))
-        k = threading.Thread(target=killer, args=(cluster, args.kill_every, stop, tally, random.Random(args.seed + 1),
-                                                  probe), daemon=True)
-        t0 = time.monotonic()
-        k.start()
-        with ThreadPoolExecutor(max_workers=64) as pool:
-            futures = []
-            while time.monotonic() - t0 < args.seconds:
-                vocab = cluster.model_config.vocab_size
-                prompt = [rng.randrange(3, vocab) for _ in range(rng.randint(8, 96))]
-                futures.append(pool.submit(one_request, cluster, reference, prompt, params, tally))
-                time.sleep(rng.expovariate(args.rate))
-            stop.set()
-            for f in futures:
-                f.result(timeout=600)  # every request ends: completed or an explicit failure
-        k.join(timeout=300)
-        counters = cluster.status()["counters"]
-    lost = tally.sent - tally.completed - tally.failed
-    rec = sorted(tally.recover_s)
-    out = {"sent": tally.sent, "completed": tally.completed, "failed": tally.failed, "failures": tally.failures, "messages": tally.messages,
-           "wrong": tally.wrong, "kills": tally.kills, "lost": lost,
-           "recover_p50_s": statistics.median(rec) if rec else None,
-           "recover_p99_s": rec[min(len(rec) - 1, int(0.99 * len(rec)))] if rec else None,
-           "counters": counters, "args": vars(args), "machine": machine()}
-    if args.json:
-        print(json.dumps(out, indent=1))
-        return
-    print(f"soak {args.seconds:g}s, Poisson {args.rate:g}/s, a kill every {args.kill_every:g}s, "
-          f"{args.n_prefill} prefill + {args.n_decode} decode, skv-tiny int8, {args.max_tokens} tokens each")
-    print(f"sent {tally.sent}  completed {tally.completed}  failed (explicit status) {tally.failed} {tally.failures}  "
-          f"lost {lost}  duplicated/missing/wrong tokens {tally.wrong}")
-    print(f"kills {len(tally.kills)} ({', '.join(tally.kills)}); time to recover p50 {out['recover_p50_s'] or 0:.1f}s "
-          f"p99 {out['recover_p99_s'] or 0:.1f}s")
-    for message, n in tally.messages.items():
-        print(f"  {n} x {message}")
-    print(f"cluster counters: {counters}")
-
+from pdserve.chaos import add_soak_args, soak
 
 if __name__ == "__main__":
-    main()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_soak_args(ap)
+    sys.exit(soak(ap.parse_args()))

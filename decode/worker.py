@@ -98,6 +98,7 @@ class DecodeWorker:
             with self.lock:  # the caller gets the exception; nobody will stream this request
                 self.streams.pop(rid, None)
                 self.prompts.pop(rid, None)
+                self.published.pop(rid, None)
             raise
         finally:
             if prefix is not None:

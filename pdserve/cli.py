@@ -8,7 +8,7 @@ import time
 
 
 # Subcommands that live beside their feature: each module has ``add_parsers(subparsers)``.
-SUBCOMMAND_MODULES: tuple[str, ...] = ("pdserve.sim_cli", "pdserve.distill_cli", "pdserve.server_cli")
+SUBCOMMAND_MODULES: tuple[str, ...] = ("pdserve.sim_cli", "pdserve.distill_cli", "pdserve.server_cli", "pdserve.chaos")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -126,7 +126,7 @@ class RequestFlow:
         while True:
             if sub.request_id in self._cancelled:
                 return
-            got = self.conductor.place(request)
+            got = self.conductor.place(request) if self.conductor.can_serve() else None  # (no idle counting)
             if isinstance(got, Placement):
                 sub.placement = got
                 return
@@ -277,7 +277,8 @@ class RequestFlow:
             return
         self.counters.add(migrations=1)
         handoff = self._run(sub, prompt, rest)
-        self.counters.add(recomputed_tokens=max(0, len(prompt) - handoff.cached_tokens))
+        if handoff.finish_reason != "abort":  # (cancelled meanwhile: nothing was computed)
+            self.counters.add(recomputed_tokens=max(0, len(prompt) - handoff.cached_tokens))
 
     def ray_cancel(self, name: str, request_id: str) -> None:
         """Best effort: a worker that is alive frees the request's slots; a lost one has nothing."""

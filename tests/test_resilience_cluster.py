@@ -237,10 +237,18 @@ def test_an_abort_storm_leaves_nothing_held(cluster, reference):
 
 def test_an_unresponsive_worker_leaves_placement_within_seconds_and_comes_back(cluster, reference):
     """A prefill worker that stops answering (SIGSTOP: alive, silent) is out of placement within
-    about a second, a new request waits admission_wait_s for it and then gets a clear UNAVAILABLE,
-    and the worker is back in placement once it answers."""
-    from pdserve.errors import ServeError
+    about a second; meanwhile a new request waits admission_wait_s and gets a clear UNAVAILABLE, and
+    `pdserve status` shows the worker's state and exits 0; the worker is back once it answers."""
+    import re
 
+    from pdserve.errors import ServeError
+    from pdserve.gateway import ServerOptions, start
+    from pdserve.metrics import Metrics
+    from test_cli import run as cli
+
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    running = asyncio.run_coroutine_threadsafe(start(cluster, ServerOptions(), Metrics("skv-tiny")), loop).result(30)
     victim = pid(cluster, "prefill-0")
     restarts = cluster.status()["workers"]["prefill-0"]["restarts"]
     os.kill(victim, signal.SIGSTOP)
@@ -253,9 +261,15 @@ def test_an_unresponsive_worker_leaves_placement_within_seconds_and_comes_back(c
         with pytest.raises(ServeError, match="no live prefill or decode worker") as e:
             cluster.submit(list(range(20, 40)), PARAMS)
         assert e.value.code == "UNAVAILABLE" and 1.0 <= time.monotonic() - t1 < 3.0
+        shown = cli("status", "--server", f"127.0.0.1:{running.port}", timeout=60)
     finally:
         os.kill(victim, signal.SIGCONT)
+        asyncio.run_coroutine_threadsafe(running.stop(0), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
     assert out_after < 3.0  # unresponsive_s = 1 plus a ping interval, on a loaded 2-core machine
+    assert shown.returncode == 0 and "Traceback" not in shown.stderr, shown.stderr
+    assert "NOT SERVING" in shown.stdout and re.search(r"prefill-0\s+prefill\s+restarting", shown.stdout)
+    assert re.search(r"decode-0\s+decode\s+alive", shown.stdout)
     t1 = time.monotonic()
     while not cluster.serving():
         assert time.monotonic() - t1 < 10
