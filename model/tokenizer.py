@@ -1,7 +1,7 @@
 """Tokenizer from a GGUF's byte-level BPE vocabulary and merges, and its chat template."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ class Tokenizer:
     bos_token_id: int | None
     eos_token_id: int | None
     chat_template: str | None = None
+    _literal: HFTokenizer | None = field(default=None, repr=False, compare=False)  # encode_text's backend
 
     @property
     def vocab_size(self) -> int:
@@ -26,6 +27,34 @@ class Tokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def encode_text(self, text: str) -> list[int]:
+        """Ids of ``text`` read as plain text: a string that spells a special token (``<|im_start|>``)
+        becomes ordinary tokens, never the control token."""
+        if self._literal is None:
+            self._literal = HFTokenizer.from_str(self.backend.to_str())
+            self._literal.encode_special_tokens = True
+        return self._literal.encode(text, add_special_tokens=False).ids
+
+    def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+        """The chat prompt as ids: the template's own markers as control tokens, each message's content
+        as plain text (``encode_text``), so no content can open or close a turn (forge a system turn).
+
+        The template is rendered with a placeholder per content; the text between placeholders is the
+        template's and is encoded with its specials. Same ids as encoding the rendered string whenever
+        no content spells a special token (the template puts a special or a newline at every seam).
+        """
+        marks = [f"\ue000{i}\ue001" for i in range(len(messages))]
+        rendered = self.apply_chat_template([{**m, "content": mark} for m, mark in zip(messages, marks)],
+                                            add_generation_prompt)
+        ids, at = [], 0
+        for m, mark in zip(messages, marks):
+            cut = rendered.find(mark, at)
+            if cut < 0:
+                raise ValueError("the chat template drops or reorders message contents")
+            ids += self.encode(rendered[at:cut]) + self.encode_text(m["content"])
+            at = cut + len(mark)
+        return ids + self.encode(rendered[at:])
 
     def token_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)

@@ -76,8 +76,7 @@ def _generate(args) -> int:
     sampling = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, seed=args.seed, stop=tuple(args.stop),
                               stop_token_ids=(endoftext,) if endoftext is not None else ())
-    text = tok.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
-    prompt = tok.encode(text)
+    prompt = tok.encode_chat([{"role": "user", "content": args.prompt}]) if args.chat else tok.encode(args.prompt)
     if args.cluster:
         return _generate_on_cluster(name, args, tok, prompt, sampling)
     engine = Engine(loaded.model, tokenizer=tok)

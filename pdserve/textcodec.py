@@ -44,11 +44,13 @@ class Codec:
             return self.tokenizer.decode(ids)
         return "".join(chr(i - 3) if 3 <= i < 259 else f"<|t{i}|>" for i in ids)
 
-    def chat(self, messages: list[dict[str, str]]) -> str:
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """A model's tokenizer keeps message contents as plain text (``Tokenizer.encode_chat``). The
+        character codec has no control tokens to forge: its template is characters too."""
         if self.tokenizer is not None:
-            return self.tokenizer.apply_chat_template(messages)
-        return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages) + \
-            "<|im_start|>assistant\n"
+            return self.tokenizer.encode_chat(messages)
+        return self.encode("".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+                           + "<|im_start|>assistant\n")
 
 
 def _chars(text: str) -> list[int]:

@@ -87,7 +87,7 @@ def _chat_prompt(req, codec: Codec) -> list[int]:
     for i, m in enumerate(req.messages):
         if m.role not in ROLES:
             raise FieldError(f"messages[{i}].role", f"{m.role!r} is not one of {', '.join(ROLES)}")
-    return codec.encode(codec.chat([{"role": m.role, "content": m.content} for m in req.messages]))
+    return codec.encode_chat([{"role": m.role, "content": m.content} for m in req.messages])
 
 
 def _sampling(s, limits: Limits, n_prompt: int, eos: int | None) -> tuple[SamplingParams, tuple[str, ...]]:
