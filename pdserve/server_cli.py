@@ -233,11 +233,10 @@ def _status(args) -> int:
     try:
         s = client.status()
     except grpc.RpcError as e:
-        print(f"pdserve: status: no answer from {client.target} ({e.code().name}): is the server up? "
-              "(`pdserve up`)", file=sys.stderr)
+        target = getattr(client, "target", "the server")
+        print(f"pdserve: status: no answer from {target} ({e.code().name}): is the server up? (`pdserve up`)",
+              file=sys.stderr)
         return 2
-    finally:
-        client.close()
     print(f"model {s.model}, policy {s.policy}: {'serving' if s.serving else 'NOT SERVING'}; {s.requests} requests, "
           f"{s.rejected} rejected, {s.in_flight} in flight")
     for w in s.workers:
