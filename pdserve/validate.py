@@ -13,6 +13,12 @@ from pdserve.textcodec import ROLES, Codec
 _ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 
+def shown(value: str, limit: int = 64) -> str:
+    """A client's string as our messages echo it: quoted, cut to ``limit`` characters with its length
+    said, so a huge value cannot swell a status message past gRPC's metadata limit."""
+    return repr(value) if len(value) <= limit else f"{value[:limit]!r}... ({len(value):,} characters)"
+
+
 class FieldError(ValueError):
     def __init__(self, field: str, why: str, not_found: bool = False):
         super().__init__(f"{field}: {why}")
@@ -48,7 +54,7 @@ class Prepared:
 def prepare(req, limits: Limits, codec: Codec, chat: bool) -> Prepared:
     """A GenerateRequest or ChatRequest -> Prepared, or FieldError."""
     if req.model and req.model != limits.model:
-        raise FieldError("model", f"unknown model {req.model!r}; this server serves {limits.model!r}", not_found=True)
+        raise FieldError("model", f"unknown model {shown(req.model)}; this server serves {limits.model!r}", not_found=True)
     prompt = _chat_prompt(req, codec) if chat else _prompt(req, codec)
     if len(prompt) > limits.prompt_cap:
         raise FieldError("prompt", f"{len(prompt)} tokens exceeds the limit of {limits.prompt_cap}")
@@ -86,7 +92,7 @@ def _chat_prompt(req, codec: Codec) -> list[int]:
         raise FieldError("model", "this model has no chat template: use Generate")
     for i, m in enumerate(req.messages):
         if m.role not in ROLES:
-            raise FieldError(f"messages[{i}].role", f"{m.role!r} is not one of {', '.join(ROLES)}")
+            raise FieldError(f"messages[{i}].role", f"{shown(m.role)} is not one of {', '.join(ROLES)}")
     return codec.encode_chat([{"role": m.role, "content": m.content} for m in req.messages])
 
 

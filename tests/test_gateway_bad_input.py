@@ -53,6 +53,7 @@ BAD = [
     (gen(token_ids=pb.TokenIds(ids=[5, 99999])), C.INVALID_ARGUMENT, "token_ids: token id 99999"),
     (gen(token_ids=pb.TokenIds(ids=[5] * 2000)), C.INVALID_ARGUMENT, "prompt: 2000 tokens exceeds"),
     (gen(model="gpt-17"), C.NOT_FOUND, "model: unknown model 'gpt-17'"),
+    (gen(model="m" * 60000), C.NOT_FOUND, "model: unknown model 'mmm"),  # echoed cut: still a NOT_FOUND
     (gen(sampling={"max_tokens": 0}), C.INVALID_ARGUMENT, "sampling.max_tokens: 0"),
     (gen(sampling={"max_tokens": 4_000_000_000}), C.INVALID_ARGUMENT, "sampling.max_tokens: 4000000000"),
     (gen(sampling={"max_tokens": 500}, token_ids=pb.TokenIds(ids=[5] * 600)), C.INVALID_ARGUMENT,
