@@ -277,7 +277,9 @@ class RequestFlow:
             return
         self.counters.add(migrations=1)
         handoff = self._run(sub, prompt, rest)
-        if handoff.finish_reason != "abort":  # (cancelled meanwhile: nothing was computed)
+        if sub.request_id in self._cancelled:  # cancelled while it moved: the new worker lets it go too
+            self.ray_cancel(sub.placement.decode, sub.request_id)
+        if handoff.finish_reason != "abort":  # (cancelled before its prefill: nothing was computed)
             self.counters.add(recomputed_tokens=max(0, len(prompt) - handoff.cached_tokens))
 
     def ray_cancel(self, name: str, request_id: str) -> None:

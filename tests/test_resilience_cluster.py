@@ -220,6 +220,36 @@ def test_a_corrupt_block_and_a_failing_transfer_are_recomputed(cluster, referenc
     assert_nothing_held(cluster)
 
 
+def test_cancel_while_streams_migrate_frees_everything(cluster, reference):
+    """Requests cancelled right after their decode worker died (while they move) end with an abort;
+    the others complete with the fault-free tokens; nothing stays held."""
+    ps = prompts(160, 6)
+    subs = [cluster.submit(p, PARAMS) for p in ps]
+    streams = [cluster.stream(s) for s in subs]
+    got = [list(next(st).token_ids) for st in streams]
+    os.kill(pid(cluster, "decode-0"), signal.SIGKILL)
+    t0 = time.monotonic()
+    cancels = [threading.Thread(target=cluster.cancel, args=(s.request_id,)) for s in subs[::2]]
+    for c in cancels:  # at once: each may wait on the dead worker a moment
+        c.start()
+    lasts = []
+    for g, st in zip(got, streams):
+        last = None
+        for out in st:
+            g.extend(out.token_ids)
+            last = out
+        lasts.append(last)
+    for c in cancels:
+        c.join()
+    for i, (p, g, last) in enumerate(zip(ps, got, lasts)):
+        if i % 2:
+            assert g == reference(p) and last.finish_reason == "length"
+        else:
+            assert last.finished and last.finish_reason == "abort" and g == reference(p)[:len(g)]
+    assert_nothing_held(cluster)
+    assert_recovered(cluster, reference, t0)
+
+
 def test_an_abort_storm_leaves_nothing_held(cluster, reference):
     storm = [cluster.submit(list(range(200 + i % 50, 240 + i % 50)), SamplingParams(max_tokens=50, ignore_eos=True))
              for i in range(300)]
