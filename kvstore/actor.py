@@ -8,6 +8,7 @@ import xxhash
 
 from kvstore.blocks import BlockSpec
 from kvstore.errors import KVLoadError
+from kvstore.faults import Fault, Faults
 from kvstore.index import KVLayout
 from kvstore.store import KVStore, StoreConfig
 
@@ -19,6 +20,20 @@ class StoreActor(KVStore):
 
         super().__init__(spec, fingerprint, layout, config, use_ray=True)
         self.incarnation = uuid.uuid4().hex[:12]
+        self.faults = Faults()
+
+    def put(self, tokens, data, fingerprint: int) -> list[int]:
+        self.faults.hit("store.put")
+        return super().put(tokens, data, fingerprint)
+
+    def get_refs(self, keys: list[int], with_digest: bool = False):
+        self.faults.hit("store.get")
+        return super().get_refs(keys, with_digest)
+
+    def arm_fault(self, point: str, action: str = "exit", after: int = 0, times: int = 1,
+                  seconds: float = 0.0) -> None:
+        """Fault injection at "store.put" or "store.get" (see ``kvstore.faults``)."""
+        self.faults.arm(Fault(point, action, after, times, seconds))
 
     def get(self, keys: list[int], end: int):
         """By value: contiguous arrays, which Ray serializes without a per-element copy. Readers on

@@ -217,6 +217,11 @@ def test_a_corrupt_block_and_a_failing_transfer_are_recomputed(cluster, referenc
     for p, g in zip(ps, got):
         assert g == reference(p)
     assert cluster.counters.recomputed_tokens >= recomputed + sum(len(p) // 16 * 16 for p in ps)
+
+    failures = cluster.counters.kv_load_failures  # the store itself fails the next two transfers
+    cluster.arm_fault("store", "store.get", "raise", times=2)
+    tokens3, _, _ = cluster.generate(second, PARAMS)
+    assert tokens3 == reference(second) and cluster.counters.kv_load_failures == failures + 2
     assert_nothing_held(cluster)
 
 
