@@ -6,9 +6,12 @@ predicted vs delivered hits) come from ``LocalCluster.status()`` on each refresh
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
 _LATENCY = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 
@@ -117,6 +120,25 @@ class Metrics:
             self._seen[key] = total
 
     def serve_http(self, port: int, host: str = "127.0.0.1") -> int:
-        """Starts the /metrics endpoint (a daemon thread); returns the bound port."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
-        return server.server_address[1]
+        """Starts the /metrics endpoint (a daemon thread); returns the bound port. Any other path
+        is a 404 (prometheus_client's own server answers every path with the metrics)."""
+        metrics_app = make_wsgi_app(self.registry)
+
+        def app(environ, start_response):
+            if environ.get("PATH_INFO", "") in ("/metrics", "/metrics/"):
+                return metrics_app(environ, start_response)
+            start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+            return [b"not found: pdserve's metrics are at /metrics\n"]
+
+        httpd = make_server(host, port, app, _ThreadingWSGIServer, handler_class=_QuietHandler)
+        threading.Thread(target=httpd.serve_forever, name="pdserve-metrics", daemon=True).start()
+        return httpd.server_address[1]
+
+
+class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args) -> None:  # scrapes are not news
+        pass
