@@ -1,6 +1,7 @@
 """Tokenizer from a GGUF's byte-level BPE vocabulary and merges, and its chat template."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,12 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
+
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """The longest token in bytes: byte-level BPE spells each byte as one character of the vocabulary
+        (added tokens are their own ASCII text), so it is the longest vocabulary string."""
+        return max(len(t) for t in self.backend.get_vocab(with_added_tokens=True))
 
     def encode(self, text: str) -> list[int]:
         return self.backend.encode(text, add_special_tokens=False).ids

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-_MARK = re.compile(r"<\|t(\d+)\|>")
+_MARK = re.compile(r"<\|t(0|[1-9]\d*)\|>")  # no leading zeros: one spelling per id
 
 from model.tokenizer import Tokenizer
 
@@ -24,6 +24,13 @@ class Codec:
     tokenizer: Tokenizer | None
     vocab_size: int
     eos_token_id: int | None
+
+    @property
+    def max_token_bytes(self) -> int:
+        """The most UTF-8 bytes of text one id can stand for (a floor on any text's token count)."""
+        if self.tokenizer is not None:
+            return self.tokenizer.max_token_bytes
+        return max(2, len(f"<|t{self.vocab_size}|>"))  # a Latin-1 character (<= 2 bytes), or a marker
 
     @property
     def has_chat_template(self) -> bool:

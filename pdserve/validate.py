@@ -55,6 +55,7 @@ def prepare(req, limits: Limits, codec: Codec, chat: bool) -> Prepared:
     """A GenerateRequest or ChatRequest -> Prepared, or FieldError."""
     if req.model and req.model != limits.model:
         raise FieldError("model", f"unknown model {shown(req.model)}; this server serves {limits.model!r}", not_found=True)
+    _refuse_text_past_the_cap(req, codec, limits, chat)
     prompt = _chat_prompt(req, codec) if chat else _prompt(req, codec)
     if len(prompt) > limits.prompt_cap:
         raise FieldError("prompt", f"{len(prompt)} tokens exceeds the limit of {limits.prompt_cap}")
@@ -70,6 +71,22 @@ def prepare(req, limits: Limits, codec: Codec, chat: bool) -> Prepared:
     if req.request_id and not _ID.match(req.request_id):
         raise FieldError("request_id", "must be 1-128 characters of [A-Za-z0-9._:-]")
     return Prepared(prompt, params, stop, req.session_id or None, req.request_id or None, ttft, tbt, req.priority)
+
+
+def _refuse_text_past_the_cap(req, codec: Codec, limits: Limits, chat: bool) -> None:
+    """Refuses, before tokenizing it, text too long to fit the prompt cap whatever it encodes to: no
+    token spans more than ``codec.max_token_bytes`` bytes, so the count has a floor. Tokenizing holds
+    the GIL (a 4 MB prompt took seconds), so the gateway's event loop must not be handed huge text."""
+    if chat:
+        field, size = "messages", sum(len(m.content.encode()) for m in req.messages)
+    elif req.WhichOneof("prompt") == "text":
+        field, size = "text", len(req.text.encode())
+    else:
+        return
+    floor = -(-size // codec.max_token_bytes)
+    if floor > limits.prompt_cap:
+        raise FieldError(field, f"{size:,} bytes of text are at least {floor:,} tokens, past the limit of "
+                                f"{limits.prompt_cap} prompt tokens")
 
 
 def _prompt(req, codec: Codec) -> list[int]:

@@ -54,6 +54,7 @@ BAD = [
     (gen(token_ids=pb.TokenIds(ids=[5] * 2000)), C.INVALID_ARGUMENT, "prompt: 2000 tokens exceeds"),
     (gen(model="gpt-17"), C.NOT_FOUND, "model: unknown model 'gpt-17'"),
     (gen(model="m" * 60000), C.NOT_FOUND, "model: unknown model 'mmm"),  # echoed cut: still a NOT_FOUND
+    (gen(text="x" * 60000), C.INVALID_ARGUMENT, "text: 60,000 bytes of text are at least"),  # not tokenized
     (gen(sampling={"max_tokens": 0}), C.INVALID_ARGUMENT, "sampling.max_tokens: 0"),
     (gen(sampling={"max_tokens": 4_000_000_000}), C.INVALID_ARGUMENT, "sampling.max_tokens: 4000000000"),
     (gen(sampling={"max_tokens": 500}, token_ids=pb.TokenIds(ids=[5] * 600)), C.INVALID_ARGUMENT,
@@ -85,6 +86,7 @@ def test_bad_generate_fields(server, request_, code, message):
     ([], "messages: at least one message"),
     ([("robot", "hi")], "messages[0].role: 'robot'"),
     ([("user", "hi"), ("", "x")], "messages[1].role"),
+    ([("user", "y" * 30000), ("user", "z" * 30000)], "messages: 60,000 bytes of text are at least"),
 ])
 def test_bad_chat_fields(server, messages, message):
     req = pb.ChatRequest(messages=[pb.ChatMessage(role=r, content=c) for r, c in messages])
