@@ -6,6 +6,7 @@ nothing else) and checks that no process of its session is left.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import subprocess
@@ -25,6 +26,7 @@ def add_parsers(sub) -> None:
     up.add_argument("--address", default=None, help="join the Ray cluster at this address (ray start --head ...)")
     up.add_argument("--foreground", action="store_true", help="run in this process until Ctrl-C / SIGTERM")
     up.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the server to be SERVING")
+    up.add_argument("--log-file", default="", help=argparse.SUPPRESS)  # where `up` sends a --foreground child's output
     _state_arg(up)
     up.set_defaults(func=_up)
 
@@ -127,7 +129,7 @@ def _up(args) -> int:
         from pdserve.server import serve
 
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-        asyncio.run(serve(cfg, args.address, args.state_file))
+        asyncio.run(serve(cfg, args.address, args.state_file, log=args.log_file))
         return 0
     state = start_background(args, args.state_file, args.timeout)
     print(f"pdserve: up: pid {state.pid}, gRPC {state.target}, metrics http://127.0.0.1:{state.metrics_port}/metrics, "
@@ -143,7 +145,8 @@ def start_background(args, state_file: Path, timeout_s: float) -> ServerState:
     state_file.parent.mkdir(parents=True, exist_ok=True)
     state_file.unlink(missing_ok=True)
     log = state_file.with_suffix(".log")
-    cmd = [sys.executable, "-m", "pdserve.cli", "up", "--foreground", "--state-file", str(state_file)]
+    cmd = [sys.executable, "-m", "pdserve.cli", "up", "--foreground", "--state-file", str(state_file),
+           "--log-file", str(log)]
     for flag in ("config", "model", "port", "address"):
         if getattr(args, flag, None) is not None:
             cmd += [f"--{flag}", str(getattr(args, flag))]
@@ -158,7 +161,6 @@ def start_background(args, state_file: Path, timeout_s: float) -> ServerState:
             # The state file is written once the server is SERVING; a plaintext health check confirms it
             # (a TLS server's certificate is the client's business: its state file is enough).
             if state.tls or wait_serving(state.target, deadline - time.monotonic(), lambda: proc.poll() is None):
-                state.log = str(log)
                 return state
         time.sleep(0.3)
     if proc.poll() is None:

@@ -78,6 +78,7 @@ def test_health_reflection_models_status_metrics(server):
     status = server.stub.ClusterStatus(pb.ClusterStatusRequest(), timeout=30)
     assert {w.role for w in status.workers} == {"prefill", "decode"} and status.requests >= 4
     assert status.delivered_hit_tokens > 0 and status.tiers[0].blocks > 0
+    assert server.state["log"] == str(server.state_file.with_suffix(".log"))  # the state file names the server's log
     body = urllib.request.urlopen(f"http://127.0.0.1:{server.state['metrics_port']}/metrics", timeout=10).read().decode()
     assert 'pdserve:time_to_first_token_seconds_count{model_name="skv-tiny"}' in body
     assert "pdserve:inter_token_latency_seconds_bucket" in body and "pdserve:prefix_cache_hits_total" in body
