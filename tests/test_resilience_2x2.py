@@ -14,6 +14,7 @@ from model.config import QuantConfig
 from model.engine import Engine, EngineConfig, SamplingParams
 from model.loader import load
 from pdserve.config import Resilience
+from streams import stream_all
 
 pytestmark = pytest.mark.slow
 
@@ -87,17 +88,6 @@ def reference():
     torch.set_num_threads(threads)
 
 
-def streamed(cluster, subs, on_first=None) -> list[list[int]]:
-    streams = [cluster.stream(s) for s in subs]
-    got = [list(next(st).token_ids) for st in streams]
-    if on_first is not None:
-        on_first()
-    for g, st in zip(got, streams):
-        for out in st:
-            g.extend(out.token_ids)
-    return got
-
-
 def assert_settled_and_serving(cluster, reference, since: float) -> None:
     """Nothing leased, held or in flight on any worker; a new request served within RECOVERY_S of the fault."""
     deadline = time.monotonic() + 30
@@ -121,7 +111,7 @@ def test_a_prefill_worker_dying_mid_prefill_loses_nothing(cluster, reference):
     cluster.arm_fault("prefill-0", "prefill.compute", "exit", after=0)  # its first prefill
     t0 = time.monotonic()
     subs = [cluster.submit(p, PARAMS) for p in ps]
-    assert streamed(cluster, subs) == [reference(p) for p in ps]
+    assert stream_all(cluster, subs) == [reference(p) for p in ps]
     assert cluster.status()["counters"]["replacements"] >= before + 1
     assert_settled_and_serving(cluster, reference, t0)
 
@@ -130,7 +120,7 @@ def test_the_store_killed_mid_run_loses_nothing(cluster, reference):
     ps = [list(range(150 + 5 * i, 190 + 8 * i)) for i in range(8)]
     victim = cluster.ray.get(cluster.actor("store").pid.remote(), timeout=30)
     resets, t0 = cluster.counters.store_resets, []
-    got = streamed(cluster, [cluster.submit(p, PARAMS) for p in ps],
+    got = stream_all(cluster, [cluster.submit(p, PARAMS) for p in ps],
                    on_first=lambda: (os.kill(victim, signal.SIGKILL), t0.append(time.monotonic())))
     assert got == [reference(p) for p in ps]
     deadline = time.monotonic() + RECOVERY_S

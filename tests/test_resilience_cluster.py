@@ -23,6 +23,7 @@ from model.loader import load
 from pdserve.config import Resilience
 from protos.pdserve.v1 import pdserve_pb2 as pb
 from protos.pdserve.v1 import pdserve_pb2_grpc as pb_grpc
+from streams import stream_all
 
 pytestmark = pytest.mark.slow
 
@@ -89,17 +90,6 @@ def assert_recovered(cluster, reference, since: float) -> None:
     tokens, last, _ = cluster.generate(p, PARAMS)
     assert last.finished and tokens == reference(p)
     assert time.monotonic() - since < RECOVERY_S
-
-
-def stream_all(cluster, subs, on_first=None) -> list[list[int]]:
-    streams = [cluster.stream(s) for s in subs]
-    got = [list(next(st).token_ids) for st in streams]
-    if on_first is not None:
-        on_first()
-    for g, st in zip(got, streams):
-        for out in st:
-            g.extend(out.token_ids)
-    return got
 
 
 def test_decode_killed_mid_stream_through_the_gateway(cluster, reference):
