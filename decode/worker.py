@@ -18,20 +18,19 @@ import queue
 import threading
 import time
 
-from kvstore.actor import fetch_export
 from kvstore.blocks import BlockSpec
-from kvstore.errors import KVLoadError, StoreUnavailable
+from kvstore.errors import StoreUnavailable
 from kvstore.faults import Fault, Faults, InjectedFault
 from kvstore.handoff import Handoff, WorkerInfo
 from model.engine import Engine, EngineConfig, RequestOutput, SamplingParams
 from model.transformer import Transformer
 # the helpers the prefill worker uses too
-from prefill.worker import call, check_kv_load_failure, device_of, forget_damaged
+from prefill.worker import KVLoading, call, check_kv_load_failure, device_of
 
 STEP_FAILED = "error: the decode engine failed on this request's batch"
 
 
-class DecodeWorker:
+class DecodeWorker(KVLoading):
     def __init__(self, name: str, model: Transformer, store, fingerprint: int,
                  engine_config: EngineConfig = EngineConfig(), tokenizer=None, publish: bool = True,
                  store_timeout_s: float = 10.0, kv_load_failure: str = "recompute"):
@@ -112,15 +111,8 @@ class DecodeWorker:
         data, recomputed = None, 0
         try:
             if handoff.keys:
-                self.faults.hit("kv.fetch")  # "raise" here stands for a transfer that fails
-                data = fetch_export(self.store, self.spec, handoff.keys, handoff.kv_tokens, self.store_timeout_s)
-        except (KVLoadError, InjectedFault) as e:
-            self.kv_load_failures += 1
-            forget_damaged(self.store, handoff.keys, e, self.store_timeout_s)
-            if self.kv_load_failure == "fail":
-                raise KVLoadError(f"{e} (kv_load_failure = fail)") from None
-            recomputed = handoff.kv_tokens
-            self.recomputed_tokens += recomputed
+                data = self._fetch_or_recompute(handoff.keys, handoff.kv_tokens)
+                recomputed = handoff.kv_tokens if data is None else 0
         finally:
             if handoff.lease_id is not None:
                 try:

@@ -24,7 +24,27 @@ from model.engine import Engine, EngineConfig, SamplingParams
 from model.transformer import Transformer
 
 
-class PrefillWorker:
+class KVLoading:
+    """Fetching KV from the store with the recompute fallback, shared by both workers. Expects
+    ``store``, ``spec``, ``faults``, ``store_timeout_s``, ``kv_load_failure`` and the counters
+    ``kv_load_failures`` and ``recomputed_tokens`` on the worker."""
+
+    def _fetch_or_recompute(self, keys: list[int], tokens: int):
+        """The blocks of ``keys`` (their first ``tokens``), or None when they must be recomputed (counted);
+        a missing or damaged block is also forgotten by the store. ``kv_load_failure = "fail"`` raises instead."""
+        try:
+            self.faults.hit("kv.fetch")  # "raise" here stands for a transfer that fails
+            return fetch_export(self.store, self.spec, keys, tokens, self.store_timeout_s)
+        except (KVLoadError, InjectedFault) as e:
+            self.kv_load_failures += 1
+            forget_damaged(self.store, keys, e, self.store_timeout_s)
+            if self.kv_load_failure == "fail":
+                raise KVLoadError(f"{e} (kv_load_failure = fail)") from None
+            self.recomputed_tokens += tokens
+            return None
+
+
+class PrefillWorker(KVLoading):
     def __init__(self, name: str, model: Transformer, store, fingerprint: int,
                  engine_config: EngineConfig = EngineConfig(), tokenizer=None, lease_ttl_s: float = 60.0,
                  store_timeout_s: float = 10.0, kv_load_failure: str = "recompute"):
@@ -107,17 +127,8 @@ class PrefillWorker:
             return None
         if m.tokens == 0:  # a partial block counts too (design invariant 2: token-granular reuse)
             return None
-        try:
-            self.faults.hit("kv.fetch")  # "raise" here stands for a transfer that fails
-            data = fetch_export(self.store, self.spec, m.keys, m.tokens, self.store_timeout_s)
-        except (KVLoadError, InjectedFault) as e:
-            self.kv_load_failures += 1
-            forget_damaged(self.store, m.keys, e, self.store_timeout_s)
-            if self.kv_load_failure == "fail":
-                raise KVLoadError(f"{e} (kv_load_failure = fail)") from None
-            self.recomputed_tokens += m.tokens
-            return None
-        return self.engine.import_kv(data)
+        data = self._fetch_or_recompute(m.keys, m.tokens)
+        return None if data is None else self.engine.import_kv(data)
 
     def load(self) -> dict:
         return {"name": self.name, "served": self.served, "queued_tokens": self.queued_tokens,
