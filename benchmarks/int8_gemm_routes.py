@@ -21,7 +21,7 @@ import torch
 
 from benchmarks.common import machine
 from benchmarks.decode_steps import placed_engine, step_time
-from benchmarks.profile_steps import _prefill_engine
+from benchmarks.profile_steps import prefill_engine
 from kernels import cpu_gemm
 
 SHAPES = {"qkv 576->960": (576, 960), "gate_up 576->3072": (576, 3072), "down 1536->576": (1536, 576),
@@ -54,7 +54,7 @@ def gemm_ms(k: int, n: int, m: int, mode: str) -> float:
 
 def engine_ms(model, what: str) -> float:
     if what == "prefill 1 x 512":
-        engine = _prefill_engine(model, 1, 512)
+        engine = prefill_engine(model, 1, 512)
         t0 = time.perf_counter()
         engine.step()
         return (time.perf_counter() - t0) * 1e3

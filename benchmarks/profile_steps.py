@@ -6,8 +6,9 @@ For each (batch, context): decode steps with ``batch`` sequences at ``context`` 
 the prefill of ``batch`` prompts of ``context`` tokens (one step each, ``max_batched_tokens``
 large enough). The time of each step splits into the linear layers' GEMMs (``aten::mm`` /
 ``aten::_int_mm``), attention's batched matmuls (``aten::bmm``), every other op (casts,
-quantize, rotation butterflies, index, copies), and time outside any op (Python). The top
-ops by self time follow each row with ``--top``.
+quantize, rotation butterflies, index, copies), and time outside any op (Python): an unprofiled
+run's step time minus the profiled run's op times, a lower bound (the profiler inflates op
+times). The top ops by self time follow each row with ``--top``.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ GEMM_OPS = {"aten::mm", "aten::_int_mm", "aten::addmm"}
 ATTENTION_OPS = {"aten::bmm"}
 
 
-def _prefill_engine(model, batch: int, context: int) -> Engine:
+def prefill_engine(model, batch: int, context: int) -> Engine:
     cfg = model.config
     need = batch * (context + 2 * cfg.block_size) * cfg.kv_bytes_per_token_per_group * len(cfg.kv_groups)
     engine = Engine(model, EngineConfig(kv_cache_bytes=need + 2**26, max_seqs=batch,
@@ -62,12 +63,12 @@ def profile_decode(model, batch: int, context: int, steps: int, top: int) -> dic
 
 
 def profile_prefill(model, batch: int, context: int, top: int) -> dict:
-    _prefill_engine(model, batch, context).step()  # warm-up at this shape
-    engine = _prefill_engine(model, batch, context)
+    prefill_engine(model, batch, context).step()  # warm-up at this shape
+    engine = prefill_engine(model, batch, context)
     t0 = time.perf_counter()
     engine.step()
     wall = (time.perf_counter() - t0) * 1e3
-    engine = _prefill_engine(model, batch, context)
+    engine = prefill_engine(model, batch, context)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         engine.step()
     return _split(prof, wall, 1, top)
