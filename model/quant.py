@@ -48,11 +48,7 @@ class QLinear(nn.Module):
                 self.rotation_block = hadamard_block(in_features)
         else:
             self.weight = nn.Parameter(torch.zeros(out_features, in_features, dtype=self.dtype), requires_grad=False)
-        self._dequantized: torch.Tensor | None = None
-        self._as_float: torch.Tensor | None = None  # the int8 weight's exact float32 copy (kernels.cpu_gemm)
-        self._as_float_key: tuple | None = None
-        self._smoothed_key: tuple | None = None
-        self._smoothed_value = True
+        self._derived: dict[str, tuple[tuple, object]] = {}  # values made from buffers: see _derive
 
     @torch.no_grad()
     def load_float(self, weight: torch.Tensor, smooth: torch.Tensor | None = None) -> None:
@@ -69,7 +65,6 @@ class QLinear(nn.Module):
         q, scale = kernels.quantize_rows(w)
         self.weight_q.copy_(q)
         self.weight_scale.copy_(scale.squeeze(-1))
-        self._dequantized = self._as_float = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -94,25 +89,27 @@ class QLinear(nn.Module):
         """Blockwise ``x @ H`` over the last dimension (H is symmetric, so W @ H rotates the columns alike)."""
         return x if self.rotation_block is None else hadamard_rotate(x, self.rotation_block)
 
-    def _float_weight(self) -> torch.Tensor:
-        if self._dequantized is None or self._dequantized.device != self.weight_q.device:
-            self._dequantized = kernels.dequantize_rows(self.weight_q, self.weight_scale[:, None], self.dtype)
-        return self._dequantized
+    def _derive(self, name: str, sources: tuple[torch.Tensor, ...], make):
+        """``make()``, remembered until a source changes in place (``copy_``, a state dict loaded into
+        the layer), is replaced or moves: the layer's derived tensors can never go stale."""
+        key = tuple((t.device, t.data_ptr(), t._version) for t in sources)
+        held = self._derived.get(name)
+        if held is None or held[0] != key:
+            held = self._derived[name] = (key, make())
+        return held[1]
 
-    def _smoothed(self) -> bool:
-        """Whether ``inv_smooth`` is other than all ones (a multiply per call saved when not; rechecked on change)."""
-        key = (self.inv_smooth.data_ptr(), self.inv_smooth._version)
-        if self._smoothed_key != key:
-            self._smoothed_key, self._smoothed_value = key, bool((self.inv_smooth != 1).any())
-        return self._smoothed_value
+    def _float_weight(self) -> torch.Tensor:
+        return self._derive("dequantized", (self.weight_q, self.weight_scale), lambda: kernels.dequantize_rows(
+            self.weight_q, self.weight_scale[:, None], self.dtype))
 
     def _int8_as_float(self) -> torch.Tensor:
-        """Made on first use, so only processes whose CPU plan takes the float path pay its memory;
-        remade when the int8 weight changes in place (a state dict loaded into the layer) or moves."""
-        key = (self.weight_q.device, self.weight_q.data_ptr(), self.weight_q._version)
-        if self._as_float is None or self._as_float_key != key:
-            self._as_float, self._as_float_key = kernels.int8_float_weight(self.weight_q), key
-        return self._as_float
+        """The int8 weight's exact float32 copy (kernels.cpu_gemm), made on first use, so only processes
+        whose CPU plan takes the float route pay its memory."""
+        return self._derive("as_float", (self.weight_q,), lambda: kernels.int8_float_weight(self.weight_q))
+
+    def _smoothed(self) -> bool:
+        """Whether ``inv_smooth`` is other than all ones (a multiply per call saved when not)."""
+        return self._derive("smoothed", (self.inv_smooth,), lambda: bool((self.inv_smooth != 1).any()))
 
 
 class QEmbedding(nn.Module):
