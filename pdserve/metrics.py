@@ -7,6 +7,7 @@ predicted vs delivered hits) come from ``LocalCluster.status()`` on each refresh
 from __future__ import annotations
 
 import threading
+from collections import deque
 from dataclasses import dataclass, field
 from socketserver import ThreadingMixIn
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -63,6 +64,7 @@ class Metrics:
         self.kv_load_failures = Counter("pdserve:kv_load_failures", "KV fetches that failed, timed out or failed "
                                         "their checksum", m, registry=r)
         self._seen: dict[str, float] = {}  # the cluster's cumulative counts, as last copied
+        self.recent = Recent()
 
     def finished(self, reason: str, ttft: float | None, gaps: list[float], e2e: float, prompt: int, cached: int,
                  completion: int) -> None:
@@ -77,6 +79,7 @@ class Metrics:
         self.generation_tokens.labels(lm).inc(completion)
         self.prefix_queries.labels(lm).inc(prompt)
         self.prefix_hits.labels(lm).inc(cached)
+        self.recent.add(ttft, gaps)
 
     def update_cluster(self, status: dict) -> None:
         """Copies a ``LocalCluster.status()`` snapshot into the gauges."""
@@ -133,6 +136,31 @@ class Metrics:
         httpd = make_server(host, port, app, _ThreadingWSGIServer, handler_class=_QuietHandler)
         threading.Thread(target=httpd.serve_forever, name="pdserve-metrics", daemon=True).start()
         return httpd.server_address[1]
+
+
+class Recent:
+    """TTFT and token gaps of the last requests (the dashboard's "recent percentiles"; Prometheus
+    histograms only hold totals since start)."""
+
+    def __init__(self, requests: int = 512, gaps: int = 8192):
+        self.ttft: deque[float] = deque(maxlen=requests)
+        self.gaps: deque[float] = deque(maxlen=gaps)
+        self.lock = threading.Lock()
+
+    def add(self, ttft: float | None, gaps: list[float]) -> None:
+        with self.lock:
+            if ttft is not None:
+                self.ttft.append(ttft)
+            self.gaps.extend(gaps)
+
+    def percentiles(self, ps=(50, 90, 99)) -> dict[str, dict[str, float]]:
+        """{"ttft_s": {"p50": ..}, "tbt_s": {...}, "n": ...} over the window (zeros when empty)."""
+        with self.lock:
+            series = {"ttft_s": sorted(self.ttft), "tbt_s": sorted(self.gaps)}
+        out = {name: {f"p{p}": (xs[min(len(xs) - 1, int(p / 100 * len(xs)))] if xs else 0.0) for p in ps}
+               for name, xs in series.items()}
+        out["samples"] = {"requests": len(series["ttft_s"]), "gaps": len(series["tbt_s"])}
+        return out
 
 
 class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):

@@ -22,7 +22,7 @@ def shown(value: str, limit: int = 64) -> str:
 class FieldError(ValueError):
     def __init__(self, field: str, why: str, not_found: bool = False):
         super().__init__(f"{field}: {why}")
-        self.field, self.not_found = field, not_found
+        self.field, self.why, self.not_found = field, why, not_found
 
 
 @dataclass(frozen=True)
