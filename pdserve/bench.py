@@ -1,4 +1,5 @@
-"""``pdserve bench``: a gRPC load generator in the manner of vLLM's benchmark_serving.
+"""``pdserve bench``: a load generator in the manner of vLLM's benchmark_serving, over gRPC or (with
+``--backend openai``, ``pdserve.bench_http``) the OpenAI HTTP edge.
 
 Arrivals are Poisson (``--request-rate``; inf = all at once) or replayed from a Mooncake trace
 (timestamps and shared ``hash_ids`` prefixes, scaled down to the served model's context). A
@@ -85,16 +86,20 @@ def run_one(client: Client, job: Job, timeout_s: float) -> Result:
     return r
 
 
-def run(client: Client, jobs: list[Job], concurrency: int, timeout_s: float, progress: bool = True
+def run(client, jobs: list[Job], concurrency: int, timeout_s: float, progress: bool = True
         ) -> tuple[list[Result], float]:
+    """``client``: a gRPC ``Client``, or anything with ``run_job(job, timeout_s)`` (the OpenAI HTTP
+    backend, ``pdserve.bench_http``)."""
     from tqdm import tqdm
+
+    one = getattr(client, "run_job", None) or (lambda job, t: run_one(client, job, t))
 
     sem, results, lock = threading.Semaphore(concurrency), [], threading.Lock()
     bar = tqdm(total=len(jobs), disable=not progress, unit="req")
 
     def worker(job: Job) -> None:
         try:
-            res = run_one(client, job, timeout_s)
+            res = one(job, timeout_s)
         finally:
             sem.release()
         with lock:

@@ -28,6 +28,7 @@ tbt_ms = 100
 host = "127.0.0.1"
 port = 50051                 # 0 = a free port
 metrics_port = 0             # 0 = a free port, -1 = no metrics endpoint
+http_port = 0                # the OpenAI HTTP API and the dashboard: 0 = a free port, -1 = off
 max_message_bytes = 4194304
 max_prompt_tokens = 0        # 0 = the model's context minus one
 max_tokens_limit = 4096
@@ -97,6 +98,7 @@ class ServerSection:
     host: str = "127.0.0.1"
     port: int = 50051
     metrics_port: int = 0
+    http_port: int = 0  # OpenAI HTTP API + dashboard; 0 = a free port, -1 = off
     max_message_bytes: int = 4 * 2**20
     max_prompt_tokens: int = 0
     max_tokens_limit: int = 4096
@@ -155,6 +157,8 @@ class Config:
         check_gpu_keys(c.device, c.prefill_num_gpus, c.decode_num_gpus)
         if not -1 <= self.server.metrics_port <= 65535 or not 0 <= self.server.port <= 65535:
             raise ConfigError("config keys server.port (0..65535) and server.metrics_port (-1..65535) out of range")
+        if not -1 <= self.server.http_port <= 65535:
+            raise ConfigError(f"config key server.http_port must be in -1..65535, got {self.server.http_port!r}")
         if bool(self.server.tls_cert) != bool(self.server.tls_key):
             raise ConfigError("config keys server.tls_cert and server.tls_key go together: give both or neither")
         if self.store.disk_capacity_blocks and not self.store.disk_dir:

@@ -26,6 +26,7 @@ class ServerState:
     ray_address: str = ""
     started: float = 0.0
     tls: bool = False
+    http_port: int = -1  # the OpenAI HTTP API and dashboard, on the gRPC target's host; -1 = off
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -101,23 +102,28 @@ def server_options(cfg: Config):
 async def serve(cfg: Config, ray_address: str | None, state_file: Path | None, log: str = "") -> None:
     """Runs until SIGTERM or SIGINT, then stops the gateway and the cluster it started."""
     from pdserve.gateway import check_exposure, start
+    from pdserve.http_edge import start_http
     from pdserve.metrics import Metrics
 
     opts = server_options(cfg)
     check_exposure(opts)  # before the minutes a cluster takes to start
     cluster = await asyncio.to_thread(build_cluster, cfg, ray_address)
-    running = None
+    running = http = None
     try:
         metrics = Metrics(cluster.model_config.name)
         metrics_port = metrics.serve_http(cfg.server.metrics_port) if cfg.server.metrics_port >= 0 else -1
         running = await start(cluster, opts, metrics)
+        if cfg.server.http_port >= 0:  # same process and event loop, same front door as gRPC
+            capacity = {"host": cfg.store.host_capacity_blocks, "disk": cfg.store.disk_capacity_blocks}
+            http = await start_http(running.gateway.door, opts, cfg.server.http_port, capacity)
         refresher = asyncio.create_task(_refresh(cluster, metrics))
         host = opts.host if opts.host not in ("0.0.0.0", "::", "[::]") else "127.0.0.1"
         state = ServerState(os.getpid(), f"{host}:{running.port}", metrics_port, cluster.model_config.name, log,
-                            ray_address or "", time.time(), bool(opts.tls_cert))
+                            ray_address or "", time.time(), bool(opts.tls_cert), http.port if http else -1)
         if state_file is not None:
             state.save(state_file)
-        print(f"pdserve: serving {state.model} on {state.target} (metrics :{metrics_port})", flush=True)
+        print(f"pdserve: serving {state.model} on {state.target} (metrics :{metrics_port}, HTTP :{state.http_port})",
+              flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -125,6 +131,8 @@ async def serve(cfg: Config, ray_address: str | None, state_file: Path | None, l
         await stop.wait()
         refresher.cancel()
     finally:
+        if http is not None:
+            await http.stop()
         if running is not None:
             await running.stop(grace=3.0)
         await asyncio.to_thread(cluster.shutdown)

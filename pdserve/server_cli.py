@@ -23,6 +23,8 @@ def add_parsers(sub) -> None:
     up.add_argument("--config", default=None, help="topology config, TOML or JSON (see pdserve/config.py)")
     up.add_argument("--model", default=None, help="override cluster.model")
     up.add_argument("--port", type=int, default=None, help="override server.port (0 = a free port)")
+    up.add_argument("--http-port", type=int, default=None,
+                    help="override server.http_port: the OpenAI HTTP API and dashboard (0 = a free port, -1 = off)")
     up.add_argument("--address", default=None, help="join the Ray cluster at this address (ray start --head ...)")
     up.add_argument("--foreground", action="store_true", help="run in this process until Ctrl-C / SIGTERM")
     up.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the server to be SERVING")
@@ -50,8 +52,12 @@ def add_parsers(sub) -> None:
     chat.add_argument("--model", default=None, help="with --embedded: the model to serve")
     chat.set_defaults(func=_chat)
 
-    b = sub.add_parser("bench", help="a gRPC load generator (Poisson or trace arrivals), vLLM-style report")
+    b = sub.add_parser("bench", help="a load generator over gRPC or HTTP (Poisson or trace arrivals), vLLM-style report")
     _client_args(b)
+    b.add_argument("--backend", choices=("grpc", "openai"), default="grpc",
+                   help="grpc (pdserve.v1) or openai (POST /v1/completions, streamed)")
+    b.add_argument("--base-url", default=None, help="with --backend openai: http(s)://host:port (default: the "
+                                                    "state file's server)")
     b.add_argument("--num-prompts", type=int, default=100)
     b.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s, Poisson (inf = all at once)")
     b.add_argument("--max-concurrency", type=int, default=32)
@@ -116,6 +122,8 @@ def _up(args) -> int:
         cfg.cluster.model = args.model
     if args.port is not None:
         cfg.server.port = args.port
+    if getattr(args, "http_port", None) is not None:
+        cfg.server.http_port = args.http_port
     from pdserve.gateway import check_exposure
     from pdserve.server import server_options
 
@@ -134,7 +142,14 @@ def _up(args) -> int:
     state = start_background(args, args.state_file, args.timeout)
     print(f"pdserve: up: pid {state.pid}, gRPC {state.target}, metrics http://127.0.0.1:{state.metrics_port}/metrics, "
           f"model {state.model}, log {state.log}")
+    if state.http_port >= 0:
+        print(f"pdserve: up: OpenAI API {http_base(state)}/v1, dashboard {http_base(state)}/")
     return 0
+
+
+def http_base(state: ServerState) -> str:
+    """The HTTP edge's base URL, on the host of the gRPC target."""
+    return f"{'https' if state.tls else 'http'}://{state.target.rsplit(':', 1)[0]}:{state.http_port}"
 
 
 def start_background(args, state_file: Path, timeout_s: float) -> ServerState:
@@ -147,9 +162,9 @@ def start_background(args, state_file: Path, timeout_s: float) -> ServerState:
     log = state_file.with_suffix(".log")
     cmd = [sys.executable, "-m", "pdserve.cli", "up", "--foreground", "--state-file", str(state_file),
            "--log-file", str(log)]
-    for flag in ("config", "model", "port", "address"):
+    for flag in ("config", "model", "port", "http_port", "address"):
         if getattr(args, flag, None) is not None:
-            cmd += [f"--{flag}", str(getattr(args, flag))]
+            cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
@@ -311,19 +326,38 @@ def chat_session(client, args) -> int:
         messages.append({"role": "assistant", "content": "".join(reply)})
 
 
+def _bench_client(args):
+    """(client, model name, context length, vocabulary size) for the chosen backend."""
+    if args.backend == "grpc":
+        client = _client(args)
+        info = client.models().models[0]
+        return client, info.name, info.max_seq_len, info.vocab_size
+    from pdserve.bench_http import OpenAIClient
+
+    base = args.base_url
+    if not base:
+        state = ServerState.load(args.state_file)
+        if state is None or state.http_port < 0:
+            raise ValueError(f"no server with an HTTP port in {args.state_file}: give --base-url http://HOST:PORT")
+        base = http_base(state)
+    client = OpenAIClient(base.rstrip("/").removesuffix("/v1"), os.environ.get("PDSERVE_TOKEN", ""), args.ca_file)
+    card = client.models()
+    client.model = card["id"]
+    return client, card["id"], card["max_model_len"], card["vocab_size"]
+
+
 def _bench(args) -> int:
     from pdserve import bench
 
-    client = _client(args)
-    info = client.models().models[0]
-    max_prompt = max(1, info.max_seq_len - args.max_tokens - 1)
+    client, name, max_seq_len, vocab_size = _bench_client(args)
+    max_prompt = max(1, max_seq_len - args.max_tokens - 1)
     if args.trace:
         jobs = bench.trace_jobs(args.trace, args.num_prompts, args.trace_tokens_per_block, max_prompt,
-                                args.max_tokens, args.time_scale, info.vocab_size)
+                                args.max_tokens, args.time_scale, vocab_size)
     else:
         jobs = bench.poisson_jobs(args.num_prompts, args.request_rate, min(args.input_len, max_prompt),
-                                  args.max_tokens, info.vocab_size, args.seed)
-    print(f"bench: {len(jobs)} requests to {client.target} ({info.name}), concurrency {args.max_concurrency}, "
+                                  args.max_tokens, vocab_size, args.seed)
+    print(f"bench: {len(jobs)} requests to {client.target} ({name}, {args.backend}), concurrency {args.max_concurrency}, "
           f"{'trace ' + args.trace if args.trace else f'Poisson rate {args.request_rate}/s'}", file=sys.stderr)
     results, wall = bench.run(client, jobs, args.max_concurrency, args.request_timeout)
     print(bench.report(results, wall, args.ttft_slo_ms / 1000, args.tpot_slo_ms / 1000))
