@@ -60,9 +60,10 @@ class DecodeWorker(KVLoading):
                           self.fingerprint, device=self.device)
 
     # -- requests --------------------------------------------------------------------------------
-    def submit(self, handoff: Handoff, params: SamplingParams) -> dict:
+    def submit(self, handoff: Handoff, params: SamplingParams, source=None) -> dict:
         """Take over a prefilled request. Its first token is streamed at once. Returns what loading
-        its KV cost: ``recomputed_tokens`` (KV that could not be fetched, computed here instead)."""
+        its KV cost: ``recomputed_tokens`` (KV that could not be fetched, computed here instead).
+        ``source``: the store holding the handoff's blocks and lease when it is another node's."""
         rid = handoff.request_id
         out_q: queue.Queue = queue.Queue()
         with self.lock:
@@ -77,7 +78,7 @@ class DecodeWorker(KVLoading):
             return {"recomputed_tokens": 0}
         prefix, recomputed = None, 0
         try:
-            data, recomputed = self._fetch(handoff)
+            data, recomputed = self._fetch(handoff, source)
             tokens = handoff.prompt + [handoff.first_token]
             rest = dataclasses.replace(params, max_tokens=params.max_tokens - 1) if params.max_tokens > 1 else None
             out_q.put(RequestOutput(rid, [handoff.first_token], prompt_tokens=len(handoff.prompt),
@@ -105,18 +106,18 @@ class DecodeWorker(KVLoading):
                     self.engine.release_prefix(prefix)
         return {"recomputed_tokens": recomputed}
 
-    def _fetch(self, handoff: Handoff):
+    def _fetch(self, handoff: Handoff, source=None):
         """The handoff's KV and the tokens to recompute for lack of it; the lease is acknowledged
         either way (a store that does not answer lets it expire)."""
         data, recomputed = None, 0
         try:
             if handoff.keys:
-                data = self._fetch_or_recompute(handoff.keys, handoff.kv_tokens)
+                data = self._fetch_or_recompute(handoff.keys, handoff.kv_tokens, source)
                 recomputed = handoff.kv_tokens if data is None else 0
         finally:
             if handoff.lease_id is not None:
                 try:
-                    call(self.store, "release", handoff.lease_id, timeout=self.store_timeout_s)
+                    call(source or self.store, "release", handoff.lease_id, timeout=self.store_timeout_s)
                 except StoreUnavailable:
                     pass
         return data, recomputed

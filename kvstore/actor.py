@@ -26,9 +26,27 @@ class StoreActor(KVStore):
         self.faults.hit("store.put")
         return super().put(tokens, data, fingerprint)
 
-    def get_refs(self, keys: list[int], with_digest: bool = False):
+    def get_refs(self, keys: list[int], with_digest: bool = False, end: int | None = None):
         self.faults.hit("store.get")
-        return super().get_refs(keys, with_digest)
+        return super().get_refs(keys, with_digest, end)
+
+    def replicate(self, source, keys: list[int], timeout_s: float = 10.0) -> list[int]:
+        """Copy a prefix from another node's store (hot-block replication): this store pulls the
+        blocks through Ray's object store, window-trimmed and checksum-verified, and indexes them as
+        its own. Returns the keys it holds of that prefix afterwards ([] if the source lost them)."""
+        import ray
+
+        tokens = ray.get(source.tokens_of.remote(keys), timeout=timeout_s)
+        if not tokens:
+            return []
+        try:
+            data = fetch_export(source, self.spec, keys, len(tokens), timeout_s, remote=True)
+        except KVLoadError:
+            return []
+        self.put(tokens, data, self.fingerprint)
+        held = self.match(tokens, False).keys
+        self.stats.replicated_blocks += len(held)
+        return held
 
     def arm_fault(self, point: str, action: str = "exit", after: int = 0, times: int = 1,
                   seconds: float = 0.0) -> None:
@@ -62,23 +80,27 @@ class StoreActor(KVStore):
 
 
 def start_store(spec: BlockSpec, fingerprint: int, layout: KVLayout, config: StoreConfig,
-                resources: dict[str, float] | None = None, name: str | None = None):
+                resources: dict[str, float] | None = None, name: str | None = None, options: dict | None = None):
     """Start a store actor (no CPU reserved: it mostly waits), optionally pinned to a node by a
-    custom resource and registered under ``name``."""
+    custom resource or by ``options`` (a node-affinity scheduling strategy) and registered under ``name``."""
     import ray
 
     # restartable: a store that dies comes back empty (its blocks lived in its own objects)
-    options = {"num_cpus": 0, "resources": resources or {}, "max_restarts": -1, "max_task_retries": 0}
+    options = {"num_cpus": 0, "resources": resources or {}, "max_restarts": -1, "max_task_retries": 0,
+               **(options or {})}
     if name:
         options["name"] = name
     return ray.remote(StoreActor).options(**options).remote(spec, fingerprint, layout, config)
 
 
-def fetch_export(store, spec: BlockSpec, keys: list[int], end: int, timeout_s: float | None = None):
+def fetch_export(store, spec: BlockSpec, keys: list[int], end: int, timeout_s: float | None = None,
+                 remote: bool = False):
     """A prefix's KV from a store: a local ``KVStore`` directly, an actor by object refs (zero-copy
     from the object store on the same node, moved by Ray from another), joined here. Every block is
     checked against the checksum the store recorded when it was put; a missing, damaged or late
-    block raises ``KVLoadError`` (the caller recomputes those tokens: never wrong KV)."""
+    block raises ``KVLoadError`` (the caller recomputes those tokens: never wrong KV).
+    ``remote``: the store is on another node, so it trims what the window cannot read before Ray
+    moves the bytes."""
     if not hasattr(store.get_refs, "remote"):
         out = store.get(keys, end)
         if out is None:
@@ -89,7 +111,7 @@ def fetch_export(store, spec: BlockSpec, keys: list[int], end: int, timeout_s: f
     from kvstore.blocks import join_export
 
     try:
-        refs = ray.get(store.get_refs.remote(keys, True), timeout=timeout_s)
+        refs = ray.get(store.get_refs.remote(keys, True, end if remote else None), timeout=timeout_s)
         if refs is None:
             raise KVLoadError(f"KV store: {len(keys)} block(s) of the prefix are gone")
         bufs = ray.get([ref for _, ref, _ in refs], timeout=timeout_s)

@@ -42,3 +42,4 @@ class Handoff:
     timings: dict[str, float] = field(default_factory=dict)
     logprob: float | None = None
     recomputed_tokens: int = 0  # cached KV the prefill worker could not load and computed again
+    remote_tokens: int = 0  # of ``cached_tokens``, those fetched from another node's store

@@ -12,7 +12,7 @@ import numpy as np
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from kvstore.blocks import BlockSpec, join_export, split_export
+from kvstore.blocks import BlockSpec, join_export, pack, split_export, unpack
 from kvstore.index import KVLayout, PrefixIndex
 from kvstore.keys import block_keys
 from kvstore.leases import Leases
@@ -66,6 +66,8 @@ class Stats:
     corrupt_blocks: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
+    trimmed_bytes: int = 0  # local-group bytes out of the window, not handed to another node
+    replicated_blocks: int = 0  # blocks copied in from another node's store (hot-block replication)
     seconds_moving: float = 0.0
 
 
@@ -146,19 +148,61 @@ class KVStore:
         self.stats.seconds_moving += time.perf_counter() - t0
         return out
 
-    def get_refs(self, keys: list[int], with_digest: bool = False) -> list[tuple] | None:
+    def get_refs(self, keys: list[int], with_digest: bool = False, end: int | None = None) -> list[tuple] | None:
         """Where the blocks are, for a reader to fetch itself: (group mask, Ray object ref) per block
         under Ray (zero-copy on this node, moved by Ray to another), or the arrays without Ray;
         ``with_digest`` adds each block's xxh3_64 checksum for the reader to verify.
-        Disk blocks are promoted first; None if any block is gone or damaged."""
+        Disk blocks are promoted first; None if any block is gone or damaged.
+
+        ``end`` (a reader on another node, for a prefix of ``end`` tokens): a block holding local-group
+        KV that no step after ``end`` can read (older than the window) is handed over without it, as a
+        trimmed copy, so only what the window still reads crosses the network (design invariant 3)."""
         out = []
-        for key in keys:
+        for i, key in enumerate(keys):
             if key not in self.host and self._read(key) is None:
                 return None
-            mask = self.host.blocks[key][0]
-            ref = self.host.ref(key)
-            out.append((mask, ref, self.host.digests.get(key)) if with_digest else (mask, ref))
-            self.stats.bytes_out += self.host.blocks[key][2]
+            mask, ref, nbytes = self.host.blocks[key]
+            digest = self.host.digests.get(key)
+            need = mask if end is None else mask & self._needed(i, end)
+            if need != mask:
+                ref, digest, nbytes = self._trimmed(key, need)
+                mask = need
+            out.append((mask, ref, digest) if with_digest else (mask, ref))
+            self.stats.bytes_out += nbytes
+        return out
+
+    def _needed(self, block: int, end: int) -> int:
+        """The KV groups a prefix of ``end`` tokens needs from its ``block``-th block."""
+        lay, bs = self.index.layout, self.spec.block_size
+        need = lay.global_mask
+        for mask, window in lay.local:
+            if block >= max(0, end - window) // bs:
+                need |= mask
+        return need
+
+    def _trimmed(self, key: int, need: int) -> tuple[object, int, int]:
+        """A copy of a host block with only the groups in ``need``: (ref or array, checksum, bytes)."""
+        import xxhash
+
+        mask, buf = self.host.get(key)
+        parts = {g: arrs for g, arrs in unpack(self.spec, mask, np.asarray(buf)).items() if need >> g & 1}
+        small = pack(self.spec, parts)
+        self.stats.trimmed_bytes += buf.nbytes - small.nbytes
+        digest = xxhash.xxh3_64_intdigest(small.view(np.uint8))
+        if self.host.use_ray:
+            import ray
+
+            return ray.put(small), digest, small.nbytes
+        return small, digest, small.nbytes
+
+    def tokens_of(self, keys: list[int]) -> list[int] | None:
+        """The token ids of a chain of held blocks (a store copying them needs them for its index)."""
+        out: list[int] = []
+        for k in keys:
+            e = self.index.entries.get(k)
+            if e is None or e.tokens is None:
+                return None
+            out.extend(e.tokens)
         return out
 
     def drop(self, keys: list[int]) -> int:

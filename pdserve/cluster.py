@@ -1,4 +1,5 @@
-"""A local pdserve cluster: Ray on 127.0.0.1, one KV store, N prefill and M decode workers.
+"""A pdserve cluster: Ray on 127.0.0.1 (or a Ray cluster of many nodes), a KV store per node, N
+prefill and M decode workers.
 
 Used by the tests and the CLI. Each request is placed by the Conductor (``scheduler.conductor``)
 with a policy object (``scheduler.policies``, the same ones the simulator runs), prefilled on one
@@ -6,6 +7,10 @@ worker, handed to a decode worker through the store, and streamed back (``pdserv
 also moves a request whose worker is lost). Workers and the store are restartable Ray actors
 (``pdserve.actors``); ``pdserve.supervisor`` watches them and keeps the Conductor's placement to
 the live ones. ``kill``, ``arm_fault`` and ``corrupt_block`` inject faults (tests, ``pdserve chaos``).
+
+With a ``topology`` (``pdserve.topology``) the workers and one store per node are pinned to named Ray
+nodes; each worker reads its own node's store first, another node's through Ray (``pdserve.nodes``),
+and a node that leaves the Ray cluster is forgotten while the rest keeps serving.
 
 Workers can hold a Ray GPU share each (``prefill_num_gpus`` / ``decode_num_gpus``; 0.5 and 0.5
 pack a prefill and a decode worker on one GPU). Each worker picks its device inside its own
@@ -18,7 +23,6 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from kvstore.actor import start_store
 from kvstore.blocks import BlockSpec
 from kvstore.handoff import WorkerInfo, handshake
 from kvstore.index import KVLayout
@@ -30,10 +34,13 @@ from model.loader import load
 from pdserve.actors import DecodeActor, PrefillActor, ResourceError, spawn, worker_device  # noqa: F401 (re-exported)
 from pdserve.config import Resilience, check_gpu_keys
 from pdserve.driver import Counters, RequestFlow, Rejected, Submitted  # noqa: F401 (re-exported)
+from pdserve.nodes import NodeParts
 from pdserve.supervisor import Member, Supervisor
+from pdserve.topology import PlacedNode, Topology, pinned, resolve
 from scheduler.conductor import Conductor
 from scheduler.cost_model import live_cost_model
 from scheduler.policies import SLO, make_policy
+from scheduler.replication import HotBlockReplication
 
 
 GPU_UNITS = 10_000  # Ray counts resources in fixed point, 1/10000 of a unit
@@ -65,13 +72,14 @@ def check_gpu_capacity(n_prefill: int, prefill_num_gpus: float, n_decode: int, d
                             "cluster.n_decode, or (a local Ray) declare GPUs with cluster.num_gpus")
 
 
-class LocalCluster(RequestFlow):
+class LocalCluster(RequestFlow, NodeParts):
     def __init__(self, model: str = "skv-tiny", quant: QuantConfig | None = None, n_prefill: int = 1,
                  n_decode: int = 1, engine_config: EngineConfig = EngineConfig(),
                  store_config: StoreConfig = StoreConfig(), num_cpus: int | None = None,
                  policy: str = "cache_aware", cost_model: str | None = None, slo: SLO = SLO(),
                  device: str = "auto", prefill_num_gpus: float = 0.0, decode_num_gpus: float = 0.0,
-                 num_gpus: int | None = None, resilience: Resilience = Resilience()):
+                 num_gpus: int | None = None, resilience: Resilience = Resilience(),
+                 topology: Topology | None = None, replication_threshold: int = 4):
         if quant is not None and not quant.kv:
             raise ValueError("the cluster ships int8 KV between workers: use an int8 KV precision "
                              f"(got {quant.tag}); float runs need the single-process engine")
@@ -89,7 +97,10 @@ class LocalCluster(RequestFlow):
         self.prefill: dict = {}
         self.decode: dict = {}
         self.store = None
+        self.stores: dict = {}
+        self.node_of: dict[str, str] = {}
         self.supervisor = None
+        self.topology, self.replication_threshold = topology, replication_threshold
         self.resilience = resilience
         self.counters = Counters()
         self._ids = itertools.count()
@@ -98,6 +109,11 @@ class LocalCluster(RequestFlow):
         self._cancelled: set[str] = set()
         self._pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="pdserve-submit")
         try:
+            placed = resolve(topology, ray.nodes()) if topology is not None and topology.multi_node else None
+            if placed is not None:
+                n_prefill, n_decode = sum(p.n_prefill for p in placed), sum(p.n_decode for p in placed)
+                self.policy.remote_fetch = True  # a prefix on another node may be fetched, not recomputed
+            self.placed = placed
             check_gpu_capacity(n_prefill, prefill_num_gpus, n_decode, decode_num_gpus,
                                ray.cluster_resources().get("GPU", 0.0))
             self._start(model, quant, n_prefill, n_decode, engine_config, store_config, device,
@@ -117,17 +133,23 @@ class LocalCluster(RequestFlow):
         self.fingerprint = fingerprint_of(loaded.model)
         del loaded
         cfg = self.model_config
-        self.store = start_store(BlockSpec.of(cfg), self.fingerprint, KVLayout.of(cfg), store_config)
-        frac = 1.0 / (n_prefill + n_decode)
-        args = (model, quant, self.store, self.fingerprint, engine_config, device)
+        self._start_stores(self.placed, BlockSpec.of(cfg), self.fingerprint, KVLayout.of(cfg), store_config)
         opts = {"store_timeout_s": self.resilience.store_timeout_s, "kv_load_failure": self.resilience.kv_load_failure}
-        self.prefill = {f"prefill-{i}": spawn(PrefillActor, f"prefill-{i}", args, opts, num_cpus=frac,
-                                              num_gpus=prefill_num_gpus) for i in range(n_prefill)}
-        self.decode = {f"decode-{i}": spawn(DecodeActor, f"decode-{i}", args, opts, num_cpus=frac,
-                                            num_gpus=decode_num_gpus, max_concurrency=256) for i in range(n_decode)}
+        for role, name, node, cpus in _worker_plan(self.placed, n_prefill, n_decode):
+            if node is not None:
+                self.node_of[name] = node
+            args = (model, quant, self._store_of(name), self.fingerprint, engine_config, device)
+            where = {} if node is None else pinned(self.node_ids[node])
+            if role == "prefill":
+                self.prefill[name] = spawn(PrefillActor, name, args, opts, num_cpus=cpus,
+                                           num_gpus=prefill_num_gpus, **where)
+            else:
+                self.decode[name] = spawn(DecodeActor, name, args, opts, num_cpus=cpus, num_gpus=decode_num_gpus,
+                                          max_concurrency=256, **where)
         actors = {**self.prefill, **self.decode}
         try:
-            infos = ray.get([a.start.remote(name, *args, **opts) for name, a in actors.items()])
+            infos = ray.get([a.start.remote(name, model, quant, self._store_of(name), self.fingerprint, engine_config,
+                                            device, **opts) for name, a in actors.items()])
         except ray.exceptions.RayTaskError as e:
             if isinstance(e.cause, ResourceError):
                 raise e.cause from None  # the worker's own message, without Ray's traceback around it
@@ -136,13 +158,16 @@ class LocalCluster(RequestFlow):
         for p in infos[:n_prefill]:
             for d in infos[n_prefill:]:
                 handshake(p, d)
+        replication = HotBlockReplication(self.replication_threshold, cfg.block_size) if self.node_of else None
         self.conductor = Conductor(self.policy, self.cost_model, list(self.prefill), list(self.decode),
-                                   cfg.block_size, self.fingerprint)
+                                   cfg.block_size, self.fingerprint, nodes=self.node_of, replication=replication)
         members = [Member(n, "prefill", a) for n, a in self.prefill.items()]
         members += [Member(n, "decode", a) for n, a in self.decode.items()]
-        members.append(Member("store", "store", self.store))
+        members += [Member(n, "store", a) for n, a in self._store_members().items()]
+        self._watch_nodes()
         self.supervisor = Supervisor(members, self.conductor.mark_down, self._rejoin, self._store_reset,
-                                     unresponsive_s=self.resilience.unresponsive_s).start()
+                                     unresponsive_s=self.resilience.unresponsive_s,
+                                     on_round=self.node_watch.check if self.node_watch else None).start()
 
     def _rejoin(self, member: Member) -> bool:
         """A worker answers again (maybe restarted): it must still pair with the others (handshake)
@@ -159,10 +184,10 @@ class LocalCluster(RequestFlow):
         self.conductor.mark_up(member.name)
         return True
 
-    def _store_reset(self) -> None:
-        """The store came back empty: nobody holds any block now."""
+    def _store_reset(self, name: str = "store") -> None:
+        """A store came back empty: nobody holds its blocks now."""
         self.counters.add(store_resets=1)
-        self.conductor.forget_blocks()
+        self.conductor.forget_blocks(name.partition("@")[2] or None)
 
     # -- health and fault injection --------------------------------------------------------------------
     def serving(self) -> bool:
@@ -171,7 +196,7 @@ class LocalCluster(RequestFlow):
 
     def actor(self, name: str):
         """The Ray actor behind a worker name ("prefill-0", "decode-1") or "store"."""
-        handles = {**self.prefill, **self.decode, "store": self.store}
+        handles = {**self.prefill, **self.decode, "store": self.store, **self._store_members()}
         if name not in handles:
             raise ValueError(f"unknown cluster member {name!r}; members: {', '.join(handles)}")
         return handles[name]
@@ -230,14 +255,19 @@ class LocalCluster(RequestFlow):
             store = self.store_stats()
         except Exception:  # noqa: BLE001
             store = {}
-        store.update(state=health["store"]["state"], restarts=health["store"]["restarts"])
-        return {"workers": workers, "store": store, "policy": stats["policy"],
+        first = next(iter(self._store_members()))
+        store.update(state=health[first]["state"], restarts=health[first]["restarts"])
+        for name, w in workers.items():
+            w["node"] = self.node_of.get(name, "")
+        return {"workers": workers, "store": store, "nodes": self.node_status(health, workers),
+                "policy": stats["policy"], "remote_hit_tokens": stats["remote_hit_tokens"],
+                "replicated_blocks": stats["replicated_blocks"],
                 "cost_model": self.cost_model.name, "predicted_hit_tokens": stats["predicted_hit_tokens"],
                 "delivered_hit_tokens": stats["delivered_hit_tokens"],
                 "delivered_partial_tokens": stats["delivered_partial_tokens"], "requests": stats["requests"],
                 "rejected": stats["rejected"], "in_flight": stats["in_flight"], "serving": self.serving(),
                 "counters": {**self.counters.snapshot(),
-                             "restarts": sum(h["restarts"] for n, h in health.items() if n != "store")}}
+                             "restarts": sum(h["restarts"] for h in health.values() if h["role"] != "store")}}
 
     def shutdown(self) -> None:
         if self.supervisor is not None:
@@ -248,8 +278,11 @@ class LocalCluster(RequestFlow):
                 self.ray.get(a.shutdown.remote(), timeout=10)
             except Exception:
                 pass
-        for a in [*self.prefill.values(), *self.decode.values(), *([self.store] if self.store is not None else [])]:
-            self.ray.kill(a, no_restart=True)
+        for a in [*self.prefill.values(), *self.decode.values(), *self.stores.values()]:
+            try:
+                self.ray.kill(a, no_restart=True)
+            except Exception:  # noqa: BLE001 - its node is gone already
+                pass
         if self.owns_ray:
             self.ray.shutdown()
 
@@ -258,3 +291,22 @@ class LocalCluster(RequestFlow):
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
+
+
+def _worker_plan(placed: list[PlacedNode] | None, n_prefill: int, n_decode: int):
+    """(role, name, node or None, CPU share) of each worker: numbered across the cluster, the CPU
+    shares of one node's workers summing to one."""
+    if placed is None:
+        frac = 1.0 / (n_prefill + n_decode)
+        yield from (("prefill", f"prefill-{i}", None, frac) for i in range(n_prefill))
+        yield from (("decode", f"decode-{i}", None, frac) for i in range(n_decode))
+        return
+    i = j = 0
+    for node in placed:
+        frac = 1.0 / max(1, node.n_prefill + node.n_decode)
+        for _ in range(node.n_prefill):
+            yield "prefill", f"prefill-{i}", node.name, frac
+            i += 1
+        for _ in range(node.n_decode):
+            yield "decode", f"decode-{j}", node.name, frac
+            j += 1

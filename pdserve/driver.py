@@ -71,6 +71,9 @@ class Counters:
     recomputed_tokens: int = 0  # tokens whose KV existed but was lost and computed again
     kv_load_failures: int = 0  # KV fetches that failed, timed out or failed their checksum
     store_resets: int = 0  # times the store came back empty
+    nodes_lost: int = 0  # Ray nodes that left the cluster with their workers and store
+    replications: int = 0  # hot prefixes copied to another node's store
+    replication_failures: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, **deltas: int) -> None:
@@ -86,7 +89,7 @@ class Counters:
 def _lost(ray, error: BaseException) -> bool:
     """Whether a Ray call failed because its actor is gone or late (as opposed to the request)."""
     return isinstance(error, (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError,
-                              ray.exceptions.ObjectLostError))
+                              ray.exceptions.ObjectLostError, ray.exceptions.ActorUnschedulableError))
 
 
 class RequestFlow:
@@ -145,7 +148,7 @@ class RequestFlow:
                 self.conductor.finished(rid)
                 return Handoff(rid, list(prompt), None, "abort", [], 0, None, 0)
             try:
-                handoff = self._prefill(p, rid, prompt, params)
+                handoff = self._prefill(p, rid, prompt, params, self._source_for(p, node=sub.placement.fetch_from))
             except WorkerLost:
                 self._place_again(sub, p, prompt)
                 self.counters.add(replacements=1)
@@ -157,15 +160,17 @@ class RequestFlow:
                               kv_load_failures=int(handoff.recomputed_tokens > 0))
             self.conductor.prefilled(rid, handoff.keys, handoff.kv_tokens, handoff.cached_tokens)
             self._drain_store_events()
+            self._replicate()
             if handoff.finish_reason is not None or rid in self._cancelled:
                 self.conductor.finished(rid)
             if rid in self._cancelled:  # cancelled while prefilling: give back the lease, go no further
-                self._release(handoff)
+                self._release(handoff, p)
                 return handoff
             try:
-                got = ray.get(self.decode[d].submit.remote(handoff, params), timeout=self.resilience.stall_timeout_s)
+                got = ray.get(self.decode[d].submit.remote(handoff, params, self._source_for(d, p)),
+                              timeout=self.resilience.stall_timeout_s)
             except BaseException as e:  # decode refused or is lost: free the lease and the Conductor's slot
-                self._release(handoff)
+                self._release(handoff, p)
                 if _lost(ray, e):
                     self._place_again(sub, d, prompt)
                     self.counters.add(replacements=1)
@@ -178,28 +183,23 @@ class RequestFlow:
                                   kv_load_failures=int(got.get("recomputed_tokens", 0) > 0))
             return handoff
 
-    def _prefill(self, name: str, rid: str, prompt: list[int], params: SamplingParams) -> Handoff:
+    def _prefill(self, name: str, rid: str, prompt: list[int], params: SamplingParams, source=None) -> Handoff:
         ray = self.ray
         try:
-            return ray.get(self.prefill[name].prefill.remote(rid, prompt, params))
+            return ray.get(self.prefill[name].prefill.remote(rid, prompt, params, source))
         except BaseException as e:
             if _lost(ray, e):
                 raise WorkerLost(name) from None
             raise from_worker(e, f"prefill worker {name}") from None
 
-    def _release(self, handoff: Handoff) -> None:
+    def _release(self, handoff: Handoff, prefill: str) -> None:
+        """Give back the lease the prefill worker took in its node's store."""
         if handoff.lease_id:
             try:
-                self.ray.get(self.store.release.remote(handoff.lease_id), timeout=self.resilience.store_timeout_s)
+                self.ray.get(self._store_of(prefill).release.remote(handoff.lease_id),
+                             timeout=self.resilience.store_timeout_s)
             except Exception:  # noqa: BLE001 - the lease expires by itself
                 pass
-
-    def _drain_store_events(self) -> None:
-        try:
-            events = self.ray.get(self.store.drain_events.remote(), timeout=self.resilience.store_timeout_s)
-        except Exception:  # noqa: BLE001 - a store that does not answer has no news
-            return
-        self.conductor.apply_events(events)
 
     # -- the stream --------------------------------------------------------------------------------
     def stream(self, sub: Submitted) -> Iterator[RequestOutput]:

@@ -5,7 +5,9 @@ it. Every ``interval_s`` it pings each actor (a method in its own concurrency gr
 prefill does not delay the answer). An actor that has not answered for ``unresponsive_s``, or
 whose ping fails, is taken out of placement; one that answers again is put back, and if it
 answers as a new incarnation (Ray restarted it) that counts as a restart. A store that comes back
-as a new incarnation is empty: the Conductor forgets every block.
+as a new incarnation is empty: the Conductor forgets every block it held (``on_store_reset(name)``).
+Members whose node is gone are ``retire``d: dead for good, never pinged again. ``on_round`` runs
+once per round (the node watch).
 
 States: ``alive`` (answered), ``restarting`` (Ray is restarting it, or it does not answer),
 ``dead`` (Ray will not restart it).
@@ -34,13 +36,15 @@ class Member:
 
 class Supervisor:
     def __init__(self, members: list[Member], on_down: Callable[[str], None], on_up: Callable[[Member], bool],
-                 on_store_reset: Callable[[], None], interval_s: float = 0.25, unresponsive_s: float = 1.0):
+                 on_store_reset: Callable[[str], None], interval_s: float = 0.25, unresponsive_s: float = 1.0,
+                 on_round: Callable[[], None] | None = None):
         import ray
 
         self.ray = ray
         self.members = {m.name: m for m in members}
         self.on_down, self.on_up, self.on_store_reset = on_down, on_up, on_store_reset
         self.interval_s, self.unresponsive_s = interval_s, unresponsive_s
+        self.on_round = on_round
         self.lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pdserve-supervisor", daemon=True)
@@ -61,6 +65,18 @@ class Supervisor:
                 self._set(m, "restarting")
         self.on_down(name)
 
+    def retire(self, names: list[str]) -> None:
+        """These members are gone for good (their node left the cluster): dead, out of placement."""
+        for name in names:
+            m = self.members.get(name)
+            if m is None:
+                continue
+            with self.lock:
+                self._set(m, "dead")
+                m.pending = None
+            if m.role != "store":
+                self.on_down(name)
+
     def snapshot(self) -> dict[str, dict]:
         with self.lock:
             return {n: {"role": m.role, "state": m.state, "restarts": m.restarts, "load": dict(m.load),
@@ -74,6 +90,8 @@ class Supervisor:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
+                if self.on_round is not None:
+                    self.on_round()
                 self._round()
             except Exception:  # noqa: BLE001 - the watcher must outlive whatever it watches
                 pass
@@ -89,7 +107,7 @@ class Supervisor:
             ray.wait(refs, num_returns=len(refs), timeout=self.interval_s)
         now = time.monotonic()
         for m in list(self.members.values()):
-            if m.pending is None:
+            if m.pending is None or m.state == "dead":
                 continue
             ready, _ = ray.wait([m.pending], timeout=0)
             if not ready:
@@ -127,7 +145,7 @@ class Supervisor:
             was = m.state
         if m.role == "store":
             if restarted:
-                self.on_store_reset()
+                self.on_store_reset(m.name)
             with self.lock:
                 self._set(m, "alive")
             return

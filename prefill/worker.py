@@ -29,15 +29,17 @@ class KVLoading:
     ``store``, ``spec``, ``faults``, ``store_timeout_s``, ``kv_load_failure`` and the counters
     ``kv_load_failures`` and ``recomputed_tokens`` on the worker."""
 
-    def _fetch_or_recompute(self, keys: list[int], tokens: int):
+    def _fetch_or_recompute(self, keys: list[int], tokens: int, source=None):
         """The blocks of ``keys`` (their first ``tokens``), or None when they must be recomputed (counted);
-        a missing or damaged block is also forgotten by the store. ``kv_load_failure = "fail"`` raises instead."""
+        a missing or damaged block is also forgotten by the store. ``kv_load_failure = "fail"`` raises instead.
+        ``source``: another node's store to read them from (Ray moves the bytes), else this node's."""
+        store = self.store if source is None else source
         try:
             self.faults.hit("kv.fetch")  # "raise" here stands for a transfer that fails
-            return fetch_export(self.store, self.spec, keys, tokens, self.store_timeout_s)
+            return fetch_export(store, self.spec, keys, tokens, self.store_timeout_s, remote=source is not None)
         except (KVLoadError, InjectedFault) as e:
             self.kv_load_failures += 1
-            forget_damaged(self.store, keys, e, self.store_timeout_s)
+            forget_damaged(store, keys, e, self.store_timeout_s)
             if self.kv_load_failure == "fail":
                 raise KVLoadError(f"{e} (kv_load_failure = fail)") from None
             self.recomputed_tokens += tokens
@@ -69,14 +71,16 @@ class PrefillWorker(KVLoading):
         return WorkerInfo(self.name, "prefill", cfg.block_size, "int8" if cfg.quant.kv else cfg.quant.compute,
                           self.fingerprint, device=self.device)
 
-    def prefill(self, request_id: str, prompt: list[int], params: SamplingParams) -> Handoff:
+    def prefill(self, request_id: str, prompt: list[int], params: SamplingParams, source=None) -> Handoff:
+        """``source``: another node's store that the placement expects to hold a longer prefix than
+        this node's (the Conductor weighed fetching it against recomputing)."""
         with self._one_at_a_time:
-            return self._prefill(request_id, prompt, params)
+            return self._prefill(request_id, prompt, params, source)
 
-    def _prefill(self, request_id: str, prompt: list[int], params: SamplingParams) -> Handoff:
+    def _prefill(self, request_id: str, prompt: list[int], params: SamplingParams, source=None) -> Handoff:
         t0 = time.perf_counter()
         before = self.recomputed_tokens
-        prefix = self._load_prefix(prompt)
+        prefix, remote = self._load_prefix(prompt, source)
         t1 = time.perf_counter()
         self.faults.hit("prefill.compute")
         first = dataclasses.replace(params, max_tokens=1, stop=())
@@ -116,19 +120,28 @@ class PrefillWorker(KVLoading):
         t3 = time.perf_counter()
         return Handoff(rid, list(prompt), token, stopped, keys, kv_tokens, lease, out.cached_tokens,
                        {"load_prefix": t1 - t0, "prefill": t2 - t1, "publish": t3 - t2},
-                       out.logprobs[0] if out.logprobs else None, self.recomputed_tokens - before)
+                       out.logprobs[0] if out.logprobs else None, self.recomputed_tokens - before,
+                       remote if prefix is not None else 0)
 
-    def _load_prefix(self, prompt: list[int]):
-        """The prompt's cached prefix in this worker's pool, or None: a store that fails to match or
-        to hand over the blocks costs recomputing them, never the request."""
-        try:
-            m = call(self.store, "match", prompt, timeout=self.store_timeout_s)
-        except StoreUnavailable:
-            return None
-        if m.tokens == 0:  # a partial block counts too (design invariant 2: token-granular reuse)
-            return None
-        data = self._fetch_or_recompute(m.keys, m.tokens)
-        return None if data is None else self.engine.import_kv(data)
+    def _load_prefix(self, prompt: list[int], source=None):
+        """(The prompt's cached prefix in this worker's pool or None, its tokens fetched from another
+        node). This node's store first; ``source`` (another node's) where it holds more. A store that
+        fails to match or to hand over the blocks costs recomputing them, never the request."""
+        best, where = None, None
+        for store in (self.store, source):
+            if store is None:
+                continue
+            try:
+                m = call(store, "match", prompt, timeout=self.store_timeout_s)
+            except StoreUnavailable:
+                continue
+            if best is None or m.tokens > best.tokens:
+                best, where = m, store
+        if best is None or best.tokens == 0:  # a partial block counts too (invariant 2: token-granular reuse)
+            return None, 0
+        remote = where is not self.store
+        data = self._fetch_or_recompute(best.keys, best.tokens, where if remote else None)
+        return (None, 0) if data is None else (self.engine.import_kv(data), best.tokens if remote else 0)
 
     def load(self) -> dict:
         return {"name": self.name, "served": self.served, "queued_tokens": self.queued_tokens,

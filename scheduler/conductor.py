@@ -14,7 +14,14 @@ What feeds the view:
 - worker load reports (running / waiting sequences) and the store's ``removed`` events, which
   drop blocks from every worker's index;
 - liveness: a worker marked down (dead, restarting or not answering) leaves placement until it is
-  marked up again; a store that restarted empty makes the Conductor forget every block.
+  marked up again; a store that restarted empty makes the Conductor forget every block (of its node).
+
+On a cluster of several Ray nodes (``nodes``: worker -> node), the view's caches are per node: a
+prefill worker's published blocks belong to its node's store, a finished conversation to the decode
+worker's node (it publishes into its own store), a store's events touch only its node's cache, and a
+lost node is forgotten whole (``forget_node``). Cross-node fetches (a placement's ``fetch_from``, a
+handoff from a prefill node to another decode node) feed the hot-block ``replication`` policy,
+whose copy orders the cluster carries out (``take_replications``, ``replicated``).
 
 A plain thread-safe class: ``pdserve.cluster.LocalCluster`` calls it from its submit threads.
 """
@@ -27,6 +34,7 @@ from dataclasses import dataclass
 from kvstore.keys import block_keys
 from scheduler.cost_model import CostModel
 from scheduler.placement import ClusterView, Placement, PlacementRequest, Reject
+from scheduler.replication import HotBlockReplication, Replicate
 from scheduler.view import BlockLocator
 
 NO_LIVE_WORKER = "no live prefill or no live decode worker"  # a Reject that waiting can cure
@@ -42,11 +50,18 @@ class Outstanding:
 
 class Conductor:
     def __init__(self, policy, cost: CostModel, prefill: list[str], decode: list[str], block_size: int,
-                 fingerprint: int, clock=time.monotonic):
+                 fingerprint: int, clock=time.monotonic, nodes: dict[str, str] | None = None,
+                 replication: HotBlockReplication | None = None):
         self.policy, self.cost, self.clock = policy, cost, clock
-        self.view = ClusterView(list(prefill), list(decode), block_size=block_size, fingerprint=fingerprint)
-        for p in prefill:
-            self.view.attach_cache(p, None)
+        self.view = ClusterView(list(prefill), list(decode), block_size=block_size, fingerprint=fingerprint,
+                                nodes=dict(nodes or {}))
+        for name in [*prefill, *(decode if nodes else [])]:  # a decode-only node's store holds blocks too
+            if self.view.node_of(name) not in self.view.caches:
+                self.view.attach_cache(name, None)
+        self.replication = replication
+        self.replications: list[Replicate] = []  # copies ordered, not yet taken by the cluster
+        self.replicated_blocks = 0
+        self.remote_hit_tokens = 0  # predicted hits placed to be fetched from another node
         self.lock = threading.Lock()
         self.outstanding: dict[str, Outstanding] = {}
         self.block_size = block_size
@@ -56,7 +71,7 @@ class Conductor:
         self.requests = 0
         self.rejected = 0
         self.placements: dict[str, str] = {}  # request id -> prefill worker (last 10k)
-        self.on_disk: set[int] = set()
+        self.on_disk: set[tuple[str, int]] = set()  # (node, key) of blocks on a store's disk tier
         self.all_prefill, self.all_decode = list(prefill), list(decode)
         self.down: set[str] = set()
 
@@ -80,13 +95,32 @@ class Conductor:
         with self.lock:
             return bool(self.view.prefill) and bool(self.view.decode)
 
-    def forget_blocks(self) -> None:
-        """The store restarted empty: no worker holds any block any more."""
+    def forget_blocks(self, node: str | None = None) -> None:
+        """A store restarted empty: nobody holds any of its blocks (``node``: that node's store; None:
+        the only store, so no worker holds any block any more)."""
         with self.lock:
+            if node is not None and self.view.nodes:
+                self.view.forget_holder(node)
+                self.on_disk = {(n, k) for n, k in self.on_disk if n != node}
+                return
             self.view.locator = BlockLocator()
             self.on_disk.clear()
-            for p in self.all_prefill:
-                self.view.attach_cache(p, None)
+            for name in list(self.view.caches):
+                self.view.attach_cache(name, None)
+
+    def forget_node(self, node: str) -> None:
+        """A node is gone with its workers and store: out of placement for good, its blocks forgotten."""
+        with self.lock:
+            gone = [w for w, n in self.view.nodes.items() if n == node]
+            self.down.update(gone)
+            self.all_prefill = [p for p in self.all_prefill if p not in gone]
+            self.all_decode = [d for d in self.all_decode if d not in gone]
+            self._live()
+            self.view.forget_holder(node)
+            self.on_disk = {(n, k) for n, k in self.on_disk if n != node}
+            self.replications = [r for r in self.replications if node not in (r.source, r.target)]
+            if self.replication is not None:
+                self.replication.forget(node)
 
     def place(self, request: PlacementRequest) -> Placement | Reject:
         with self.lock:
@@ -111,6 +145,8 @@ class Conductor:
             ds.incoming_kv_bytes += kv
             self.outstanding[request.request_id] = Outstanding(got, predicted, n, kv)
             self.predicted_hit_tokens += got.predicted_hit_tokens
+            if got.fetch_from is not None:
+                self.remote_hit_tokens += got.predicted_hit_tokens
             self.placements[request.request_id] = got.prefill
             if len(self.placements) > 10_000:
                 self.placements.pop(next(iter(self.placements)))
@@ -132,6 +168,7 @@ class Conductor:
             self.delivered_partial_tokens += cached_tokens - whole
             if keys:
                 self.view.cache_insert(p, keys, kv_tokens)
+            self._count_fetches(out.placement, keys, cached_tokens)
             ds = self.view.decode_state[out.placement.decode]
             ds.incoming = max(0, ds.incoming - 1)
             ds.incoming_kv_bytes = max(0.0, ds.incoming_kv_bytes - out.kv_bytes)
@@ -149,8 +186,40 @@ class Conductor:
             ds.kv_bytes = max(0.0, ds.kv_bytes - out.kv_bytes)
             if tokens:
                 keys = block_keys(self.view.fingerprint, tokens, self.view.block_size)
+                # published by the decode worker: into its node's store (one store: the prefill's view)
+                holder = out.placement.decode if self.view.nodes else out.placement.prefill
                 if keys:
-                    self.view.cache_insert(out.placement.prefill, keys, len(keys) * self.view.block_size)
+                    self.view.cache_insert(holder, keys, len(keys) * self.view.block_size)
+
+    # -- hot-block replication -------------------------------------------------------------------
+    def _count_fetches(self, placement: Placement, keys: list[int], cached_tokens: int) -> None:
+        """Cross-node fetches of this request, to the replication policy (under the lock)."""
+        if self.replication is None or not self.view.nodes:
+            return
+        node_of = self.view.node_of
+        fetched = []
+        if placement.fetch_from is not None and cached_tokens >= self.block_size:
+            fetched.append((placement.fetch_from, keys[:cached_tokens // self.block_size]))
+        if keys and node_of(placement.prefill) != node_of(placement.decode):
+            fetched.append((node_of(placement.prefill), keys))
+        targets = list(dict.fromkeys(node_of(p) for p in self.all_prefill))  # drained ones too: they come back
+        for source, run in fetched:
+            self.replications += self.replication.fetched(source, list(run), targets, self._holds)
+
+    def _holds(self, holder: str, keys) -> int:
+        return self.view.locator.prefix_blocks(list(keys), [holder])[holder]
+
+    def take_replications(self) -> list[Replicate]:
+        with self.lock:
+            out, self.replications = self.replications, []
+            return out
+
+    def replicated(self, order: Replicate, keys: list[int], tokens: int) -> None:
+        """A copy landed: ``keys`` (``tokens`` tokens) are in ``order.target``'s store now."""
+        with self.lock:
+            if keys and order.target in self.view.caches:
+                self.view.cache_insert(order.target, keys, tokens)
+                self.replicated_blocks += len(keys)
 
     def update_loads(self, loads: dict[str, dict]) -> None:
         with self.lock:
@@ -164,19 +233,22 @@ class Conductor:
         """The store's events: a removed block leaves every worker's index (with its extensions),
         unless the same batch stores it again (a fuller copy replacing it)."""
         with self.lock:
-            last = {e.key: e.kind for e in events}
+            last = {(e.node, e.key): e.kind for e in events}
             for e in events:
-                if e.kind == "removed" and last[e.key] == "stored":  # replaced by a fuller copy: still held
+                at = (e.node, e.key)
+                if e.kind == "removed" and last[at] == "stored":  # replaced by a fuller copy: still held
                     continue
                 if e.kind == "stored":
-                    (self.on_disk.add if e.tier == "disk" else self.on_disk.discard)(e.key)
+                    (self.on_disk.add if e.tier == "disk" else self.on_disk.discard)(at)
                     continue
-                if e.tier == "host" and e.key in self.on_disk:  # demoted, still cached
+                if e.tier == "host" and at in self.on_disk:  # demoted, still cached
                     continue
-                self.on_disk.discard(e.key)
-                for p in self.all_prefill:
-                    cache = self.view.prefill_state[p].cache
-                    if cache is not None and e.key in cache:
+                self.on_disk.discard(at)
+                # one store per node: its node's cache; the only store: every worker's view of it
+                holders = [e.node] if self.view.nodes and e.node in self.view.caches else list(self.view.caches)
+                for h in holders:
+                    cache = self.view.caches[h]
+                    if e.key in cache:
                         _drop_subtree(cache, e.key)
 
     def stats(self) -> dict:
@@ -185,7 +257,8 @@ class Conductor:
                     "requests": self.requests, "rejected": self.rejected,
                     "predicted_hit_tokens": self.predicted_hit_tokens,
                     "delivered_hit_tokens": self.delivered_hit_tokens,
-                    "delivered_partial_tokens": self.delivered_partial_tokens, "in_flight": len(self.outstanding)}
+                    "delivered_partial_tokens": self.delivered_partial_tokens, "in_flight": len(self.outstanding),
+                    "remote_hit_tokens": self.remote_hit_tokens, "replicated_blocks": self.replicated_blocks}
 
 
 def _drop_subtree(index, key: int) -> None:

@@ -4,7 +4,7 @@ early rejection.
 For every prefill instance, TTFT = queue + prefill, where the prefill may start from the
 instance's own cached prefix or, when another instance holds a prefix longer than
 ``balance_threshold`` times the local one, from that prefix after fetching it (transfer time
-added). Fetching copies the hot blocks to the chosen instance: replication follows demand.
+added; on a cluster of Ray nodes the source is the node holding that prefix). Fetching copies the hot blocks to the chosen instance: replication follows demand.
 The instance with the lowest TTFT wins; the decode instance is the one with the lowest
 predicted TBT at the time the request will get there (its load then, not now). A request is
 rejected early when its predicted TTFT or TBT misses its SLO.
@@ -35,8 +35,9 @@ class MooncakePolicy(Policy):
         choice = None
         for p in view.prefill:
             local = prefix[p]
-            if p != best_p and best_len > self.balance_threshold * local:
-                option = (self.ttft(view, p, request, best_len, fetched=best_len - local), p, best_len, best_p)
+            if view.node_of(p) != view.node_of(best_p) and best_len > self.balance_threshold * local:
+                option = (self.ttft(view, p, request, best_len, fetched=best_len - local), p, best_len,
+                          view.node_of(best_p))
             else:
                 option = (self.ttft(view, p, request, local), p, local, None)
             if choice is None or option[:2] < choice[:2]:

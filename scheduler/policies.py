@@ -8,7 +8,9 @@ The live Conductor and the simulator call these very objects. Each predicts with
 - ``random`` / ``round_robin``: baselines that ignore state.
 - ``least_loaded``: the shortest prefill queue and the lightest decode batch (load balancing).
 - ``cache_aware``: the prefill instance with the lowest TTFT using its *own* cached prefix
-  (Mooncake's "local cache-aware"): the longest prefix wins unless its queue costs more.
+  (Mooncake's "local cache-aware"): the longest prefix wins unless its queue costs more. With
+  ``remote_fetch`` on (a cluster of several Ray nodes turns it on) it also weighs fetching the
+  longest prefix any node holds from that node against recomputing it (``fetch_from`` names the node).
 - ``mooncake``: FAST'25 Algorithm 1 (see ``scheduler.mooncake``).
 - ``goodput``: ours (see ``scheduler.goodput``).
 """
@@ -146,12 +148,19 @@ class CacheAwarePolicy(Policy):
     """Local cache-aware: the lowest predicted TTFT with each instance's own cached prefix."""
 
     name = "cache_aware"
+    remote_fetch = False  # also weigh fetching another holder's longer prefix (multi-node clusters)
 
     def choose(self, request, view):
         prefix = view.prefix_tokens(request)
-        p, ttft = min(((n, self.ttft(view, n, request, prefix[n])) for n in view.prefill), key=lambda x: (x[1], x[0]))
+        options = [(self.ttft(view, n, request, prefix[n]), n, prefix[n], None) for n in view.prefill]
+        if self.remote_fetch:
+            source, best = view.best_holder(request)
+            options += [(self.ttft(view, n, request, best, fetched=best - prefix[n]), n, best, source)
+                        for n in view.prefill if source is not None and best > prefix[n]
+                        and view.node_of(n) != source]
+        ttft, p, cached, source = min(options, key=lambda x: (x[0], x[1], x[3] is not None))
         d, tbt = self.pick_decode(view, p, request, ttft)
-        return Placement(p, d, prefix[p], None, ttft, tbt)
+        return Placement(p, d, cached, source, ttft, tbt)
 
 
 def policy_names() -> tuple[str, ...]:

@@ -6,6 +6,13 @@ its capacity and eviction order) and the chained block keys of ``kvstore.keys`` 
 ``hash()``). A ``BlockLocator`` maps each key to the instances holding it, so the longest cached
 prefix on every instance comes from one walk over the request's keys (the "global metadata" of
 Mooncake), which keeps a decision well under a millisecond with 64 instances.
+
+Where caches live: a cache belongs to a *holder*. In the simulator (and a one-node cluster) each
+prefill instance is its own holder, as in Mooncake's paper. On a cluster of several Ray nodes,
+``nodes`` maps each worker to its node, and the holder is the node's store: the prefill workers of
+one node share one index, a decode-only node's store is a holder too, and a policy sees both the
+prefix a worker's own node holds (``prefix_tokens``) and the longest one any node holds
+(``best_holder``), which it may fetch across nodes instead of recomputing.
 """
 from __future__ import annotations
 
@@ -85,6 +92,8 @@ class ClusterView:
     decode_state: dict[str, DecodeState] = field(default_factory=dict)
     locator: BlockLocator = field(default_factory=BlockLocator)
     colocated: bool = False  # prefill and decode run on the same instances (chunked prefill)
+    nodes: dict[str, str] = field(default_factory=dict)  # worker -> its node (holder); empty: each its own
+    caches: dict[str, PrefixIndex] = field(default_factory=dict)  # holder -> the blocks it holds
 
     def __post_init__(self) -> None:
         for n in self.prefill:
@@ -93,24 +102,40 @@ class ClusterView:
             self.decode_state.setdefault(n, DecodeState(n))
 
     # -- caches ----------------------------------------------------------------------------------
+    def node_of(self, name: str) -> str:
+        """The holder whose cache ``name`` reads first: its node, or itself without a node map."""
+        return self.nodes.get(name, name)
+
     def attach_cache(self, name: str, capacity_blocks: int | None, policy: str = "lru") -> PrefixIndex:
-        """Give prefill instance ``name`` a prefix index whose contents the locator mirrors."""
+        """Give ``name``'s holder (a prefill instance, or a node) a prefix index that the locator
+        mirrors; every prefill instance of that holder shares it."""
+        holder = self.node_of(name)
         index = PrefixIndex(self.block_size, capacity_blocks, policy, fingerprint=self.fingerprint,
-                            on_remove=lambda k, n=name: self.locator.discard(k, n))
-        self.prefill_state[name].cache = index
+                            on_remove=lambda k, h=holder: self.locator.discard(k, h))
+        self.caches[holder] = index
+        for p, state in self.prefill_state.items():
+            if self.node_of(p) == holder:
+                state.cache = index
         return index
 
     def cache_insert(self, name: str, keys, n_tokens: int) -> None:
-        state = self.prefill_state[name]
-        if state.cache is None:
-            self.attach_cache(name, None)
-        for k in state.cache.insert_keys(list(keys), n_tokens):
-            self.locator.add(k, name)
+        holder = self.node_of(name)
+        cache = self.caches.get(holder) or self.attach_cache(name, None)
+        for k in cache.insert_keys(list(keys), n_tokens):
+            self.locator.add(k, holder)
 
     def cache_touch(self, name: str, keys) -> None:
-        cache = self.prefill_state[name].cache
+        cache = self.caches.get(self.node_of(name))
         if cache is not None and keys:
             cache.touch([k for k in keys if k in cache])
+
+    def forget_holder(self, holder: str) -> None:
+        """A holder's blocks are gone (its node or store was lost): an empty index in its place."""
+        cache = self.caches.get(holder)
+        if cache is not None:
+            for k in list(cache.entries):
+                self.locator.discard(k, holder)
+            self.attach_cache(holder, cache.capacity, cache.policy)
 
     def keys_of(self, request) -> list[int]:
         """The request's block keys: given (trace replay) or chained from its token ids."""
@@ -121,6 +146,16 @@ class ClusterView:
     def prefix_tokens(self, request, keys=None) -> dict[str, int]:
         """Cached prefix (tokens) of the request on every prefill instance."""
         keys = self.keys_of(request) if keys is None else keys
-        blocks = self.locator.prefix_blocks(keys, self.prefill)
+        blocks = self.locator.prefix_blocks(keys, list(dict.fromkeys(self.node_of(p) for p in self.prefill)))
         n = request.prompt_tokens
-        return {p: min(b * self.block_size, n) for p, b in blocks.items()}
+        return {p: min(blocks[self.node_of(p)] * self.block_size, n) for p in self.prefill}
+
+    def best_holder(self, request, keys=None) -> tuple[str | None, int]:
+        """The holder with the longest cached prefix of the request (ties: the first name) and its
+        tokens; (None, 0) when nobody holds any of it."""
+        keys = self.keys_of(request) if keys is None else keys
+        blocks = self.locator.prefix_blocks(keys, sorted(self.caches))
+        if not blocks or max(blocks.values()) == 0:
+            return None, 0
+        holder = max(sorted(blocks), key=lambda h: blocks[h])
+        return holder, min(blocks[holder] * self.block_size, request.prompt_tokens)
