@@ -36,6 +36,16 @@ tls_cert = ""                # PEM files; both or neither
 tls_key = ""
 auth_token_env = ""          # the env var holding the bearer token clients must send
 
+[topology]                   # several Ray nodes (with `pdserve up --address`); absent = one node
+every_node = false           # true: a store and the per-node workers on every alive Ray node
+prefill_per_node = 1
+decode_per_node = 1
+replication_threshold = 4    # cross-node fetches of a prefix before it is copied to the other nodes
+nodes = [                    # or name them: match = a Ray node id, a custom resource of the node, or its IP
+  { name = "a", match = "box-a", prefill = 1, decode = 0 },
+  { name = "b", match = "box-b", prefill = 0, decode = 1 },
+]
+
 [resilience]
 max_migrations = 3           # times one request may move to another worker when its worker dies
 recovery_timeout_s = 60      # how long a moving request waits for a live worker (then UNAVAILABLE)
@@ -108,6 +118,39 @@ class ServerSection:
 
 
 @dataclass
+class TopologySection:
+    every_node: bool = False
+    prefill_per_node: int = 1
+    decode_per_node: int = 1
+    replication_threshold: int = 4
+    nodes: list = field(default_factory=list)  # tables: name, match, prefill, decode
+
+    def to_topology(self):
+        """The section as a ``pdserve.topology.Topology`` (None: the single-node cluster)."""
+        from pdserve.topology import NodeSpec, Topology, TopologyError
+
+        specs = []
+        for i, raw in enumerate(self.nodes):
+            if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
+                raise ConfigError(f"config key topology.nodes[{i}] must be a table with a string name")
+            unknown = set(raw) - {"name", "match", "prefill", "decode"}
+            if unknown:
+                raise ConfigError(f"unknown config key topology.nodes[{i}].{sorted(unknown)[0]}; "
+                                  "known: name, match, prefill, decode")
+            counts = {k: raw.get(k, 0) for k in ("prefill", "decode")}
+            if not isinstance(raw.get("match", ""), str) or any(type(v) is not int for v in counts.values()):
+                raise ConfigError(f"config key topology.nodes[{i}]: match is a string, prefill and decode integers")
+            specs.append(NodeSpec(raw["name"], raw.get("match", ""), counts["prefill"], counts["decode"]))
+        try:
+            topo = Topology(tuple(specs), self.every_node, self.prefill_per_node, self.decode_per_node)
+        except TopologyError as e:
+            raise ConfigError(f"config section [topology]: {e}") from None
+        if self.replication_threshold < 1:
+            raise ConfigError(f"config key topology.replication_threshold must be >= 1, got {self.replication_threshold!r}")
+        return topo if topo.multi_node else None
+
+
+@dataclass
 class Resilience:
     max_migrations: int = 3
     recovery_timeout_s: float = 60.0
@@ -137,6 +180,7 @@ class Config:
     slo: SLOSection = field(default_factory=SLOSection)
     server: ServerSection = field(default_factory=ServerSection)
     resilience: Resilience = field(default_factory=Resilience)
+    topology: TopologySection = field(default_factory=TopologySection)
 
     def validate(self) -> "Config":
         positive = {"cluster.n_prefill": self.cluster.n_prefill, "cluster.n_decode": self.cluster.n_decode,
@@ -163,6 +207,7 @@ class Config:
             raise ConfigError("config keys server.tls_cert and server.tls_key go together: give both or neither")
         if self.store.disk_capacity_blocks and not self.store.disk_dir:
             raise ConfigError("config key store.disk_dir is needed when store.disk_capacity_blocks > 0")
+        self.topology.to_topology()  # its own checks
         return self
 
 

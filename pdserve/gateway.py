@@ -96,7 +96,7 @@ def status_message(model: str, s: dict) -> pb.ClusterStatusResponse:
                                waiting=w.get("waiting", 0), free_blocks=_total(w.get("free_blocks", 0)),
                                capacity_blocks=_total(w.get("capacity", 0)), device=w.get("device", ""),
                                gpu_ids=w.get("gpu_ids", []), state=w.get("state", "alive"),
-                               restarts=int(w.get("restarts", 0)))
+                               restarts=int(w.get("restarts", 0)), node=w.get("node", ""))
                for name, w in s.get("workers", {}).items()]
     store, counters = s.get("store", {}), s.get("counters", {})
     tiers = [pb.TierStatus(tier=t, blocks=store.get("blocks", {}).get(t, 0), bytes=store.get("bytes", {}).get(t, 0),
@@ -109,7 +109,20 @@ def status_message(model: str, s: dict) -> pb.ClusterStatusResponse:
         bytes_transferred=store.get("bytes_in", 0) + store.get("bytes_out", 0), serving=bool(s.get("serving", True)),
         store_state=store.get("state", "alive"), store_restarts=int(store.get("restarts", 0)),
         migrations=int(counters.get("migrations", 0)), recomputed_tokens=int(counters.get("recomputed_tokens", 0)),
-        kv_load_failures=int(counters.get("kv_load_failures", 0)))
+        kv_load_failures=int(counters.get("kv_load_failures", 0)),
+        nodes=[_node_status(name, n) for name, n in s.get("nodes", {}).items()] if len(s.get("nodes", {})) > 1 else [])
+
+
+def _node_status(name: str, n: dict) -> pb.NodeStatus:
+    """One node of a multi-node topology: its state, its store's numbers and its workers."""
+    st = n.get("store", {})
+    return pb.NodeStatus(name=name, state=n.get("state", "alive"), ray_node_id=n.get("ray_node_id", ""),
+                         workers=n.get("workers", []), store_state=st.get("state", "dead" if n.get("state") == "lost"
+                                                                          else "alive"),
+                         blocks=sum(st.get("blocks", {}).values()), bytes=sum(st.get("bytes", {}).values()),
+                         hit_tokens=sum(st.get("hit_tokens", {}).values()),
+                         bytes_transferred=st.get("bytes_in", 0) + st.get("bytes_out", 0),
+                         replicated_blocks=st.get("replicated_blocks", 0))
 
 
 def _total(v) -> int:

@@ -60,7 +60,9 @@ def build_cluster(cfg: Config, ray_address: str | None):
                            store_config=store, num_cpus=c.num_cpus or None, policy=c.policy,
                            slo=SLO(ttft_s=cfg.slo.ttft_ms / 1000, tbt_s=cfg.slo.tbt_ms / 1000), device=c.device,
                            prefill_num_gpus=c.prefill_num_gpus, decode_num_gpus=c.decode_num_gpus,
-                           num_gpus=c.num_gpus or None, resilience=cfg.resilience)
+                           num_gpus=c.num_gpus or None, resilience=cfg.resilience,
+                           topology=cfg.topology.to_topology(),  # None: one node (issue 17)
+                           replication_threshold=cfg.topology.replication_threshold)
     if c.block_size and c.block_size != cluster.model_config.block_size:
         cluster.shutdown()
         raise ValueError(f"config key cluster.block_size={c.block_size} differs from model {c.model!r}'s "

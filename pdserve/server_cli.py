@@ -257,10 +257,14 @@ def _status(args) -> int:
     print(f"model {s.model}, policy {s.policy}: {'serving' if s.serving else 'NOT SERVING'}; {s.requests} requests, "
           f"{s.rejected} rejected, {s.in_flight} in flight")
     for w in s.workers:
-        placed = w.device + (f" GPU {','.join(w.gpu_ids)}" if w.gpu_ids else "")
+        placed = w.device + (f" GPU {','.join(w.gpu_ids)}" if w.gpu_ids else "") + (f" @{w.node}" if w.node else "")
         print(f"  {w.name:<12} {w.role:<8} {w.state or 'alive':<10} {placed:<12} running {w.running:>3}  "
               f"waiting {w.waiting:>3}  free blocks {w.free_blocks}/{w.capacity_blocks}  restarts {w.restarts}")
     print(f"  store        {s.store_state or 'alive':<10} restarts {s.store_restarts}")
+    for n in s.nodes:  # a multi-node topology: each node's store and workers
+        print(f"  node {n.name:<8} {n.state:<6} store {n.store_state:<10} {n.blocks:>7} blocks  "
+              f"{n.bytes / 2**20:9.1f} MiB  hit tokens {n.hit_tokens}  replicated in {n.replicated_blocks}  "
+              f"workers {', '.join(n.workers) or '-'}")
     for t in s.tiers:
         print(f"  store {t.tier:<5} {t.blocks:>7} blocks  {t.bytes / 2**20:9.1f} MiB  hit tokens {t.hit_tokens}")
     print(f"  cache hit tokens: predicted {s.predicted_hit_tokens}, delivered {s.delivered_hit_tokens}; "
