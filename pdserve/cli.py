@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--student", default="smollm2-135m-skv")
     c.add_argument("--teacher-precision", choices=["int8", "float32", "bfloat16"], default="float32")
     c.add_argument("--student-precision", choices=["int8", "float32", "bfloat16"], default="int8")
+    c.add_argument("--no-general", dest="general", action="store_false",
+                   help="skip the general-text eval (stdlib code and docs, license texts; ~12k token passes)")
     c.set_defaults(func=_compare)
 
     for module in SUBCOMMAND_MODULES:
@@ -152,22 +154,30 @@ def _generate_over_grpc(args) -> int:
 
 
 def _compare(args) -> int:
+    from model.config import DEFAULT_WINDOW
+    from model.general_text import passages
     from model.loader import load
-    from model.quality import compare
+    from model.quality import compare, compare_split
     from model.texts import EVAL
 
     teacher = load(args.teacher, quant=_quant(args.teacher_precision))
     student = load(args.student, quant=_quant(args.student_precision))
     if teacher.tokenizer is None:
         raise ValueError(f"teacher {args.teacher!r} has no tokenizer to encode the prompt set")
+    print(f"{args.student} ({args.student_precision}) vs {args.teacher} ({args.teacher_precision}):")
     seqs = [teacher.tokenizer.encode(t) for t in EVAL]
-    result = compare(teacher.model, student.model, seqs)
-    ctx = 1024
-    print(f"{args.student} ({args.student_precision}) vs {args.teacher} ({args.teacher_precision}): {result}")
-    for who, m in (("teacher", teacher.model), ("student", student.model)):
-        print(f"  {who} KV bytes/token at {ctx}: {m.config.kv_bytes_per_token(ctx):.0f}")
+    print(f"  fixed prompt set: {compare(teacher.model, student.model, seqs)}", flush=True)
+    if args.general:  # text no one here wrote (model.general_text), short rows and long ones
+        short, long = passages(teacher.tokenizer.encode)
+        print(f"  general text, short: {compare(teacher.model, student.model, [p.tokens for p in short])}",
+              flush=True)
+        inside, past = compare_split(teacher.model, student.model, [p.tokens for p in long], DEFAULT_WINDOW)
+        print(f"  general text, long, positions < {DEFAULT_WINDOW}: {inside}")
+        print(f"  general text, long, positions >= {DEFAULT_WINDOW}: {past}")
+    for ctx in (1024, 8192):
+        print(f"  KV bytes/token at {ctx}: teacher {teacher.model.config.kv_bytes_per_token(ctx):.0f}, "
+              f"student {student.model.config.kv_bytes_per_token(ctx):.0f}")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
