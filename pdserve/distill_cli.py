@@ -23,6 +23,9 @@ def add_parsers(sub) -> None:
     d.add_argument("--train-prompts", type=int, default=160, help="train prompts per sampled set (at most 320)")
     d.add_argument("--train-sets", type=int, default=1,
                    help="independently sampled completions of the train prompts: more teacher text")
+    d.add_argument("--plain-tokens", type=int, default=0,
+                   help="also train on this many tokens of plain text (package sources the teacher only reads; "
+                        "never the stdlib or /usr/share, which the eval reads)")
     d.add_argument("--widen-rank", type=int, default=0,
                    help="> 0: also train the norms, and o_proj and the MLP through adapters of this rank")
     d.add_argument("--objective", choices=["layerwise", "kl"], default="layerwise",
@@ -105,6 +108,7 @@ def _train(args) -> int:
     cfg = TrainConfig(teacher=args.teacher, student=args.student, steps=args.steps, batch=args.batch,
                       seq_len=args.seq_len, lr=args.lr, objective=args.objective,
                       lr_schedule=args.lr_schedule, train_prompts=args.train_prompts, train_sets=args.train_sets,
+                      plain_tokens=args.plain_tokens,
                       widen_rank=args.widen_rank, eval_every=args.eval_every,
                       device=args.device, out=args.out or str(CACHE_DIR / "run"))
     setup = Setup.from_presets(cfg)

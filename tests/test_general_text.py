@@ -81,3 +81,19 @@ def test_windows_only_preset_is_the_original_inside_the_window(smollm2_int8, tok
     tokens = tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 6)
     ref = full_logits(smollm2_int8.model, tokens)
     assert torch.equal(full_logits(served_student("smollm2-135m-w", None), tokens), ref)
+
+
+def test_plain_training_text_avoids_the_eval_trees_and_passages(general, tokenizer):
+    """The plain-text distillation source reads package sources only, and no row of it shares a run
+    of OVERLAP_TOKENS tokens with the general-text eval."""
+    from model.distill.plain_text import OVERLAP_TOKENS, forbidden_roots, plain_text_sequences, source_files
+
+    files = source_files()
+    assert len(files) > 100
+    stdlib, share = forbidden_roots()
+    assert not any(share in f.parents for f in files)
+    assert not any(stdlib in f.parents and "site-packages" not in f.parts for f in files)
+    rows = plain_text_sequences(tokenizer.encode, 20_000, 256)
+    assert len(rows) == 79 and all(len(r) == 256 for r in rows)
+    held_out = set().union(*(shingles(p.tokens, OVERLAP_TOKENS) for p in general[0] + general[1]))
+    assert not any(shingles(r, OVERLAP_TOKENS) & held_out for r in rows)

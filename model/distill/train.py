@@ -37,6 +37,7 @@ class TrainConfig:
     eval_every: int = 25
     train_prompts: int = 160
     train_sets: int = 1  # sampled sets of the train prompts (seeds seed, seed+1, ...): more text, not more topics
+    plain_tokens: int = 0  # + this many tokens of plain text (model.distill.plain_text): text the teacher only reads
     lr_schedule: str = "constant"  # or "cosine": down to lr_floor * lr at the last step
     lr_floor: float = 0.1
     widen_rank: int = 0  # > 0: also train the norms and rank-r adapters on o_proj and the MLP
@@ -50,6 +51,8 @@ class TrainConfig:
             raise ValueError(f"objective must be 'layerwise' or 'kl', got {self.objective!r}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+        if self.plain_tokens < 0:
+            raise ValueError(f"distill config: plain_tokens must be >= 0, got {self.plain_tokens}")
         for name in ("steps", "batch", "seq_len", "long_seq_len", "long_every", "eval_every", "train_prompts",
                      "train_sets"):
             if getattr(self, name) < 1:
@@ -124,6 +127,15 @@ class Setup:
         train = [seq for s in range(cfg.train_sets)
                  for seq in load_or_sample(cfg.teacher, DataSpec("train", cfg.train_prompts, seed=cfg.seed + s))]
         evals = load_or_sample(cfg.teacher, DataSpec("eval", 24, seed=1))
+        if cfg.plain_tokens:
+            from model.distill.plain_text import plain_text_sequences
+            from model.loader import load
+
+            tokenizer = load(cfg.teacher, quant=QuantConfig.off()).tokenizer
+            if tokenizer is None:
+                raise ValueError(f"teacher {cfg.teacher!r} has no tokenizer to encode plain text")
+            plain = plain_text_sequences(tokenizer.encode, cfg.plain_tokens, cfg.seq_len)
+            train = [seq for pair in zip(train, plain) for seq in pair] + train[len(plain):] + plain[len(train):]
         return cls(tcfg.with_quant(QuantConfig.off()), tstate, scfg, sstate, train, evals)
 
 
