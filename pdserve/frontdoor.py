@@ -139,8 +139,12 @@ class FrontDoor:
 
     async def prepare(self, request, chat: bool) -> Prepared:
         """A GenerateRequest / ChatRequest -> Prepared, validated off the event loop (it tokenizes)."""
+        return await self.call(self.check, request, chat)
+
+    def check(self, request, chat: bool) -> Prepared:
+        """``prepare``'s work, for a caller already off the event loop; ``Refused`` names the field."""
         try:
-            return await self.call(prepare, request, self.limits, self.codec, chat)
+            return prepare(request, self.limits, self.codec, chat)
         except FieldError as e:
             code = "NOT_FOUND" if e.not_found else "INVALID_ARGUMENT"
             self.metrics.errors.labels(self.limits.model, code).inc()

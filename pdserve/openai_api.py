@@ -66,17 +66,14 @@ async def handle(request: Request, door: FrontDoor, chat: bool) -> Response:
         raw = await read_body(request, door.opts.max_message_bytes)
     except Refused as e:
         return error_response(413, e.message, param="body", code="request_too_large")
-    try:
-        body = await door.call(schema.parse, raw, chat)
-        header_session = request.headers.get("x-session-id")
-        req = schema.to_request(body, header_session if header_session is not None else (body.user or ""))
+    header_session = request.headers.get("x-session-id")
+    try:  # parsing, the schema's refusals and the shared validation: one trip off the event loop
+        body, prepared = await door.call(_check, door, raw, chat, header_session)
     except schema.BadField as e:
         return error_response(400, str(e), param=e.field)
-    try:
-        prepared = await door.prepare(req, chat)
-    except Refused as e:
-        name = schema.openai_field(e.field or "", body, header_session is not None)
-        status, payload, _ = refused_body(Refused(e.code, f"{name}: {e.why}"), name)
+    except _Invalid as e:
+        name = schema.openai_field(e.refused.field or "", e.body, header_session is not None)
+        status, payload, _ = refused_body(Refused(e.refused.code, f"{name}: {e.refused.why}"), name)
         return JSONResponse(payload, status)
     if schema.wants_logprobs(body):
         prepared = dataclasses.replace(prepared, params=dataclasses.replace(prepared.params, logprobs=True))
@@ -97,6 +94,23 @@ async def handle(request: Request, door: FrontDoor, chat: bool) -> Response:
     if result is None:  # the client went away; nobody reads this
         return Response(status_code=499)
     return result
+
+
+class _Invalid(Exception):
+    """``pdserve.validate`` refused the request built from ``body``."""
+
+    def __init__(self, body, refused: Refused):
+        self.body, self.refused = body, refused
+
+
+def _check(door: FrontDoor, raw: bytes, chat: bool, header_session: str | None):
+    """(body, Prepared): the JSON parsed, turned into the gRPC request and validated as gRPC's is."""
+    body = schema.parse(raw, chat)
+    req = schema.to_request(body, header_session if header_session is not None else (body.user or ""))
+    try:
+        return body, door.check(req, chat)
+    except Refused as e:
+        raise _Invalid(body, e) from None
 
 
 async def _unless_gone(request: Request, work):

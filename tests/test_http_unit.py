@@ -4,6 +4,8 @@ traceback text, bearer auth, and that the event loop stays responsive while a hu
 import asyncio
 import contextlib
 import json
+import re
+import ssl
 import threading
 import time
 
@@ -207,5 +209,72 @@ def test_an_exposed_bind_without_tls_and_token_is_refused():
         door = FrontDoor(FakeCluster(), ServerOptions(host="0.0.0.0"), Metrics("skv-tiny"))
         with pytest.raises(ValueError, match="refusing to bind 0.0.0.0"):
             await start_http(door, door.opts, 0)
+
+    asyncio.run(main())
+
+
+class FailingCluster(FakeCluster):
+    """Fails the way Ray does: exception text full of class names and ids that must never reach a client."""
+
+    def __init__(self, when: str):
+        super().__init__()
+        self.when = when
+
+    def submit(self, *args):
+        if self.when == "submit":
+            raise RuntimeError("ray.exceptions.RayActorError: actor 5f2a9c0e1d3b4a6f8e7d9c0b1a2f3e4d died\nTraceback")
+        return super().submit(*args)
+
+    def stream(self, sub):
+        yield from list(super().stream(sub))[:2]
+        raise RuntimeError("RayTaskError(ValueError): Traceback (most recent call last): File decode/worker.py")
+
+
+@pytest.mark.parametrize("when", ["submit", "stream"])
+def test_cluster_failures_read_as_our_short_messages(when):
+    async def main():
+        door = FrontDoor(FailingCluster(when), ServerOptions(), Metrics("skv-tiny"))
+        http = await start_http(door, door.opts, 0)
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{http.port}", timeout=30) as client:
+                r = await client.post("/v1/chat/completions", json=chat_body())
+                texts = [r.text]
+                if when == "submit":
+                    assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable_error"
+                else:
+                    assert r.status_code == 503 and "request gw-" in r.json()["error"]["message"]
+                    r = await client.post("/v1/chat/completions", json=chat_body(stream=True))
+                    frames = [f for f in r.text.split("\n\n") if f]
+                    assert r.status_code == 200 and frames[-1] == "data: [DONE]"
+                    assert json.loads(frames[-2][6:])["error"]["code"] == "unavailable"
+                    texts.append(r.text)
+                for t in texts:
+                    assert not re.search(r"ray|actor|traceback|worker\.py|[0-9a-f]{24}", t, re.I), t
+        finally:
+            await http.stop()
+            door.pool.shutdown(wait=False)
+
+    asyncio.run(main())
+
+
+def test_tls_and_a_token_on_the_http_edge(tmp_path):
+    from gateway_server import self_signed_cert
+
+    key, cert = self_signed_cert(tmp_path)
+
+    async def main():
+        door = FrontDoor(FakeCluster(), ServerOptions(tls_cert=str(cert), tls_key=str(key), auth_token="t"),
+                         Metrics("skv-tiny"))
+        http = await start_http(door, door.opts, 0)
+        try:
+            async with httpx.AsyncClient(verify=ssl.create_default_context(cafile=str(cert)), timeout=30) as client:
+                r = await client.get(f"https://127.0.0.1:{http.port}/v1/models", headers={"Authorization": "Bearer t"})
+                assert r.status_code == 200 and r.json()["data"][0]["id"] == "skv-tiny"
+            async with httpx.AsyncClient(timeout=10) as client:  # plaintext is refused
+                with pytest.raises(httpx.HTTPError):
+                    await client.get(f"http://127.0.0.1:{http.port}/v1/models")
+        finally:
+            await http.stop()
+            door.pool.shutdown(wait=False)
 
     asyncio.run(main())
