@@ -33,11 +33,11 @@ class MooncakePolicy(Policy):
         best_p = max(view.prefill, key=lambda n: (prefix[n], n))
         best_len = prefix[best_p]
         choice = None
+        source, nodes = view.node_of(best_p), view.nodes
         for p in view.prefill:
             local = prefix[p]
-            if view.node_of(p) != view.node_of(best_p) and best_len > self.balance_threshold * local:
-                option = (self.ttft(view, p, request, best_len, fetched=best_len - local), p, best_len,
-                          view.node_of(best_p))
+            if nodes.get(p, p) != source and best_len > self.balance_threshold * local:
+                option = (self.ttft(view, p, request, best_len, fetched=best_len - local), p, best_len, source)
             else:
                 option = (self.ttft(view, p, request, local), p, local, None)
             if choice is None or option[:2] < choice[:2]:

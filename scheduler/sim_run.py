@@ -51,6 +51,8 @@ def load_requests(path: str | Path, block_size: int = 64) -> tuple[list[SimReque
 def simulate(requests: list[SimRequest], policy: str, cost: CostModel, config: SimConfig,
              slo: SLO = SLO(), seed: int = 0, **policy_options) -> dict:
     pol = make_policy(policy, cost, slo, seed, **policy_options)
+    if config.n_nodes:  # caches per node: a prefix on another node may be fetched (as on a live cluster)
+        pol.remote_fetch = True
     sim = Simulator(requests, pol, cost, config)
     records = sim.run()
     out = summarize(records, slo, config.speed, requests)
@@ -58,7 +60,7 @@ def simulate(requests: list[SimRequest], policy: str, cost: CostModel, config: S
     lat = sorted(sim.decision_s)
     out.update(policy=policy, prefill_busy_seconds=busy,
                decision_us_mean=1e6 * sum(lat) / max(1, len(lat)), decision_us_p99=1e6 * _pct(lat, 99),
-               n_prefill=config.n_prefill, n_decode=config.n_decode, colocated=config.colocated,
+               n_prefill=config.n_prefill, n_decode=config.n_decode, colocated=config.colocated, n_nodes=config.n_nodes,
                speed=config.speed, cost_model=cost.name)
     return out
 

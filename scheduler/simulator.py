@@ -42,6 +42,7 @@ class SimConfig:
     speed: float = 1.0  # arrival-rate scaling: 2.0 replays the trace twice as fast
     colocated: bool = False
     chunk_tokens: int = 2048  # colocated chunked prefill
+    n_nodes: int = 0  # 0: each prefill instance its own cache; n: prefill i on node i % n, one cache per node
 
     def __post_init__(self) -> None:
         if self.speed <= 0:
@@ -58,10 +59,14 @@ class Simulator:
         pre = [f"p{i}" for i in range(n_inst)]
         dec = pre if config.colocated else [f"d{i}" for i in range(config.n_decode)]
         self.inst = {n: Instance(n, cost, chunk) for n in dict.fromkeys(pre + dec)}
-        self.view = ClusterView(list(pre), list(dec), block_size=config.block_size, colocated=config.colocated)
-        cap = None if config.cache_tokens is None else max(1, config.cache_tokens // config.block_size)
+        nodes = {p: f"node{i % config.n_nodes}" for i, p in enumerate(pre)} if config.n_nodes else {}
+        self.view = ClusterView(list(pre), list(dec), block_size=config.block_size, colocated=config.colocated,
+                                nodes=nodes)
+        per_holder = -(-len(pre) // config.n_nodes) if config.n_nodes else 1  # same cache in all
+        cap = None if config.cache_tokens is None else max(1, per_holder * config.cache_tokens // config.block_size)
         for n in pre:
-            self.view.attach_cache(n, cap)
+            if self.view.node_of(n) not in self.view.caches:
+                self.view.attach_cache(n, cap)
         self.records: list[Record] = []
         self.decision_s: list[float] = []
         self._events: list = []
@@ -125,7 +130,7 @@ class Simulator:
         local = cache.match_keys(job.keys, n).tokens
         hit, fetched = local, 0
         if job.fetch_from is not None:
-            src = self.view.prefill_state[job.fetch_from].cache.match_keys(job.keys, n).tokens
+            src = self.view.caches[self.view.node_of(job.fetch_from)].match_keys(job.keys, n).tokens
             if src > local:
                 hit, fetched = src, src - local
         inst.start_job(job, hit, fetched)

@@ -146,8 +146,11 @@ class ClusterView:
     def prefix_tokens(self, request, keys=None) -> dict[str, int]:
         """Cached prefix (tokens) of the request on every prefill instance."""
         keys = self.keys_of(request) if keys is None else keys
-        blocks = self.locator.prefix_blocks(keys, list(dict.fromkeys(self.node_of(p) for p in self.prefill)))
         n = request.prompt_tokens
+        if not self.nodes:  # each instance its own holder (the simulator's hot path)
+            blocks = self.locator.prefix_blocks(keys, self.prefill)
+            return {p: min(b * self.block_size, n) for p, b in blocks.items()}
+        blocks = self.locator.prefix_blocks(keys, list(dict.fromkeys(self.node_of(p) for p in self.prefill)))
         return {p: min(blocks[self.node_of(p)] * self.block_size, n) for p in self.prefill}
 
     def best_holder(self, request, keys=None) -> tuple[str | None, int]:

@@ -207,3 +207,22 @@ def test_status_message_carries_each_node_with_its_store_and_workers():
     assert (b.state, b.store_state) == ("lost", "dead")
     one = status_message("skv-tiny", {"nodes": {"node-0": {"state": "alive", "store": store}}})
     assert not one.nodes  # one node: the store line says it all
+
+
+def test_the_simulator_runs_the_same_policy_with_caches_per_node():
+    from scheduler.simulator import SimConfig, SimRequest, Simulator
+
+    prefix = list(range(8 * BS))
+    reqs = [SimRequest(1.0 * i, 10 * BS, 4, tuple(block_keys(0, prefix + [i] * 2 * BS, BS))) for i in range(12)]
+    hits = {}
+    for n_nodes in (1, 2):
+        policy = make_policy("cache_aware", COST)
+        policy.remote_fetch = True
+        sim = Simulator(reqs, policy, COST, SimConfig(n_prefill=4, n_decode=2, block_size=BS, n_nodes=n_nodes))
+        records = sim.run()
+        assert len(records) == 12 and all(r.done is not None for r in records)
+        caches = {id(sim.view.prefill_state[p].cache) for p in sim.view.prefill}
+        assert len(caches) == n_nodes  # the instances of one node share its cache
+        hits[n_nodes] = sum(r.delivered_hit for r in records)
+        assert hits[n_nodes] == sum(r.predicted_hit for r in records)
+    assert hits[1] == hits[2] == 11 * 8 * BS  # every request after the first reuses the prefix (fetched or local)
