@@ -160,6 +160,8 @@ def test_losing_the_node_of_a_decode_worker_mid_run(cluster, ray_nodes, referenc
     c, nodes = ray_nodes
     params = SamplingParams(max_tokens=24, ignore_eos=True)
     prompts = [[(13 * i + 5 * j) % 500 + 3 for j in range(30 + 3 * i)] for i in range(6)]
+    # decode steps on c slowed to >= 0.1 s, so the node surely leaves mid-stream on any machine
+    cluster.arm_fault("decode-2", "decode.step", "delay", times=10_000, seconds=0.1)
     with only(cluster, "prefill-0", "prefill-1", "decode-2"):
         subs = [cluster.submit(p, params) for p in prompts]
         for s in subs:
