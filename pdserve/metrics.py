@@ -63,6 +63,10 @@ class Metrics:
                                   "computed again", m, registry=r)
         self.kv_load_failures = Counter("pdserve:kv_load_failures", "KV fetches that failed, timed out or failed "
                                         "their checksum", m, registry=r)
+        self.nodes_lost = Counter("pdserve:nodes_lost", "Ray nodes that left with their workers and store", m,
+                                  registry=r)
+        self.replications = Counter("pdserve:kv_replications", "Hot prefixes copied to another node's store", m,
+                                    registry=r)
         self._seen: dict[str, float] = {}  # the cluster's cumulative counts, as last copied
         self.recent = Recent()
 
@@ -114,6 +118,8 @@ class Metrics:
         self._advance("migrations", counters.get("migrations", 0), self.migrations.labels(lm))
         self._advance("recomputed", counters.get("recomputed_tokens", 0), self.recomputed.labels(lm))
         self._advance("kv_load_failures", counters.get("kv_load_failures", 0), self.kv_load_failures.labels(lm))
+        self._advance("nodes_lost", counters.get("nodes_lost", 0), self.nodes_lost.labels(lm))
+        self._advance("replications", counters.get("replications", 0), self.replications.labels(lm))
 
     def _advance(self, key: str, total: float, counter) -> None:
         """A Prometheus counter follows a cumulative count the cluster keeps (never goes back)."""

@@ -226,3 +226,16 @@ def test_the_simulator_runs_the_same_policy_with_caches_per_node():
         hits[n_nodes] = sum(r.delivered_hit for r in records)
         assert hits[n_nodes] == sum(r.predicted_hit for r in records)
     assert hits[1] == hits[2] == 11 * 8 * BS  # every request after the first reuses the prefix (fetched or local)
+
+
+def test_node_loss_and_replications_are_prometheus_counters():
+    from prometheus_client import generate_latest
+
+    from pdserve.metrics import Metrics
+
+    m = Metrics("skv-tiny")
+    m.update_cluster({"counters": {"nodes_lost": 1, "replications": 3}})
+    m.update_cluster({"counters": {"nodes_lost": 1, "replications": 5}})
+    text = generate_latest(m.registry).decode()
+    assert 'pdserve:nodes_lost_total{model_name="skv-tiny"} 1.0' in text
+    assert 'pdserve:kv_replications_total{model_name="skv-tiny"} 5.0' in text
