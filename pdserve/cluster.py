@@ -235,8 +235,10 @@ class LocalCluster(RequestFlow, NodeParts):
 
     def status(self) -> dict:
         """The cluster at a glance (the gateway serves it): each worker's state (alive, restarting,
-        dead), restarts, load, device and GPU ids; store stats; the policy; the Conductor's predicted
-        vs delivered cache hits (design invariant 5); failure counters. Never raises for a dead part."""
+        dead), restarts, load, device, GPU ids and node; store stats (the first node's); per node, its
+        state, store and workers (``nodes``); the policy; the Conductor's predicted vs delivered cache
+        hits (design invariant 5), the part placed to be fetched from another node and the blocks
+        replicated; failure counters. Never raises for a dead part."""
         loads = self.loads(timeout_s=2.0)
         self.conductor.update_loads(loads)
         self._drain_store_events()
