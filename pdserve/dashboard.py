@@ -10,6 +10,8 @@ import time
 from dataclasses import dataclass, field
 from importlib import resources
 
+from pdserve.frontdoor import total_blocks
+
 STATIC = {"/": ("dashboard.html", "text/html; charset=utf-8"),
           "/dashboard.js": ("dashboard.js", "text/javascript; charset=utf-8"),
           "/dashboard.css": ("dashboard.css", "text/css; charset=utf-8")}
@@ -44,7 +46,7 @@ class Dashboard:
                     "restarts": int(w.get("restarts", 0)), "device": w.get("device", ""),
                     "running": int(w.get("running", 0)), "waiting": int(w.get("waiting", 0)),
                     "queued_tokens": int(w.get("queued_tokens", 0)),
-                    "free_blocks": _total(w.get("free_blocks", 0)), "capacity_blocks": _total(w.get("capacity", 0))}
+                    "free_blocks": total_blocks(w.get("free_blocks", 0)), "capacity_blocks": total_blocks(w.get("capacity", 0))}
                    for n, w in s.get("workers", {}).items()]
         decode = [w for w in workers if w["role"] == "decode"]
         tiers = [{"tier": t, "blocks": int(store.get("blocks", {}).get(t, 0)), "bytes": int(store.get("bytes", {}).get(t, 0)),
@@ -64,11 +66,3 @@ class Dashboard:
             "failures": {k: int(v) for k, v in s.get("counters", {}).items()},
         }
 
-
-def _total(v) -> int:
-    """Free/capacity blocks come per KV group (a dict or list) or as one number."""
-    if isinstance(v, dict):
-        return int(sum(v.values()))
-    if isinstance(v, (list, tuple)):
-        return int(sum(v))
-    return int(v)

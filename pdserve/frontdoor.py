@@ -271,3 +271,12 @@ class FrontDoor:
         return Final(s.rid, reason, len(s.req.prompt), cached, n, queue_s=max(0.0, (ttft or 0.0) - worked),
                      ttft_s=ttft or 0.0, mean_tbt_s=sum(gaps) / len(gaps) if gaps else 0.0,
                      p99_tbt_s=gaps[min(len(gaps) - 1, int(0.99 * len(gaps)))] if gaps else 0.0, e2e_s=end - s.t0)
+
+
+def total_blocks(v) -> int:
+    """Free/capacity blocks come per KV group (a dict or list) or as one number."""
+    if isinstance(v, dict):
+        return int(sum(v.values()))
+    if isinstance(v, (list, tuple)):
+        return int(sum(v))
+    return int(v)

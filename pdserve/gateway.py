@@ -21,7 +21,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from pdserve.frontdoor import (Final, FrontDoor, Refused, ServerOptions, StopMatcher,  # noqa: F401 (re-exported)
+from pdserve.frontdoor import (Final, FrontDoor, Refused, ServerOptions, StopMatcher, total_blocks,  # noqa: F401 (re-exported)
                                check_exposure, is_loopback)
 from pdserve.metrics import Metrics
 from protos.pdserve.v1 import pdserve_pb2 as pb
@@ -93,8 +93,8 @@ def final_message(f: Final) -> pb.GenerateResponse:
 def status_message(model: str, s: dict) -> pb.ClusterStatusResponse:
     workers = [pb.WorkerStatus(name=name, role=w.get("role") or ("decode" if "running" in w else "prefill"),
                                running=w.get("running", 1 if w.get("queued_tokens") else 0),
-                               waiting=w.get("waiting", 0), free_blocks=_total(w.get("free_blocks", 0)),
-                               capacity_blocks=_total(w.get("capacity", 0)), device=w.get("device", ""),
+                               waiting=w.get("waiting", 0), free_blocks=total_blocks(w.get("free_blocks", 0)),
+                               capacity_blocks=total_blocks(w.get("capacity", 0)), device=w.get("device", ""),
                                gpu_ids=w.get("gpu_ids", []), state=w.get("state", "alive"),
                                restarts=int(w.get("restarts", 0)), node=w.get("node", ""))
                for name, w in s.get("workers", {}).items()]
@@ -124,14 +124,6 @@ def _node_status(name: str, n: dict) -> pb.NodeStatus:
                          bytes_transferred=st.get("bytes_in", 0) + st.get("bytes_out", 0),
                          replicated_blocks=st.get("replicated_blocks", 0))
 
-
-def _total(v) -> int:
-    """Free/capacity blocks come per KV group (a dict or list) or as one number."""
-    if isinstance(v, dict):
-        return int(sum(v.values()))
-    if isinstance(v, (list, tuple)):
-        return int(sum(v))
-    return int(v)
 
 
 class BearerAuth(grpc.aio.ServerInterceptor):

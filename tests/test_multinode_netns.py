@@ -22,6 +22,7 @@ import pytest
 from model.config import QuantConfig
 from model.engine import Engine, EngineConfig, SamplingParams
 from model.loader import load
+from pdserve.server_cli import session_pids
 
 pytestmark = pytest.mark.slow
 
@@ -61,19 +62,6 @@ DRIVER = textwrap.dedent("""
 
 def run(*cmd, check=True):
     return subprocess.run(cmd, check=check, capture_output=True, text=True, timeout=60)
-
-
-def session_pids(sid: int) -> list[int]:
-    out = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[3]) == sid and fields[0] != "Z":
-                out.append(int(d.name))
-    return out
 
 
 @pytest.fixture
