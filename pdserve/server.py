@@ -45,6 +45,8 @@ class ServerState:
 def build_cluster(cfg: Config, ray_address: str | None):
     """A LocalCluster from the config; joins a running Ray cluster when an address is given."""
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # before Ray: bind 127.0.0.1 only
+    if ray_address:
+        prefer_token_auth()  # before anything below imports Ray
     from kvstore.store import StoreConfig
     from model.engine import EngineConfig
     from pdserve.cluster import LocalCluster
@@ -70,15 +72,20 @@ def build_cluster(cfg: Config, ray_address: str | None):
     return cluster
 
 
-def join_ray(address: str) -> None:
-    """Connects this driver to an operator's Ray cluster. `ray start` turns on Ray's token
-    authentication by default, and a joining driver sends its token only in token mode, so that
-    mode is chosen whenever a token is at hand (a cluster without auth accepts it too). Ray reads the
-    mode when it is first imported, so this runs before the server process imports Ray."""
+def prefer_token_auth() -> None:
+    """`ray start` turns on Ray's token authentication by default, and a joining driver sends its
+    token only in token mode, so that mode is chosen whenever a token is at hand (a cluster without
+    auth accepts it too). Ray fixes the mode once it is imported, so this must run before any module
+    that imports Ray (``build_cluster`` calls it first)."""
     token_at_hand = os.environ.get("RAY_AUTH_TOKEN") or Path(
         os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").is_file()
     if "RAY_AUTH_MODE" not in os.environ and token_at_hand:
         os.environ["RAY_AUTH_MODE"] = "token"
+
+
+def join_ray(address: str) -> None:
+    """Connects this driver to an operator's Ray cluster (token mode where a token is at hand)."""
+    prefer_token_auth()
     import ray
 
     try:
