@@ -256,6 +256,9 @@ def _status(args) -> int:
         return 2
     print(f"model {s.model}, policy {s.policy}: {'serving' if s.serving else 'NOT SERVING'}; {s.requests} requests, "
           f"{s.rejected} rejected, {s.in_flight} in flight")
+    state = None if args.server else ServerState.load(args.state_file or DEFAULT_STATE)  # the server asked
+    if state is not None and state.http_port >= 0:
+        print(f"  OpenAI API {http_base(state)}/v1, dashboard {http_base(state)}/")
     for w in s.workers:
         placed = w.device + (f" GPU {','.join(w.gpu_ids)}" if w.gpu_ids else "") + (f" @{w.node}" if w.node else "")
         print(f"  {w.name:<12} {w.role:<8} {w.state or 'alive':<10} {placed:<12} running {w.running:>3}  "

@@ -120,6 +120,7 @@ def test_cli_generate_chat_and_bench_over_grpc(server):
 def test_cli_status_and_down_leave_no_process_behind(server):
     out = pdserve("status", "--state-file", str(server.state_file), timeout=60)
     assert out.returncode == 0 and "decode-0" in out.stdout, out.stderr
+    assert f"dashboard http://127.0.0.1:{server.state['http_port']}/" in out.stdout
     pid = server.state["pid"]
     assert session_pids(pid)  # the server and the Ray processes it started
     server.channel.close()
