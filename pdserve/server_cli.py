@@ -256,7 +256,8 @@ def _status(args) -> int:
         return 2
     print(f"model {s.model}, policy {s.policy}: {'serving' if s.serving else 'NOT SERVING'}; {s.requests} requests, "
           f"{s.rejected} rejected, {s.in_flight} in flight")
-    state = None if args.server else ServerState.load(args.state_file or DEFAULT_STATE)  # the server asked
+    asked_by_state = hasattr(args, "state_file") and not getattr(args, "server", None)  # not a --server target
+    state = ServerState.load(args.state_file or DEFAULT_STATE) if asked_by_state else None
     if state is not None and state.http_port >= 0:
         print(f"  OpenAI API {http_base(state)}/v1, dashboard {http_base(state)}/")
     for w in s.workers:
