@@ -61,7 +61,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--presets", default=",".join(FRONTIER))
     ap.add_argument("--chat-short", type=int, default=12, help="short chat conversations (of 24)")
-    ap.add_argument("--chat-long", type=int, default=2, help=f"long chat rows")
+    ap.add_argument("--chat-long", type=int, default=2, help="long chat rows (1,280 tokens each)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     from model.distill.evaluate import eval_set, evaluate_many
