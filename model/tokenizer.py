@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,10 +112,18 @@ class Tokenizer:
         path = Path(path)
         if not (path / "tokenizer.json").is_file():
             return None
-        template = None
-        cfg = path / "tokenizer_config.json"
-        if cfg.is_file():
-            import json
+        return cls(HFTokenizer.from_file(str(path / "tokenizer.json")), bos, eos, hf_chat_template(path))
 
-            template = json.loads(cfg.read_text()).get("chat_template")
-        return cls(HFTokenizer.from_file(str(path / "tokenizer.json")), bos, eos, template)
+
+def hf_chat_template(path: Path) -> str | None:
+    """The chat template of an HF directory: transformers 4 keeps it in tokenizer_config.json (a string, or
+    a list of named templates, of which we take "default"); transformers 5 writes chat_template.jinja."""
+    cfg = path / "tokenizer_config.json"
+    template = json.loads(cfg.read_text()).get("chat_template") if cfg.is_file() else None
+    if isinstance(template, list):
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                        None)
+    jinja = path / "chat_template.jinja"
+    if not template and jinja.is_file():
+        template = jinja.read_text()
+    return template or None

@@ -128,8 +128,10 @@ def config_from_gguf(meta: dict[str, Any], name: str) -> ModelConfig:
 
 # -- Hugging Face Llama directories ------------------------------------------------------------
 def config_from_hf(hf: dict[str, Any], name: str) -> ModelConfig:
+    """Our config from a Llama config.json (transformers 4 or 5); anything we would build wrong is refused."""
     if hf.get("model_type") not in (None, "llama"):
         raise WeightFileError(f"{name}: model_type {hf.get('model_type')!r} is not a Llama model")
+    _refuse_unbuilt_llama(hf, name)
     n_heads = int(hf["num_attention_heads"])
     eos = hf.get("eos_token_id")
     return ModelConfig(
@@ -137,12 +139,51 @@ def config_from_hf(hf: dict[str, Any], name: str) -> ModelConfig:
         n_layers=int(hf["num_hidden_layers"]), n_heads=n_heads,
         n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
         head_dim=int(hf.get("head_dim") or hf["hidden_size"] // n_heads),
-        ffn_dim=int(hf["intermediate_size"]), rope_theta=float(hf.get("rope_theta", 10000.0)),
+        ffn_dim=int(hf["intermediate_size"]), rope_theta=hf_rope_theta(hf, name),
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)), max_seq_len=int(hf.get("max_position_embeddings", 4096)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         bos_token_id=hf.get("bos_token_id"), eos_token_id=eos[0] if isinstance(eos, list) else eos,
         weights="hf",
     )
+
+
+def hf_rope_theta(hf: dict[str, Any], name: str) -> float:
+    """The RoPE base: transformers 4 writes a top-level ``rope_theta``, transformers 5 nests it in
+    ``rope_parameters`` (reading only one gave the wrong base, silently). Scaled RoPE (yarn, llama3,
+    linear, dynamic...) changes the frequencies in ways our model does not implement, so it is refused."""
+    thetas: dict[str, float] = {}
+    if hf.get("rope_theta") is not None:
+        thetas["rope_theta"] = float(hf["rope_theta"])
+    for field in ("rope_parameters", "rope_scaling"):
+        params = hf.get(field)
+        if params is None:
+            continue
+        if not isinstance(params, dict):
+            raise WeightFileError(f"{name}: {field} {params!r} is not an object")
+        kind = params.get("rope_type", params.get("type", "default"))
+        if kind != "default":
+            raise WeightFileError(f"{name}: {field}.rope_type {kind!r} is not supported (only 'default')")
+        if params.get("rope_theta") is not None:
+            thetas[f"{field}.rope_theta"] = float(params["rope_theta"])
+    if len(set(thetas.values())) > 1:
+        raise WeightFileError(f"{name}: the RoPE bases disagree: "
+                              + ", ".join(f"{k} = {v:g}" for k, v in thetas.items()))
+    return next(iter(thetas.values()), 10000.0)
+
+
+# Llama options whose non-default value changes the model we would build: refused, never ignored.
+_LLAMA_SUPPORTED: dict[str, tuple[Any, ...]] = {
+    "attention_bias": (False,), "mlp_bias": (False,), "hidden_act": ("silu", "swish"),
+}
+
+
+def _refuse_unbuilt_llama(hf: dict[str, Any], name: str) -> None:
+    """Raises for a config.json field our Llama has no code for (biases, another activation...)."""
+    for field, allowed in _LLAMA_SUPPORTED.items():
+        value = hf.get(field)
+        if value is not None and value not in allowed:
+            raise WeightFileError(f"{name}: {field} {value!r} is not supported (only "
+                                  + " or ".join(repr(a) for a in dict.fromkeys(allowed)) + ")")
 
 
 def load_hf_dir(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
