@@ -22,10 +22,15 @@ def add_parsers(sub) -> None:
                    help="cosine: decay to a tenth of --lr by the last step (over --steps, resumed runs included)")
     d.add_argument("--train-prompts", type=int, default=160, help="train prompts per sampled set (at most 320)")
     d.add_argument("--train-sets", type=int, default=1,
-                   help="independently sampled completions of the train prompts: more teacher text")
+                   help="independently sampled completions of the train prompts: more teacher text; 0: no chat "
+                        "rows and no teacher sampling (plain text only, needs --plain-tokens)")
     d.add_argument("--plain-tokens", type=int, default=0,
                    help="also train on this many tokens of plain text (package sources the teacher only reads; "
-                        "never the stdlib or /usr/share, which the eval reads)")
+                        "never the stdlib or /usr/share, which the eval reads), in rows of --seq-len tokens")
+    d.add_argument("--in-window-weight", type=float, default=1.0,
+                   help="kl objective: loss weight of positions inside the student's local window relative to "
+                        "those past it (1: plain mean; 0: only positions past the window, which needs rows "
+                        "longer than the window, e.g. --seq-len 1536 for a 1024 window)")
     d.add_argument("--widen-rank", type=int, default=0,
                    help="> 0: also train the norms, and o_proj and the MLP through adapters of this rank")
     d.add_argument("--objective", choices=["layerwise", "kl"], default="layerwise",
@@ -108,7 +113,7 @@ def _train(args) -> int:
     cfg = TrainConfig(teacher=args.teacher, student=args.student, steps=args.steps, batch=args.batch,
                       seq_len=args.seq_len, lr=args.lr, objective=args.objective,
                       lr_schedule=args.lr_schedule, train_prompts=args.train_prompts, train_sets=args.train_sets,
-                      plain_tokens=args.plain_tokens,
+                      plain_tokens=args.plain_tokens, in_window_weight=args.in_window_weight,
                       widen_rank=args.widen_rank, eval_every=args.eval_every,
                       device=args.device, out=args.out or str(CACHE_DIR / "run"))
     setup = Setup.from_presets(cfg)
@@ -126,7 +131,8 @@ def _train(args) -> int:
         bar.n = tr.step
         bar.set_postfix(step_s=f"{tr.seconds / max(tr.step, 1):.2f}", loss=f"{loss:.4f}",
                         top1=f"{last.get('short_top1', float('nan')):.1%}",
-                        long=f"{last.get('long_top1', float('nan')):.1%}")
+                        long=f"{last.get('long_top1', float('nan')):.1%}",
+                        past=f"{last.get('past_top1', float('nan')):.1%}")
     trainer = Trainer(cfg, setup, progress)
     trainer.seed_adapters(factors)
     if args.resume and trainer.resume():

@@ -195,3 +195,46 @@ def test_shipped_delta_applies_on_load_and_beats_the_untrained_conversion():
     untrained = compare(teacher, plain, short)
     assert got.kl < untrained.kl and got.top1 > untrained.top1
     assert got.top1 >= SLICE_MIN_TOP1 and got.kl <= SLICE_MAX_KL, got
+
+
+def test_in_window_weight_scores_positions_past_the_window(tmp_path):
+    """--in-window-weight: positions inside the local window weigh w, those past it 1 (0: only past it, whose
+    logits alone are computed); a windowed student learns the positions a long row takes past its window."""
+    setup = _tiny_setup()
+    window = 24  # skv-tiny's local layers
+    cfg = TrainConfig(steps=30, batch=4, seq_len=32, long_seq_len=40, lr=3e-3, objective="kl", in_window_weight=0.0,
+                      eval_every=30, out=str(tmp_path / "run"))
+    trainer = Trainer(cfg, setup)
+    assert trainer.window == window
+    with torch.no_grad():  # logits_from: the same logits for the positions it keeps
+        rows = trainer.rows[:8]
+        assert torch.allclose(trainer.student(rows, logits_from=window), trainer.student(rows)[:, window:], atol=1e-5)
+    for w in (0.0, 0.5, 1.0):  # the loss is the w-weighted mean of the per-position KL
+        trainer.cfg.in_window_weight = w
+        trainer.gen.manual_seed(7)
+        with torch.no_grad():
+            got = float(trainer.loss(long=False))
+            idx = torch.randint(0, len(trainer.rows), (cfg.batch,), generator=torch.Generator().manual_seed(7))
+            kl = kl_per_token(trainer.teacher(trainer.rows[idx]), trainer.student(trainer.rows[idx]))
+        weights = torch.ones(kl.shape[1])
+        weights[:window] = w
+        assert got == pytest.approx(float((kl * weights).sum(-1).mean() / weights.sum()), rel=1e-4), w
+    trainer.cfg.in_window_weight = 0.0
+
+    def past_kl() -> float:
+        with torch.no_grad():
+            return float(kl_per_token(trainer.teacher(rows, logits_from=window),
+                                      trainer.student(rows, logits_from=window)).mean())
+
+    before = past_kl()
+    trainer.run()
+    after = past_kl()
+    assert after < 0.9 * before, (before, after)
+    assert {"short_top1", "long_top1", "past_top1", "past_kl"} <= set(trainer.curve.points[-1])
+    with pytest.raises(ValueError, match="no row is longer"):  # w == 0 needs rows longer than the window
+        Trainer(dataclasses.replace(cfg, seq_len=16, long_seq_len=24), _tiny_setup())
+    with pytest.raises(ValueError, match="kl"):
+        TrainConfig(objective="layerwise", in_window_weight=0.5)
+    with pytest.raises(ValueError, match="plain_tokens"):  # no chat rows and no plain text: nothing to train on
+        TrainConfig(train_sets=0)
+    TrainConfig(train_sets=0, plain_tokens=1000)  # plain text only: no teacher sampling

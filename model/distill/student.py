@@ -107,8 +107,9 @@ class FunctionalModel(nn.Module):
         half = x.shape[-1] // 2
         return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
 
-    def forward(self, tokens: torch.Tensor, capture: list[LayerIO] | None = None) -> torch.Tensor:
-        """Logits [B, T, vocab]; with ``capture``, each layer's attention input and output are appended."""
+    def forward(self, tokens: torch.Tensor, capture: list[LayerIO] | None = None, logits_from: int = 0) -> torch.Tensor:
+        """Logits [B, T - logits_from, vocab] (positions ``logits_from``, ...: the rest still run as context);
+        with ``capture``, each layer's attention input and output are appended."""
         c = self.config
         x = self.frozen["embed_tokens.weight"][tokens]
         kvs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -124,6 +125,7 @@ class FunctionalModel(nn.Module):
             h = self.norm(x, p + "post_attention_layernorm.weight")
             gate, up = self.linear(h, p + "mlp.gate_proj.weight"), self.linear(h, p + "mlp.up_proj.weight")
             x = x + self.linear(F.silu(gate) * up, p + "mlp.down_proj.weight")
+        x = x[:, logits_from:]
         return self.linear(self.norm(x, "norm.weight"), "lm_head.weight")
 
     def param(self, name: str) -> nn.Parameter:

@@ -36,10 +36,13 @@ class TrainConfig:
     long_every: int = 4
     eval_every: int = 25
     train_prompts: int = 160
-    train_sets: int = 1  # sampled sets of the train prompts (seeds seed, seed+1, ...): more text, not more topics
+    train_sets: int = 1  # sampled sets of the train prompts (seeds seed, seed+1, ...): more text, not more topics;
+    # 0: no chat rows, so no teacher sampling (plain text only, needs plain_tokens)
     plain_tokens: int = 0  # + this many tokens of plain text (model.distill.plain_text): text the teacher only reads
     lr_schedule: str = "constant"  # or "cosine": down to lr_floor * lr at the last step
     lr_floor: float = 0.1
+    in_window_weight: float = 1.0  # KL objective: loss weight of positions < the local window vs those past it
+    # (1: a plain mean; 0: only positions >= the window count, and only their logits are computed)
     widen_rank: int = 0  # > 0: also train the norms and rank-r adapters on o_proj and the MLP
     widen_lr_scale: float = 4.0  # their learning rate relative to ``lr`` (adapters start at zero)
     seed: int = 0
@@ -53,10 +56,16 @@ class TrainConfig:
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
         if self.plain_tokens < 0:
             raise ValueError(f"distill config: plain_tokens must be >= 0, got {self.plain_tokens}")
-        for name in ("steps", "batch", "seq_len", "long_seq_len", "long_every", "eval_every", "train_prompts",
-                     "train_sets"):
+        for name in ("steps", "batch", "seq_len", "long_seq_len", "long_every", "eval_every", "train_prompts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"distill config: {name} must be positive, got {getattr(self, name)}")
+        if self.train_sets < 0 or (self.train_sets == 0 and not self.plain_tokens):
+            raise ValueError(f"distill config: train_sets must be positive, or 0 with plain_tokens > 0 "
+                             f"(plain text only), got {self.train_sets}")
+        if not 0 <= self.in_window_weight <= 1:
+            raise ValueError(f"distill config: in_window_weight must be in [0, 1], got {self.in_window_weight}")
+        if self.in_window_weight != 1 and self.objective != "kl":
+            raise ValueError("distill config: in_window_weight applies to the 'kl' objective only")
         if self.widen_rank < 0:
             raise ValueError(f"distill config: widen_rank must be >= 0, got {self.widen_rank}")
         if not self.lr > 0:
@@ -74,6 +83,12 @@ class Curve:
 
 
 ADAPTED = ("self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def local_window(config: ModelConfig) -> int | None:
+    """The smallest local-layer window: positions at or past it are where a windowed student can differ."""
+    windows = [spec.window for spec in config.layers if spec.window is not None]
+    return min(windows) if windows else None
 
 
 def trainable_names(config: ModelConfig, widen_rank: int = 0) -> tuple[str, ...]:
@@ -171,6 +186,13 @@ class Trainer:
         self.opt = torch.optim.Adam([{"params": groups[True], "lr_scale": 1.0},
                                      {"params": groups[False], "lr_scale": cfg.widen_lr_scale}], lr=cfg.lr)
         self.step, self.seconds, self.curve = 0, 0.0, Curve()
+        self.window = local_window(setup.student)
+        if cfg.in_window_weight != 1:
+            if self.window is None:
+                raise ValueError(f"in_window_weight: student {setup.student.name!r} has no local layers")
+            if cfg.in_window_weight == 0 and max(cfg.seq_len, cfg.long_seq_len) <= self.window:
+                raise ValueError(f"in_window_weight=0 trains only positions >= the window ({self.window}), "
+                                 f"but no row is longer (seq_len {cfg.seq_len}, long_seq_len {cfg.long_seq_len})")
         self.rows = as_batches(setup.train_seqs, cfg.seq_len).to(cfg.device)
         self.long_rows = as_batches(setup.train_seqs, cfg.long_seq_len).to(cfg.device)
         evals = setup.eval_seqs
@@ -190,9 +212,18 @@ class Trainer:
         if self.cfg.objective == "layerwise":
             return layerwise_loss(self.student, self.long_targets if long else self.targets, idx.to(rows.device))
         batch = rows[idx.to(rows.device)]
+        w = self.cfg.in_window_weight
+        start = self.window if w == 0 and batch.shape[1] > self.window else 0  # logits from here on only
         with torch.no_grad():
-            t = self.teacher(batch)
-        return kl_per_token(t, self.student(batch)).mean()
+            t = self.teacher(batch, logits_from=start)
+        kl = kl_per_token(t, self.student(batch, logits_from=start))
+        if w == 1 or start:
+            return kl.mean()
+        weights = torch.ones(kl.shape[1], device=kl.device)
+        weights[:self.window] = w
+        if not weights.sum() > 0:  # a row inside the window with w == 0: nothing to learn from it
+            return (kl * 0).sum()
+        return (kl * weights).sum(-1).mean() / weights.sum()
 
     def seed_adapters(self, factors: dict[str, torch.Tensor]) -> None:
         """Adapter factors from ``seed_from_delta`` instead of the zero start."""
@@ -221,16 +252,19 @@ class Trainer:
 
     @torch.no_grad()
     def quick_eval(self) -> dict:
-        """Fake-quant student vs teacher on a fixed slice: 6 short conversations and one long row."""
+        """Fake-quant student vs teacher on a fixed slice: 6 short conversations and one long row (and, for a
+        windowed student, that row's positions past the window apart)."""
+        logits = [self.student(row[None])[0] for row in self.eval_rows]
+        parts = {"short": (logits[:-1], self.eval_logits[:-1]), "long": (logits[-1:], self.eval_logits[-1:])}
+        if self.window is not None and len(self.eval_rows[-1]) > self.window:
+            parts["past"] = ([logits[-1][self.window:]], [self.eval_logits[-1][self.window:]])
         res = {}
-        for name, pairs in (("short", zip(self.eval_rows[:-1], self.eval_logits[:-1])),
-                            ("long", [(self.eval_rows[-1], self.eval_logits[-1])])):
+        for name, (students, teachers) in parts.items():
             agree = kl = n = 0.0
-            for row, t in pairs:
-                s = self.student(row[None])[0]
+            for s, t in zip(students, teachers):
                 agree += float((s.argmax(-1) == t.argmax(-1)).sum())
                 kl += float(kl_per_token(t, s).sum())
-                n += len(row)
+                n += len(t)
             res[name] = {"top1": agree / n, "kl": kl / n}
         return res
 
