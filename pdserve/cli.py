@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import sys
 import time
@@ -69,15 +70,20 @@ def _generate(args) -> int:
     from model.presets import DEFAULT_PRESET
 
     name = args.model or DEFAULT_PRESET
+    # Bad arguments are refused before the model loads (seconds to minutes), not after.
+    sampling = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
+    if args.cluster and not _quant(args.precision).kv:
+        raise ValueError(f"the cluster ships int8 KV between workers: use --precision int8 (got {args.precision}); "
+                         "float runs need the single-process engine (leave out --cluster)")
     t0 = time.perf_counter()
     loaded = load(name, quant=_quant(args.precision))
     tok = loaded.tokenizer
     if tok is None:
         raise ValueError(f"model {name!r} has no tokenizer; give a model with one (a preset or a GGUF file)")
     endoftext = tok.token_id("<|endoftext|>")
-    sampling = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                              top_p=args.top_p, seed=args.seed, stop=tuple(args.stop),
-                              stop_token_ids=(endoftext,) if endoftext is not None else ())
+    if endoftext is not None:
+        sampling = dataclasses.replace(sampling, stop_token_ids=(endoftext,))
     prompt = tok.encode_chat([{"role": "user", "content": args.prompt}]) if args.chat else tok.encode(args.prompt)
     if args.cluster:
         return _generate_on_cluster(name, args, tok, prompt, sampling)
@@ -100,8 +106,6 @@ def _generate(args) -> int:
 
 
 def _generate_on_cluster(name: str, args, tok, prompt: list[int], sampling) -> int:
-    import dataclasses
-
     from pdserve.cluster import LocalCluster
 
     sampling = dataclasses.replace(sampling, stop_token_ids=sampling.stop_token_ids + (tok.eos_token_id,), stop=())
