@@ -43,6 +43,15 @@ def test_the_default_model_chats_over_http_with_the_openai_client(server):
     assert chunks[-1].usage.prompt_tokens_details.cached_tokens > 0  # the same prompt again: a cache hit
 
 
+def test_the_default_model_answers_arithmetic_greedily(server):
+    """Issue 19's bar for the default: greedy chat answers "What is 2+2?" with 4 (and France with Paris, above)."""
+    client = openai.OpenAI(base_url=server.base + "/v1", api_key="unused", max_retries=0, timeout=300)
+    r = client.chat.completions.create(model="smollm2-135m", max_tokens=12, temperature=0,
+                                       messages=[{"role": "user", "content": "What is 2+2?"}])
+    print("reply:", r.choices[0].message.content)
+    assert re.search(r"\b4\b|\bfour\b", r.choices[0].message.content, re.I)
+
+
 def chromium(url: str, *action: str, budget_ms: int = 4000) -> subprocess.CompletedProcess:
     with tempfile.TemporaryDirectory(prefix="pdserve-chromium-") as profile:
         return subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={profile}", f"--virtual-time-budget={budget_ms}",
