@@ -17,7 +17,7 @@ from types import ModuleType
 
 import torch
 
-from kernels import cpu_gemm, reference
+from kernels import cpu_fused, cpu_gemm, reference
 
 dequantize_rows = reference.dequantize_rows  # one elementwise op: torch is already optimal
 attention = reference.attention  # dense attention of the contiguous cache (tests, small runs)
@@ -71,6 +71,13 @@ def int8_gemm_in_float(x: torch.Tensor) -> bool:
 
 
 quantize_rows_float = reference.quantize_rows_float  # the float route runs on CPU only
+rotate_quantize_rows_float = cpu_fused.rotate_quantize_rows_float
+
+
+def fused_prologue(x: torch.Tensor) -> bool:
+    """Whether these rows' rotate + quantize runs as one C call (``kernels.cpu_fused``): CPU tensors
+    off the Triton path, where the C prologue is built."""
+    return x.is_cpu and not use_triton(x) and cpu_fused.available()
 
 
 def write_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, k_scale: torch.Tensor | None,

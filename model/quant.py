@@ -70,20 +70,29 @@ class QLinear(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         if self.int8_weights:
-            x = self._rotate(x.float() * self.inv_smooth if self._smoothed() else x.float())
+            x = x.float() * self.inv_smooth if self._smoothed() else x.float()
             if self.int8_activations:
-                if kernels.int8_gemm_in_float(x):
-                    (xq, xs), wf = kernels.quantize_rows_float(x), self._int8_as_float()
-                else:
-                    (xq, xs), wf = kernels.quantize_rows(x), None
-                y = kernels.int8_matmul(xq, xs, self.weight_q, self.weight_scale, out_dtype=self.dtype, wq_float=wf)
+                y = self._int8_gemm(x)
             else:
-                y = F.linear(x.to(self.dtype), self._float_weight())
+                y = F.linear(self._rotate(x).to(self.dtype), self._float_weight())
         else:
             if self.int8_activations:
                 x = kernels.dequantize_rows(*kernels.quantize_rows(x), dtype=self.dtype)
             y = F.linear(x, self.weight)
         return y.reshape(*shape[:-1], self.out_features)
+
+    def _int8_gemm(self, x: torch.Tensor) -> torch.Tensor:
+        """Rotate, quantize per row, exact int8 GEMM, rescale. On CPU the first two are one fused C call
+        where it is built (``kernels.cpu_fused``: the same bits as the torch ops, a fraction of the calls)."""
+        in_float = kernels.int8_gemm_in_float(x)
+        if self.rotation_block is not None and kernels.fused_prologue(x):
+            xq, xs = kernels.rotate_quantize_rows_float(x, self.rotation_block)
+            xq = xq if in_float else xq.to(torch.int8)
+        else:
+            x = self._rotate(x)
+            xq, xs = kernels.quantize_rows_float(x) if in_float else kernels.quantize_rows(x)
+        wf = self._int8_as_float() if in_float else None
+        return kernels.int8_matmul(xq, xs, self.weight_q, self.weight_scale, out_dtype=self.dtype, wq_float=wf)
 
     def _rotate(self, x: torch.Tensor) -> torch.Tensor:
         """Blockwise ``x @ H`` over the last dimension (H is symmetric, so W @ H rotates the columns alike)."""

@@ -1,0 +1,109 @@
+"""The int8 linear's prologue (rotate + quantize per row) as one C call on CPU, where a compiler is.
+
+At batch 1 the prologue is ~40 small torch ops (the Hadamard butterflies, then abs / amax / div /
+round / clamp), each a few microseconds of dispatch: several times the GEMV it feeds. The C
+loop in ``cpu_fused.c`` does the same arithmetic in the same order, one rounding per operation,
+so its bits are torch's (tests/test_cpu_fused.py compares them) and batch invariance holds.
+
+It is compiled once per machine with the system's C compiler (``cc``; no torch headers, so about
+a second) into ``~/.cache/pdserve/kernels`` and loaded with ctypes. Without a compiler, or with
+``PDSERVE_CPU_FUSED=off``, the torch ops run: same bits, slower. ``PDSERVE_CPU_FUSED=on`` makes a
+failed build an error instead of a fallback.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_fused.c")
+FLAGS = ["-O3", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math", "-std=c99"]
+
+
+def _machine_flags() -> list[str]:
+    """-mavx2 where the CPU has it (x86-64 Linux): 8-wide loops and a vector round. Part of the
+    build's name, so machines of other kinds sharing a home directory each build their own."""
+    try:
+        cpu = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = next((line.split(":", 1)[1].split() for line in cpu.splitlines() if line.startswith("flags")), [])
+    return ["-mavx2"] if platform.machine() in ("x86_64", "AMD64") and "avx2" in flags else []
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("PDSERVE_CACHE", Path.home() / ".cache" / "pdserve")) / "kernels"
+
+
+def _build(cc: str) -> Path:
+    """Compile to a file named by the source, flags, compiler and machine (a shared home directory
+    can hold several); written under a temporary name and renamed, so concurrent workers never load
+    half a file."""
+    flags = FLAGS + _machine_flags()
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *flags, platform.machine()]).encode()).hexdigest()[:16]
+    out = _cache_dir() / f"cpu_fused-{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        part = Path(tmp) / out.name
+        subprocess.run([cc, *flags, str(SOURCE), "-o", str(part), "-lm"], check=True, capture_output=True,
+                       text=True, timeout=120)
+        os.replace(part, out)
+    return out
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled prologue, or None (no compiler, build failed, or turned off)."""
+    mode = os.environ.get("PDSERVE_CPU_FUSED", "auto")
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"PDSERVE_CPU_FUSED must be auto, on or off; got {mode!r}")
+    if mode == "off":
+        return None
+    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc") or shutil.which("clang")
+    try:
+        if cc is None:
+            raise FileNotFoundError("no C compiler (cc, gcc or clang) on PATH")
+        lib = ctypes.CDLL(str(_build(cc)))
+    except (OSError, subprocess.SubprocessError) as e:
+        detail = getattr(e, "stderr", None) or str(e)
+        if mode == "on":
+            raise RuntimeError(f"PDSERVE_CPU_FUSED=on but the fused CPU prologue did not build: {detail}") from e
+        warnings.warn(f"fused CPU prologue unavailable, using torch ops (same results, slower): {detail}")
+        return None
+    fn = lib.pdserve_rotate_quantize
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                   ctypes.c_float]
+    fn.restype = ctypes.c_int
+    return lib
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def rotate_quantize_rows_float(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_rows_float(hadamard_rotate(x, block))`` for float32 CPU rows [M, K]: integers held in
+    float32 [M, K] and scales [M, 1]. Call only where ``available()``."""
+    if x.dtype != torch.float32 or x.dim() != 2 or not x.is_cpu or x.shape[1] % block:
+        raise ValueError(f"fused prologue takes float32 CPU rows [M, K] with K a multiple of {block}; "
+                         f"got {x.dtype} {tuple(x.shape)} on {x.device}")
+    x = x.contiguous()
+    m, k = x.shape
+    q = torch.empty((m, k), dtype=torch.float32)
+    scale = torch.empty((m, 1), dtype=torch.float32)
+    # block**-0.5 goes as a C float (rounded to nearest), as torch rounds a Python scalar for a float32 multiply
+    if m and library().pdserve_rotate_quantize(x.data_ptr(), q.data_ptr(), scale.data_ptr(), m, k, block,
+                                               block ** -0.5) != 0:
+        raise MemoryError("fused prologue: out of memory for one row's buffer")
+    return q, scale

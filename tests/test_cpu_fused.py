@@ -1,0 +1,102 @@
+"""The fused C prologue of the int8 linear (kernels/cpu_fused.c) gives the torch ops' bits exactly."""
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import kernels
+from kernels import cpu_fused
+from model.config import QuantConfig
+from model.quant import QLinear, hadamard_rotate
+
+needs_cc = pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")),
+                              reason="no C compiler: the fused prologue falls back to the torch ops")
+
+
+def torch_prologue(x: torch.Tensor, block: int):
+    return kernels.quantize_rows_float(hadamard_rotate(x, block))
+
+
+def awkward_rows(m: int, k: int, seed: int) -> torch.Tensor:
+    """Rows of mixed scales with an outlier, an all-zero row, exact ties for rounding and signed zeros."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g) * torch.logspace(-4, 3, m)[:, None]
+    x[0, 3] = 5e3
+    if m > 2:
+        x[1] = 0.0
+        x[2, ::2] = -0.0
+    if m > 3:
+        x[3] = torch.randint(-4, 5, (k,), generator=g).float() * 0.5  # sums land on .5 grid points
+    return x
+
+
+@needs_cc
+@pytest.mark.parametrize("m", [1, 2, 5, 33, 130])
+@pytest.mark.parametrize("k, block", [(576, 64), (1536, 512), (960, 64), (48, 16), (8, 1)])
+def test_fused_prologue_matches_the_torch_ops_bit_for_bit(m, k, block):
+    assert cpu_fused.available()
+    x = awkward_rows(m, k, seed=m * 1000 + k)
+    q, s = cpu_fused.rotate_quantize_rows_float(x, block)
+    q_ref, s_ref = torch_prologue(x, block)
+    assert torch.equal(s, s_ref) and torch.equal(q, q_ref)
+    assert q.abs().max() <= 127
+
+
+@needs_cc
+def test_non_finite_rows_propagate_as_in_torch():
+    x = torch.randn(3, 64)
+    x[0, 5], x[1, 7] = float("nan"), float("inf")
+    q, s = cpu_fused.rotate_quantize_rows_float(x, 64)
+    q_ref, s_ref = torch_prologue(x, 64)
+    assert torch.equal(q.isnan(), q_ref.isnan()) and torch.equal(s.isnan(), s_ref.isnan())
+    assert torch.equal(q[2], q_ref[2]) and torch.equal(s[2], s_ref[2])
+
+
+@needs_cc
+def test_an_int8_linear_gives_the_same_bits_with_and_without_the_fused_prologue(monkeypatch):
+    layer = QLinear(576, 960, QuantConfig())
+    layer.load_float(torch.randn(960, 576) * 0.05)
+    x = awkward_rows(7, 576, seed=3)
+    assert kernels.fused_prologue(x)
+    fused = layer(x)
+    calls = []
+    monkeypatch.setattr(kernels, "fused_prologue", lambda t: calls.append(t) and False)
+    unfused = layer(x)
+    assert calls and torch.equal(fused, unfused)  # the layer asked, and took the torch ops
+
+
+def test_bad_rows_are_refused_with_a_message():
+    with pytest.raises(ValueError, match="float32 CPU rows"):
+        cpu_fused.rotate_quantize_rows_float(torch.zeros(2, 60), 64)
+    with pytest.raises(ValueError, match="float32 CPU rows"):
+        cpu_fused.rotate_quantize_rows_float(torch.zeros(2, 64, dtype=torch.float64), 64)
+
+
+def test_without_a_compiler_the_torch_ops_run(tmp_path):
+    """No compiler on PATH (and a fresh cache): a warning, no fused prologue, and the layer still works."""
+    code = ("import warnings; warnings.simplefilter('error')\n"
+            "from kernels import cpu_fused\n"
+            "try:\n    cpu_fused.library()\nexcept UserWarning as w:\n    print('warned:', w)\n"
+            "warnings.simplefilter('ignore')\n"
+            "import torch; from model.config import QuantConfig; from model.quant import QLinear\n"
+            "l = QLinear(64, 32, QuantConfig()); l.load_float(torch.randn(32, 64))\n"
+            "print('available', cpu_fused.available(), tuple(l(torch.randn(3, 64)).shape))\n")
+    env = {"PATH": str(tmp_path), "PDSERVE_CACHE": str(tmp_path / "cache"), "CC": "cc", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": ":".join(sys.path)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "warned: fused CPU prologue unavailable" in out.stdout and "no C compiler" in out.stdout
+    assert "available False (3, 32)" in out.stdout
+
+
+def test_a_bad_mode_is_refused(monkeypatch):
+    monkeypatch.setenv("PDSERVE_CPU_FUSED", "sometimes")
+    cpu_fused.library.cache_clear()
+    try:
+        with pytest.raises(ValueError, match="PDSERVE_CPU_FUSED must be auto, on or off"):
+            cpu_fused.library()
+    finally:
+        monkeypatch.delenv("PDSERVE_CPU_FUSED")
+        cpu_fused.library.cache_clear()
