@@ -5,7 +5,9 @@
 One process, SmolLM2 int8; the two prologues alternate round by round (torch, fused, torch, ...),
 so drift on a shared machine hits both alike. Per round: the median decode step at each batch
 (``benchmarks.decode_steps``) and one prefill of ``--prefill`` tokens. Also checks that both give
-the same greedy tokens on one prompt. Prints medians over rounds and fused / torch ratios.
+the same greedy tokens on one prompt. Prints medians over rounds and fused / torch ratios. First,
+the prologue alone at SmolLM2's widths, in this thread's CPU time (``time.thread_time``: what
+another process on the same cores cannot inflate), median of 5 batches of calls.
 """
 from __future__ import annotations
 
@@ -27,6 +29,33 @@ def prefill_s(model, tokens: int) -> float:
     return time.perf_counter() - t
 
 
+def prologue_alone(rows: tuple[int, ...] = (1, 32, 512)) -> list[tuple[int, int, int, float, float]]:
+    """(K, block, M, torch us, fused us) per call, CPU time of this thread."""
+    import torch
+
+    from model.quant import hadamard_block, hadamard_rotate
+
+    def cpu_us(fn, n: int) -> float:
+        fn()
+        runs = []
+        for _ in range(5):
+            t0 = time.thread_time()
+            for _ in range(n):
+                fn()
+            runs.append((time.thread_time() - t0) / n * 1e6)
+        return statistics.median(runs)
+
+    out = []
+    for k in (576, 1536):
+        block = hadamard_block(k)
+        for m in rows:
+            x = torch.randn(m, k)
+            n = max(2, 4000 // m)
+            out.append((k, block, m, cpu_us(lambda: kernels.quantize_rows_float(hadamard_rotate(x, block)), n),
+                        cpu_us(lambda: kernels.rotate_quantize_rows_float(x, block), n)))
+    return out
+
+
 def greedy(model, n: int = 24) -> list[int]:
     engine = Engine(model)
     engine.eos_ids = set()
@@ -46,6 +75,9 @@ def main() -> None:
 
     if not kernels.cpu_fused.available():
         raise SystemExit("the fused prologue did not build here (see the warning above): nothing to compare")
+    print("| prologue alone: K (block) | rows | torch ops us | fused C us | fused / torch |\n|---|---:|---:|---:|---:|")
+    for k, block, m, slow, fast in prologue_alone():
+        print(f"| {k} ({block}) | {m} | {slow:.0f} | {fast:.0f} | {fast / slow:.2f} |")
     model = load(a.model).model
     built = kernels.fused_prologue
     modes = {"torch": lambda x: False, "fused": built}
