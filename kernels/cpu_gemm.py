@@ -85,7 +85,22 @@ def _best_ms(fn, reps: int = 5) -> float:
 
 
 def measure() -> GemmPlan:
-    """Time both paths at PROBE_ROWS on a SmolLM2-sized layer; float runs below where _int_mm first wins."""
+    """Time both paths at PROBE_ROWS on a SmolLM2-sized layer; float runs below where _int_mm first wins.
+
+    On one torch thread: what the probe compares is each path's arithmetic on this CPU. With
+    several OpenMP threads on cores that another process keeps busy, an fp32 GEMM waits for its
+    descheduled threads on every call (measured: 13-21 ms instead of 0.3 at 16 rows, two threads,
+    the other core loaded), so a loaded start-up used to pick ``_int_mm`` for good, ~20x slower
+    on an AVX2 machine once the load was gone."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _probe()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _probe() -> GemmPlan:
     gen = torch.Generator().manual_seed(0)
     w = torch.randint(-127, 128, (PROBE_N, PROBE_K), dtype=torch.int8, generator=gen)
     wt, wf = w.t(), float_weight(w)

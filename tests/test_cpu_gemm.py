@@ -108,3 +108,17 @@ def test_a_layer_notices_smoothing_loaded_after_its_first_call():
     reference.load_state_dict(layer.state_dict())
     reference._smoothed = lambda: True  # the path that always multiplies
     assert not torch.equal(layer(x), plain) and torch.equal(layer(x), reference(x))
+
+
+def test_the_probe_times_both_paths_on_one_thread_and_restores_the_count(monkeypatch):
+    """Several OpenMP threads on cores another process keeps busy make the fp32 GEMM wait for its
+    descheduled threads, so a multi-threaded probe on a loaded machine picked _int_mm for good."""
+    seen = []
+    monkeypatch.setattr(cpu_gemm, "_probe", lambda: seen.append(torch.get_num_threads()) or cpu_gemm.GemmPlan(1, "t"))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert cpu_gemm.measure().float_below == 1
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
