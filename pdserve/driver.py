@@ -171,6 +171,9 @@ class RequestFlow:
                               timeout=self.resilience.stall_timeout_s)
             except BaseException as e:  # decode refused or is lost: free the lease and the Conductor's slot
                 self._release(handoff, p)
+                if rid in self._cancelled:  # cancelled while decode was being asked: it ends as an abort,
+                    self.conductor.finished(rid)  # whatever decode said (stream() reports it)
+                    return handoff
                 if _lost(ray, e):
                     self._place_again(sub, d, prompt)
                     self.counters.add(replacements=1)

@@ -320,3 +320,46 @@ def test_gauges_and_counters_follow_a_failure():
     assert value("pdserve:worker_restarts_total", role="decode") == 1
     assert value("pdserve:request_migrations_total") == 8 and value("pdserve:recomputed_tokens_total") == 24
     assert b"pdserve:kv_load_failures_total" in generate_latest(m.registry)
+
+
+def test_a_request_cancelled_while_decode_refuses_it_ends_as_an_abort():
+    """The abort storm's race, made deterministic: the cancel lands between prefill and decode's
+    answer, and decode refuses (full); the request must end as an abort, not as decode's error."""
+    from types import SimpleNamespace
+
+    from kvstore.handoff import Handoff
+    from pdserve.driver import Counters, RequestFlow, Submitted
+    from pdserve.errors import ServeError
+    from scheduler.placement import Placement
+
+    flow = object.__new__(RequestFlow)
+    finished = []
+    flow._cancelled = set()
+    flow.conductor = SimpleNamespace(finished=finished.append, prefilled=lambda *a: None)
+    flow.counters = Counters()
+    flow.resilience = SimpleNamespace(stall_timeout_s=5.0)
+    handoff = Handoff("r1", [1, 2, 3], 7, None, [11], 3, "lease-1", 0)
+    flow._prefill = lambda *a: handoff
+    flow._source_for = lambda *a, **k: None
+    flow._drain_store_events = flow._replicate = lambda: None
+    released = []
+    flow._release = lambda h, p: released.append(h.lease_id)
+
+    def refuse(*args):  # decode is asked; meanwhile the client cancels; then decode says it is full
+        flow._cancelled.add("r1")
+        return "ref"
+
+    def get(ref, timeout=None):
+        raise ServeError("not enough free KV blocks to import into groups [0]")
+
+    flow.decode = {"decode-0": SimpleNamespace(submit=SimpleNamespace(remote=refuse))}
+    flow.ray = SimpleNamespace(get=get, exceptions=SimpleNamespace(
+        RayActorError=KeyError, GetTimeoutError=KeyError, ObjectLostError=KeyError, ActorUnschedulableError=KeyError))
+    sub = Submitted("r1", Placement(prefill="prefill-0", decode="decode-0"), None)
+    assert flow._run(sub, [1, 2, 3], SamplingParams(max_tokens=4)) is handoff
+    assert finished == ["r1"] and released == ["lease-1"]
+    flow._cancelled.clear()  # not cancelled: decode's refusal is the request's error, as before
+    flow.decode["decode-0"].submit.remote = lambda *a: "ref"
+    flow._forget = lambda rid: None
+    with pytest.raises(ServeError, match="decode worker decode-0"):
+        flow._run(sub, [1, 2, 3], SamplingParams(max_tokens=4))
