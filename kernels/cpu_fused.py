@@ -6,7 +6,7 @@ loop in ``cpu_fused.c`` does the same arithmetic in the same order, one rounding
 so its bits are torch's (tests/test_cpu_fused.py compares them) and batch invariance holds.
 
 It is compiled once per machine with the system's C compiler (``cc``; no torch headers, so about
-a second) into ``~/.cache/pdserve/kernels`` and loaded with ctypes. Without a compiler, or with
+a second) into ``~/.cache/pdserve/kernels`` (``$PDSERVE_CACHE/kernels`` if set) and loaded with ctypes. Without a compiler, or with
 ``PDSERVE_CPU_FUSED=off``, the torch ops run: same bits, slower. ``PDSERVE_CPU_FUSED=on`` makes a
 failed build an error instead of a fallback.
 """
