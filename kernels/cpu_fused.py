@@ -1,5 +1,7 @@
 """The int8 linear's prologue (rotate + quantize per row) as one C call on CPU, where a compiler is.
 
+The same library holds the exact paged attention (``cpu_attention.c``, ``kernels.cpu_attention``).
+
 At batch 1 the prologue is ~40 small torch ops (the Hadamard butterflies, then abs / amax / div /
 round / clamp), each a few microseconds of dispatch: several times the GEMV it feeds. The C
 loop in ``cpu_fused.c`` does the same arithmetic in the same order, one rounding per operation,
@@ -25,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("cpu_fused.c")
-FLAGS = ["-O3", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math", "-std=c99"]
+SOURCES = [Path(__file__).with_name(name) for name in ("cpu_fused.c", "cpu_attention.c")]  # one library
+FLAGS = ["-O3", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", "-fno-fast-math", "-std=c99"]
 
 
 def _machine_flags() -> list[str]:
@@ -49,14 +51,15 @@ def _build(cc: str) -> Path:
     can hold several); written under a temporary name and renamed, so concurrent workers never load
     half a file."""
     flags = FLAGS + _machine_flags()
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *flags, platform.machine()]).encode()).hexdigest()[:16]
+    text = b"".join(source.read_bytes() for source in SOURCES)
+    key = hashlib.sha256(text + " ".join([cc, *flags, platform.machine()]).encode()).hexdigest()[:16]
     out = _cache_dir() / f"cpu_fused-{key}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         part = Path(tmp) / out.name
-        subprocess.run([cc, *flags, str(SOURCE), "-o", str(part), "-lm"], check=True, capture_output=True,
+        subprocess.run([cc, *flags, *map(str, SOURCES), "-o", str(part), "-lm"], check=True, capture_output=True,
                        text=True, timeout=120)
         os.replace(part, out)
     return out
@@ -85,6 +88,13 @@ def library() -> ctypes.CDLL | None:
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                    ctypes.c_float]
     fn.restype = ctypes.c_int
+    for name in ("pdserve_attn_scores", "pdserve_attn_pv"):  # kernels.cpu_attention
+        fn = getattr(lib, name)
+        fn.argtypes = [ctypes.c_void_p, *[ctypes.c_int64] * 3, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                       ctypes.c_void_p, *[ctypes.c_int64] * 3, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                       *[ctypes.c_float] * (2 if name == "pdserve_attn_scores" else 1), ctypes.c_int64,
+                       ctypes.c_void_p, ctypes.c_int64]
+        fn.restype = ctypes.c_int
     return lib
 
 

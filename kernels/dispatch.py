@@ -17,7 +17,7 @@ from types import ModuleType
 
 import torch
 
-from kernels import cpu_fused, cpu_gemm, reference
+from kernels import cpu_attention, cpu_fused, cpu_gemm, reference
 
 dequantize_rows = reference.dequantize_rows  # one elementwise op: torch is already optimal
 attention = reference.attention  # dense attention of the contiguous cache (tests, small runs)
@@ -94,6 +94,8 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
     if k_scale is not None and use_triton(q):
         return _triton("attention").paged_decode_attention(q, k_pool, v_pool, k_scale, v_scale,
                                                            _on(block_tables, q), _on(seq_lens, q), window)
+    if cpu_attention.usable(q, k_pool, k_scale):
+        return cpu_attention.paged_decode_attention(q, k_pool, v_pool, k_scale, v_scale, block_tables, seq_lens, window)
     return reference.paged_decode_attention(q, k_pool, v_pool, k_scale, v_scale, block_tables, seq_lens, window)
 
 
@@ -103,4 +105,7 @@ def paged_prefill_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch
     if k_scale is not None and use_triton(q):
         return _triton("attention").paged_prefill_attention(q, k_pool, v_pool, k_scale, v_scale,
                                                             _on(block_table, q), int(start), window)
+    if cpu_attention.usable(q, k_pool, k_scale):
+        return cpu_attention.paged_prefill_attention(q, k_pool, v_pool, k_scale, v_scale, block_table, int(start),
+                                                     window)
     return reference.paged_prefill_attention(q, k_pool, v_pool, k_scale, v_scale, block_table, start, window)

@@ -86,6 +86,18 @@ def _grid(x: torch.Tensor, levels: float) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(x / scale), scale
 
 
+def query_levels(d: int, k_max: float) -> float:
+    """The integer grid of q in ``_exact_scores``: two float32 slices of ``bits`` each where their
+    partial sums stay exact in float32, else the one float64 slice's finer grid."""
+    bits = int(math.log2((F32_EXACT - 1) / (d * k_max)))
+    return min(F32_EXACT, (F64_EXACT - 1) // (2 * d * k_max)) if bits < 10 else 2.0 ** (2 * bits)
+
+
+def probability_divisor(v_max: float) -> float:
+    """``p_unit = max(p) / probability_divisor(v_max)`` in ``_exact_attention``: n * V sums stay below 2**53."""
+    return 2.0 ** min(24, int(math.log2((F64_EXACT - 1) / (v_max * MAX_KEYS))) - 1)
+
+
 def _exact_scores(q: torch.Tensor, k: torch.Tensor, k_max: float) -> torch.Tensor:
     """``q @ k.T / sqrt(d)`` for integer-valued ``k`` (|k| <= k_max) [..., L, D], float32 [..., R, L].
 
@@ -95,11 +107,10 @@ def _exact_scores(q: torch.Tensor, k: torch.Tensor, k_max: float) -> torch.Tenso
     """
     d = q.shape[-1]
     bits = int(math.log2((F32_EXACT - 1) / (d * k_max)))
+    n, scale = _grid(q, query_levels(d, k_max))
     if bits < 10:
-        n, scale = _grid(q, min(F32_EXACT, (F64_EXACT - 1) // (2 * d * k_max)))
         acc = torch.matmul(n.double(), k.double().transpose(-1, -2)).float()
     else:
-        n, scale = _grid(q, 2.0 ** (2 * bits))
         hi = torch.round(n * 2.0**-bits)
         both = torch.matmul(torch.cat([hi, n - hi * 2.0**bits], -2), k.float().transpose(-1, -2))
         r = q.shape[-2]
@@ -122,7 +133,7 @@ def _exact_attention(q: torch.Tensor, k: torch.Tensor, k_scale: torch.Tensor, k_
     e = torch.exp(scores - scores.amax(-1, keepdim=True))  # 1 at each row's max, 0 where masked
     z = torch.round(e * 2.0**28).sum(-1, keepdim=True, dtype=torch.float64)  # in units of 2**-28
     p = e * v_scale  # >= 0
-    p_unit = p.amax(-1, keepdim=True) / 2.0 ** min(24, int(math.log2((F64_EXACT - 1) / (v_max * MAX_KEYS))) - 1)
+    p_unit = p.amax(-1, keepdim=True) / probability_divisor(v_max)
     out = _exact_pv(torch.round(p / p_unit), v, v_max)
     return out * (p_unit.double() * 2.0**28) / z
 

@@ -1,0 +1,90 @@
+"""Exact attention over int8 paged KV as two C calls around torch's exp (``cpu_attention.c``).
+
+The torch reference (``kernels.reference.paged_decode_attention``) gathers every block a batch
+reads, widens it to float32 and runs ~100 ops per layer; at batch 32 the widening copy alone was
+a quarter of a decode step. The C loops read keys and values where they lie in the pool and
+compute the same exact integer sums, so the bits are the reference's (tests/test_cpu_attention.py
+compares them) and batch invariance holds. exp stays torch's vectorised one, for the same bits.
+Built with the fused prologue into one library (``kernels.cpu_fused``; ``PDSERVE_CPU_FUSED=off``
+turns both off).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kernels import cpu_fused
+from kernels.reference import DECODE_SLICE_BYTES, MAX_KEYS, QMAX, probability_divisor, query_levels
+
+MIN_HEAD_DIM, MAX_HEAD_DIM, MAX_GROUP = 8, 256, 16  # q's grid fits the C loops' int16 halves; their buffers
+COLUMN_ALIGN = 16  # score rows padded with -inf to whole vectors: exp never takes a scalar tail
+THREADED_MACS = 2**18  # below this much work one thread beats starting another
+
+
+def usable(q: torch.Tensor, k_pool: torch.Tensor, k_scale: torch.Tensor | None) -> bool:
+    """int8 pools, float32 queries on CPU, shapes the C loops take, and the library built."""
+    h, d, hkv = q.shape[-2], q.shape[-1], k_pool.shape[-2]
+    return (k_scale is not None and q.is_cpu and q.dtype == torch.float32 and k_pool.dtype == torch.int8
+            and MIN_HEAD_DIM <= d <= MAX_HEAD_DIM and h % hkv == 0 and h // hkv <= MAX_GROUP and cpu_fused.available())
+
+
+def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, k_scale: torch.Tensor,
+                           v_scale: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                           window: int | None = None) -> torch.Tensor:
+    """``reference.paged_decode_attention``'s bits; q [B, H, D] at positions seq_lens - 1."""
+    qpos = (seq_lens - 1).to(torch.int64)
+    qseq = torch.arange(q.shape[0], dtype=torch.int64)
+    span = int(seq_lens.max()) if window is None else min(int(seq_lens.max()), window)
+    return _attend(q, k_pool, v_pool, k_scale, v_scale, block_tables, qseq, qpos, window, span)
+
+
+def paged_prefill_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, k_scale: torch.Tensor,
+                            v_scale: torch.Tensor, block_table: torch.Tensor, start: int,
+                            window: int | None = None) -> torch.Tensor:
+    """``reference.paged_prefill_attention``'s bits: q [T, H, D] at start..start+T-1, in query slices
+    whose score rows stay small (``DECODE_SLICE_BYTES``)."""
+    t, h = q.shape[0], q.shape[1]
+    span = start + t if window is None else min(start + t, window)
+    rows = max(1, DECODE_SLICE_BYTES // (h * span * 4))
+    tables = block_table.reshape(1, -1)
+    out = [_attend(q[i:i + rows], k_pool, v_pool, k_scale, v_scale, tables,
+                   torch.zeros(min(rows, t - i), dtype=torch.int64),
+                   torch.arange(start + i, start + min(i + rows, t), dtype=torch.int64), window,
+                   span if window is not None else start + min(i + rows, t))
+           for i in range(0, t, rows)]
+    return out[0] if len(out) == 1 else torch.cat(out)
+
+
+def _attend(q, k_pool, v_pool, k_scale, v_scale, tables, qseq, qpos, window, span) -> torch.Tensor:
+    n, h, d = q.shape
+    hkv = k_pool.shape[-2]
+    if span > MAX_KEYS:
+        raise ValueError(f"attention over {span} keys; the exact sums are sized for {MAX_KEYS}")
+    cols = -(-span // COLUMN_ALIGN) * COLUMN_ALIGN
+    q = q.contiguous()
+    tables = tables.to(torch.int64).contiguous()
+    for pool in (k_pool, v_pool, k_scale, v_scale):
+        if not pool.is_contiguous():
+            raise ValueError("the C attention reads contiguous KV pools")
+    threads = torch.get_num_threads() if n * h * cols * d >= THREADED_MACS else 1
+    common = (n, h, d, qseq.data_ptr(), qpos.data_ptr(), window or 0, tables.data_ptr(), tables.shape[1],
+              k_pool.shape[1], k_pool.shape[0])
+    lib = cpu_fused.library()
+    scores = torch.empty((n, h, cols), dtype=torch.float32)
+    _check(lib.pdserve_attn_scores(q.data_ptr(), *common, k_pool.data_ptr(), k_scale.data_ptr(), hkv,
+                                   query_levels(d, QMAX), 1.0 / math.sqrt(d), cols, scores.data_ptr(), threads))
+    e = scores.sub_(scores.amax(-1, keepdim=True)).exp_()  # torch's exp: 1 at each row's max, 0 past its keys
+    out = torch.empty((n, h, d), dtype=torch.float32)
+    _check(lib.pdserve_attn_pv(e.data_ptr(), *common, v_pool.data_ptr(), v_scale.data_ptr(), hkv,
+                               probability_divisor(QMAX), cols, out.data_ptr(), threads))
+    return out
+
+
+def _check(status: int) -> None:
+    if status == -2:
+        raise ValueError("attention: a position's block is not in the block table (or not in the pool)")
+    if status == -3:
+        raise ValueError("attention: a query position is negative or sees more keys than were planned")
+    if status:
+        raise ValueError(f"attention: the C kernel refused these shapes (status {status})")

@@ -1,0 +1,106 @@
+"""The C attention over int8 paged KV (kernels/cpu_attention.c) gives the torch reference's bits exactly."""
+import shutil
+
+import pytest
+import torch
+
+import kernels
+from kernels import cpu_attention, reference
+
+needs_cc = pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")),
+                              reason="no C compiler: attention falls back to the torch reference")
+SHAPES = [(9, 3, 64, 64), (4, 1, 16, 16), (8, 8, 128, 16), (2, 1, 8, 16), (4, 2, 256, 16)]  # h, hkv, d, block
+
+
+def int8_pools(blocks: int, bs: int, hkv: int, d: int, seed: int):
+    """Quantized K/V pools [blocks, bs, Hkv, D] with scales, rows of very different sizes and one all zero."""
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(blocks * bs, hkv, d, generator=g) * torch.logspace(-3, 1, blocks * bs)[:, None, None]
+    v = torch.randn(blocks * bs, hkv, d, generator=g)
+    k[5] = 0.0
+    (kq, ks), (vq, vs) = reference.quantize_rows(k), reference.quantize_rows(v)
+    shape = (blocks, bs, hkv)
+    return kq.view(*shape, d), vq.view(*shape, d), ks.view(*shape, 1), vs.view(*shape, 1)
+
+
+def queries(n: int, h: int, d: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(n, h, d, generator=g) * 4
+    q[0, 0] = 0.0  # an all-zero query row
+    return q
+
+
+@needs_cc
+@pytest.mark.parametrize("h, hkv, d, bs", SHAPES)
+@pytest.mark.parametrize("window", [None, 24, 64])
+def test_decode_matches_the_reference_bit_for_bit(h, hkv, d, bs, window):
+    lens = torch.tensor([1, 17, 300, 64, 511, 129])
+    width = -(-int(lens.max()) // bs)
+    kp, vp, ks, vs = int8_pools(len(lens) * width + 3, bs, hkv, d, seed=d)
+    tables = torch.randperm(len(lens) * width + 3, generator=torch.Generator().manual_seed(1))[:len(lens) * width]
+    tables = tables.view(len(lens), width)
+    q = queries(len(lens), h, d, seed=h)
+    got = cpu_attention.paged_decode_attention(q, kp, vp, ks, vs, tables, lens, window)
+    assert torch.equal(got, reference.paged_decode_attention(q, kp, vp, ks, vs, tables, lens, window))
+    alone = [cpu_attention.paged_decode_attention(q[i:i + 1], kp, vp, ks, vs, tables[i:i + 1], lens[i:i + 1], window)
+             for i in range(len(lens))]
+    assert torch.equal(got, torch.cat(alone))  # batch invariant
+
+
+@needs_cc
+@pytest.mark.parametrize("h, hkv, d, bs", SHAPES[:3])
+@pytest.mark.parametrize("start, t, window", [(0, 37, None), (100, 200, None), (256, 128, 50), (0, 300, 24),
+                                              (31, 1, None)])
+def test_prefill_matches_the_reference_bit_for_bit(h, hkv, d, bs, start, t, window):
+    blocks = -(-(start + t) // bs)
+    kp, vp, ks, vs = int8_pools(blocks + 2, bs, hkv, d, seed=start + t)
+    table = torch.randperm(blocks + 2, generator=torch.Generator().manual_seed(2))[:blocks]
+    q = queries(t, h, d, seed=t)
+    got = cpu_attention.paged_prefill_attention(q, kp, vp, ks, vs, table, start, window)
+    assert torch.equal(got, reference.paged_prefill_attention(q, kp, vp, ks, vs, table, start, window))
+
+
+@needs_cc
+def test_query_slices_and_threads_do_not_change_a_bit(monkeypatch):
+    h, hkv, d, bs = 9, 3, 64, 16
+    kp, vp, ks, vs = int8_pools(40, bs, hkv, d, seed=3)
+    table = torch.arange(40)
+    q = queries(600, h, d, seed=4)
+    whole = cpu_attention.paged_prefill_attention(q, kp, vp, ks, vs, table, 10)
+    monkeypatch.setattr(cpu_attention, "DECODE_SLICE_BYTES", 64 * 1024)  # slices of a few rows
+    monkeypatch.setattr(cpu_attention, "THREADED_MACS", 0)  # every call on all threads
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        sliced = cpu_attention.paged_prefill_attention(q, kp, vp, ks, vs, table, 10)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(sliced, whole)
+    assert torch.equal(whole, reference.paged_prefill_attention(q, kp, vp, ks, vs, table, 10))
+
+
+@needs_cc
+def test_a_position_outside_the_block_table_is_a_clear_error():
+    kp, vp, ks, vs = int8_pools(8, 16, 1, 16, seed=5)
+    q = queries(2, 4, 16, seed=6)
+    tables = torch.tensor([[0, 1, -1], [2, 3, 4]])  # sequence 0's third block is not held
+    with pytest.raises(ValueError, match="not in the block table"):
+        cpu_attention.paged_decode_attention(q, kp, vp, ks, vs, tables, torch.tensor([40, 40]))
+    with pytest.raises(ValueError, match="not in the block table"):  # a block id past the pool
+        cpu_attention.paged_decode_attention(q, kp, vp, ks, vs, torch.tensor([[0, 99]]), torch.tensor([20]))
+    with pytest.raises(ValueError, match="sized for"):
+        cpu_attention.paged_decode_attention(q[:1], kp, vp, ks, vs, tables[:1], torch.tensor([reference.MAX_KEYS + 1]))
+
+
+@needs_cc
+def test_the_dispatcher_takes_the_c_path_only_where_it_applies(monkeypatch):
+    kp, vp, ks, vs = int8_pools(8, 16, 1, 16, seed=7)
+    q = queries(1, 4, 16, seed=8)
+    assert cpu_attention.usable(q, kp, ks)
+    assert not cpu_attention.usable(q, kp.float(), None)  # float pools: the reference's float grid
+    assert not cpu_attention.usable(q.bfloat16(), kp, ks)
+    assert not cpu_attention.usable(q[..., :4], kp[..., :4], ks)  # head dim below the int16 grid's reach
+    calls = []
+    monkeypatch.setattr(cpu_attention, "_attend", lambda *a: calls.append(a) or torch.zeros(1, 4, 16))
+    kernels.paged_decode_attention(q, kp, vp, ks, vs, torch.tensor([[0, 1]]), torch.tensor([20]))
+    assert len(calls) == 1
