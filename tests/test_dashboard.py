@@ -1,6 +1,7 @@
 """A server of the default model (`pdserve up`, SmolLM2-135M in int8, 127.0.0.1): the openai client
 chats with it over HTTP, and the live dashboard at `/` shows its workers and requests in headless
-Chromium (Debian's `chromium`; `.ci/run` installs it) with no console errors. One server for the module."""
+Chromium (Debian's `chromium`; `.ci/run` installs it) with no console errors. One server for the session
+(tests/conftest.py's ``default_server``: the one the README quick start's chat runs against too)."""
 import json
 import re
 import shutil
@@ -12,8 +13,6 @@ import httpx
 import openai
 import pytest
 
-from gateway_server import Server
-
 pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -21,13 +20,11 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
          "--v=0", "--window-size=1280,960"]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    s = Server(tmp_path_factory.mktemp("dash"), "[server]\nhttp_port = 0\n",
-               up=("up", "--model", "smollm2-135m", "--port", "0"))
-    s.base = f"http://127.0.0.1:{s.state['http_port']}"
-    yield s
-    s.down()
+@pytest.fixture
+def server(default_server):
+    """`pdserve up --port 0`: no model named, so the default, and the HTTP API on a free port (the default too);
+    one server for the session, shared with tests/test_cli.py's quick start (tests/conftest.py)."""
+    return default_server
 
 
 def test_the_default_model_chats_over_http_with_the_openai_client(server):
