@@ -144,16 +144,26 @@ def test_workers_built_from_different_models_do_not_pair():
 
 
 @pytest.fixture(scope="module")
-def smollm2_cluster():
+def smollm2_cluster(smollm2_int8):
+    """The driver's own load (tokenizer, config and fingerprint; the workers load theirs) is the session's
+    SmolLM2 in int8 (tests/conftest.py): the same call's result, without a second half-minute int8 load."""
+    import pdserve.cluster
     from pdserve.cluster import LocalCluster
 
-    with LocalCluster("smollm2-135m", quant=W8A8KV8) as c:
+    real = pdserve.cluster.load
+
+    def load_once(model, quant=None, **kw):
+        return smollm2_int8 if (model, quant, kw) == ("smollm2-135m", W8A8KV8, {}) else real(model, quant=quant, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pdserve.cluster, "load", load_once)
+        cluster = LocalCluster("smollm2-135m", quant=W8A8KV8)
+    with cluster as c:
         yield c
 
 
-def test_smollm2_through_the_cluster_matches_the_model(smollm2_cluster):
-    loaded = load("smollm2-135m", quant=W8A8KV8)
-    tok, ref = loaded.tokenizer, loaded.model
+def test_smollm2_through_the_cluster_matches_the_model(smollm2_cluster, smollm2_int8):
+    tok, ref = smollm2_int8.tokenizer, smollm2_int8.model
     params = SamplingParams(max_tokens=12, stop_token_ids=(tok.eos_token_id,))
     questions = ["What is the capital of France?", "Name three fruits.", "Write one sentence about rain.",
                  "What is 7 times 8?", "Who wrote Hamlet?", "Give me a synonym for happy.",

@@ -1,5 +1,5 @@
-"""A cluster of several Ray nodes on one machine (issue 17): ``ray.cluster_utils.Cluster`` starts a
-head and three more raylets on 127.0.0.1, each with its own object store, and pdserve pins one KV
+"""A cluster of several Ray nodes on one machine (issue 17): ``ray.cluster_utils.Cluster`` starts
+three raylets on 127.0.0.1 (node a is the head), each with its own object store, and pdserve pins one KV
 store per node and its workers there (skv-tiny, default int8: batch-invariant, so a request whose KV
 crosses nodes must give the single-node tokens exactly).
 
@@ -33,9 +33,13 @@ def ray_nodes():
     import ray
     from ray.cluster_utils import Cluster
 
-    c = Cluster(initialize_head=True, head_node_args=dict(include_dashboard=False, **NODE_ARGS))
+    # node a is the head: three raylets, not four, and still three nodes with workers and a store each
+    # (node c, which the last test removes, is not the head)
+    c = Cluster(initialize_head=True, head_node_args=dict(include_dashboard=False, resources={"test-node-a": 1},
+                                                          **NODE_ARGS))
     try:
-        nodes = {name: c.add_node(resources={f"test-node-{name}": 1}, **NODE_ARGS) for name in "abc"}
+        nodes = {"a": c.head_node, **{name: c.add_node(resources={f"test-node-{name}": 1}, **NODE_ARGS)
+                                      for name in "bc"}}
         ray.init(address=c.address, log_to_driver=False)
         yield c, nodes
     finally:
