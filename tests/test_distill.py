@@ -167,7 +167,7 @@ SLICE_MAX_KL = 1.35
 
 @pytest.mark.slow
 @pytest.mark.skipif(SHIPPED is None, reason="no committed delta for smollm2-135m-skv")
-def test_shipped_delta_applies_on_load_and_beats_the_untrained_conversion():
+def test_shipped_delta_applies_on_load_and_beats_the_untrained_conversion(smollm2_fp32):
     from model.distill.evaluate import eval_sequences
     from model.distill.train import preset_state
     from model.loader import load
@@ -190,7 +190,7 @@ def test_shipped_delta_applies_on_load_and_beats_the_untrained_conversion():
     q_every_layer = {f"layers.{i}.self_attn.qkv_proj" for i in range(config.n_layers)}
     assert q_every_layer <= changed  # ... Q in every layer among them
     short, _ = eval_sequences("smollm2-135m", n_short=3, n_long=0)
-    teacher = load("smollm2-135m", quant=QuantConfig.off()).model
+    teacher = smollm2_fp32.model  # load("smollm2-135m", quant=QuantConfig.off()), once a session (tests/conftest.py)
     got = compare(teacher, loaded, short)
     untrained = compare(teacher, plain, short)
     assert got.kl < untrained.kl and got.top1 > untrained.top1
