@@ -64,6 +64,17 @@ def run(*cmd, check=True):
     return subprocess.run(cmd, check=check, capture_output=True, text=True, timeout=60)
 
 
+def wait_for_port(netns: str, host: str, port: int, timeout_s: float = 60.0) -> None:
+    """Until something in ``netns`` listens on host:port (a TCP connect from inside it), or timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        probe = subprocess.run(["ip", "netns", "exec", netns, "bash", "-c", f"exec 3<>/dev/tcp/{host}/{port}"],
+                               capture_output=True, timeout=10)
+        if probe.returncode == 0:
+            return
+        time.sleep(0.25)
+
+
 @pytest.fixture
 def hosts():
     """Two namespaces a and b with a veth between them; yields (run-in-namespace prefix, addresses)."""
@@ -114,7 +125,7 @@ def test_a_request_whose_kv_crosses_two_network_namespaces(hosts):
             ["ip", "netns", "exec", ns["a"], ray_bin, "start", "--head", f"--node-ip-address={addr['a']}",
              "--port=6391", "--include-dashboard=false", f"--temp-dir={tmp}/ray", '--resources={"box-a": 1}',
              *common], env=env, start_new_session=True, stdout=log("head"), stderr=subprocess.STDOUT))
-        time.sleep(8)
+        wait_for_port(ns["a"], addr["a"], 6391)  # the head's GCS: host b joins it (it retries past this too)
         started.append(subprocess.Popen(
             ["ip", "netns", "exec", ns["b"], ray_bin, "start", f"--address={addr['a']}:6391",
              f"--node-ip-address={addr['b']}", '--resources={"box-b": 1}', *common],
