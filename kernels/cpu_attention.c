@@ -9,6 +9,9 @@
  * Every sum is exact, so neither the loop order nor the split across threads can change a bit;
  * the keys and values are read where they lie in the pool, never gathered or widened in memory.
  *
+ * With AVX2 and head dims that are multiples of 16 the sums run on 16-bit multiply-adds (int16 halves
+ * of q's grid against the keys; two values per multiply-add against 12-bit halves of the weights).
+ *
  * Row (n, hh) is query n's head hh; it sees positions first..qpos[n] of sequence qseq[n], first =
  * max(0, qpos[n] - window + 1) (window 0: no window), and its column j is position first + j;
  * columns past its last key are -inf. Built with -ffp-contract=off, without fast-math.
@@ -18,10 +21,14 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
 
 #define MAX_D 256
 #define MAX_GROUP 16
 #define MAX_THREADS 64
+#define PREFETCH 32  /* rows ahead */
 
 typedef struct {
     const float *q, *in;  /* queries [n, h, d]; pv: e [n, h, cols] */
@@ -35,7 +42,10 @@ typedef struct {
     float levels, c, pdiv;
     float *out;  /* scores [n, h, cols] or attention [n, h, d] */
     int64_t begin, end;  /* this thread's (query, KV head) pairs, query-major */
-    int status;  /* 0, -2 a block outside the pool, -3 more keys than columns or a bad position */
+    const int8_t **rows;  /* scratch, one per column: a key's (or value's) row, its scale, its weight */
+    float *scales;
+    int32_t *weights;
+    int status;  /* 0, -2 a block outside the pool, -3 more keys than columns or a bad position, -4 no memory */
 } Job;
 
 static int64_t first_pos(const Job *a, int64_t r) {
@@ -43,113 +53,219 @@ static int64_t first_pos(const Job *a, int64_t r) {
     return f > 0 ? f : 0;
 }
 
-/* Flat pool slot of position p of sequence s, or -1 when the table does not hold it. */
-static int64_t slot_of(const Job *a, int64_t s, int64_t p) {
-    if (p / a->bs >= a->tw) return -1;
-    int64_t blk = a->tables[s * a->tw + p / a->bs];
-    if (blk < 0 || blk >= a->nblocks) return -1;
-    return blk * a->bs + p % a->bs;
+/* The rows (and scales) of KV head kh at query r's visible positions, through its block table:
+ * 0, or the job's error status (-2 a block not held or outside the pool, -3 a bad position). */
+static int locate(const Job *a, int64_t r, int64_t kh, int64_t *count, const int8_t **rows, float *scales) {
+    const int64_t first = first_pos(a, r), s = a->qseq[r];
+    *count = a->qpos[r] - first + 1;
+    if (a->qpos[r] < 0 || *count > a->cols) return -3;
+    for (int64_t j = 0; j < *count; ++j) {
+        const int64_t p = first + j, b = p / a->bs;
+        const int64_t blk = b < a->tw ? a->tables[s * a->tw + b] : -1;
+        if (blk < 0 || blk >= a->nblocks) return -2;
+        const int64_t slot = blk * a->bs + p % a->bs;
+        rows[j] = a->pool + (slot * a->hkv + kh) * a->d;
+        scales[j] = a->pscale[slot * a->hkv + kh];
+    }
+    return 0;
 }
 
-static int check_row(Job *a, int64_t r, int64_t *first, int64_t *count) {
-    *first = first_pos(a, r);
-    *count = a->qpos[r] - *first + 1;
-    if (a->qpos[r] < 0 || *count > a->cols) { a->status = -3; return 0; }
-    return 1;
+/* Keys and values lie where their blocks do, scattered: fetch a few rows ahead (the loop is latency-bound without). */
+static inline void prefetch_row(const int8_t *row, int64_t d) {
+    for (int64_t i = 0; i < d; i += 64) __builtin_prefetch(row + i);
 }
+
+/* sum(hi * k), sum(lo * k) over d int8 k: exact int32 sums. */
+static void dot_halves(const int16_t *hi, const int16_t *lo, const int8_t *k, int64_t d, int32_t *sh, int32_t *sl) {
+#ifdef __AVX2__
+    if (d % 16 == 0) {
+        __m256i ah = _mm256_setzero_si256(), al = _mm256_setzero_si256();
+        for (int64_t i = 0; i < d; i += 16) {
+            const __m256i kw = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(k + i)));
+            ah = _mm256_add_epi32(ah, _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)(hi + i)), kw));
+            al = _mm256_add_epi32(al, _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)(lo + i)), kw));
+        }
+        __m256i s = _mm256_hadd_epi32(ah, al);  /* per 128-bit half: h01 h23 l01 l23 */
+        s = _mm256_hadd_epi32(s, s);  /* h0123 l0123 h0123 l0123 */
+        const __m128i t = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+        *sh = _mm_cvtsi128_si32(t);
+        *sl = _mm_extract_epi32(t, 1);
+        return;
+    }
+#endif
+    int32_t h = 0, l = 0;
+    for (int64_t i = 0; i < d; ++i) { h += (int32_t)hi[i] * k[i]; l += (int32_t)lo[i] * k[i]; }
+    *sh = h;
+    *sl = l;
+}
+
+#ifdef __AVX2__
+static inline __m256i sums8(const __m256i *a) {  /* lane m: the sum of a[m]'s eight lanes */
+    const __m256i t0 = _mm256_hadd_epi32(a[0], a[1]), t1 = _mm256_hadd_epi32(a[2], a[3]);
+    const __m256i t2 = _mm256_hadd_epi32(a[4], a[5]), t3 = _mm256_hadd_epi32(a[6], a[7]);
+    const __m256i u0 = _mm256_hadd_epi32(t0, t1), u1 = _mm256_hadd_epi32(t2, t3);
+    return _mm256_add_epi32(_mm256_permute2x128_si256(u0, u1, 0x20), _mm256_permute2x128_si256(u0, u1, 0x31));
+}
+
+static inline __m128 exact_to_float(__m128i h, __m128i l, double unit) {  /* (float)(h * unit + l): one rounding */
+    const __m256d x = _mm256_add_pd(_mm256_mul_pd(_mm256_cvtepi32_pd(h), _mm256_set1_pd(unit)), _mm256_cvtepi32_pd(l));
+    return _mm256_cvtpd_ps(x);  /* the sum is an integer below 2**53: exact in double */
+}
+
+static inline __m256i dots8(const int16_t *x, const int8_t *const *rows, int64_t d) {  /* lane m: sum(x * k_m) */
+    __m256i acc[8];
+    for (int m = 0; m < 8; ++m) acc[m] = _mm256_setzero_si256();
+    for (int64_t i = 0; i < d; i += 16) {
+        const __m256i xv = _mm256_loadu_si256((const __m256i *)(x + i));
+        for (int m = 0; m < 8; ++m)
+            acc[m] = _mm256_add_epi32(acc[m], _mm256_madd_epi16(xv, _mm256_cvtepi8_epi16(
+                _mm_loadu_si128((const __m128i *)(rows[m] + i)))));
+    }
+    return sums8(acc);
+}
+
+/* Eight keys' scores for one query head: out[m] = (float)(sum(n * k_m)) * qsc * ks[m]. */
+static void scores8(const int16_t *hi, const int16_t *lo, const int8_t *const *rows, int64_t d, int shift,
+                    float qsc, const float *ks, float *out) {
+    const __m256i sh = dots8(hi, rows, d), sl = dots8(lo, rows, d);
+    const double unit = (double)(1 << shift);
+    const __m256 acc = _mm256_set_m128(exact_to_float(_mm256_extracti128_si256(sh, 1), _mm256_extracti128_si256(sl, 1), unit),
+                                       exact_to_float(_mm256_castsi256_si128(sh), _mm256_castsi256_si128(sl), unit));
+    _mm256_storeu_ps(out, _mm256_mul_ps(_mm256_mul_ps(acc, _mm256_set1_ps(qsc)), _mm256_loadu_ps(ks)));
+}
+#endif
 
 static void scores_rows(Job *a) {
     const int64_t d = a->d, g = a->h / a->hkv;
-    int16_t hi[MAX_GROUP][MAX_D], lo[MAX_GROUP][MAX_D], kw[MAX_D];
+    int16_t hi[MAX_GROUP][MAX_D], lo[MAX_GROUP][MAX_D];
     float qsc[MAX_GROUP];
     const int shift = ilogbf(a->levels) - 14 > 11 ? ilogbf(a->levels) - 14 : 11;  /* |hi| <= 2**14, lo < 2**15 */
     for (int64_t u = a->begin; u < a->end; ++u) {
         const int64_t r = u / a->hkv, kh = u % a->hkv;
-        int64_t first, count;
-        if (!check_row(a, r, &first, &count)) return;
-        {
-            for (int64_t gi = 0; gi < g; ++gi) {  /* each query head on its own integer grid */
-                const float *qr = a->q + (r * a->h + kh * g + gi) * d;
-                float amax = 0.0f;
-                for (int64_t i = 0; i < d; ++i) { float m = fabsf(qr[i]); amax = m > amax ? m : amax; }
-                const float scale = (amax < 1e-30f ? 1e-30f : amax) / a->levels;
-                qsc[gi] = scale * a->c;
-                for (int64_t i = 0; i < d; ++i) {
-                    int32_t nq = (int32_t)nearbyintf(qr[i] / scale);
-                    hi[gi][i] = (int16_t)(nq >> shift);  /* floor: lo lands in [0, 2**shift) */
-                    lo[gi][i] = (int16_t)(nq - (nq >> shift) * (1 << shift));
-                }
-                float *row = a->out + (r * a->h + kh * g + gi) * a->cols;
-                for (int64_t j = count; j < a->cols; ++j) row[j] = -INFINITY;
+        int64_t count;
+        if ((a->status = locate(a, r, kh, &count, a->rows, a->scales))) return;
+        for (int64_t gi = 0; gi < g; ++gi) {  /* each query head on its own integer grid */
+            const float *qr = a->q + (r * a->h + kh * g + gi) * d;
+            float amax = 0.0f;
+            for (int64_t i = 0; i < d; ++i) { float m = fabsf(qr[i]); amax = m > amax ? m : amax; }
+            const float scale = (amax < 1e-30f ? 1e-30f : amax) / a->levels;
+            qsc[gi] = scale * a->c;
+            for (int64_t i = 0; i < d; ++i) {
+                const int32_t nq = (int32_t)nearbyintf(qr[i] / scale);
+                hi[gi][i] = (int16_t)(nq >> shift);  /* floor: lo lands in [0, 2**shift) */
+                lo[gi][i] = (int16_t)(nq - (nq >> shift) * (1 << shift));
             }
-            for (int64_t j = 0; j < count; ++j) {
-                const int64_t slot = slot_of(a, a->qseq[r], first + j);
-                if (slot < 0) { a->status = -2; return; }
-                const int8_t *k = a->pool + (slot * a->hkv + kh) * d;
-                const float ks = a->pscale[slot * a->hkv + kh];
-                for (int64_t i = 0; i < d; ++i) kw[i] = k[i];
-                for (int64_t gi = 0; gi < g; ++gi) {
-                    int32_t sh = 0, sl = 0;
-                    for (int64_t i = 0; i < d; ++i) {
-                        sh += (int32_t)hi[gi][i] * kw[i];
-                        sl += (int32_t)lo[gi][i] * kw[i];
-                    }
-                    const float acc = (float)((int64_t)sh * (1 << shift) + sl);  /* the one rounding */
-                    a->out[(r * a->h + kh * g + gi) * a->cols + j] = acc * qsc[gi] * ks;
-                }
+            float *row = a->out + (r * a->h + kh * g + gi) * a->cols;
+            for (int64_t j = count; j < a->cols; ++j) row[j] = -INFINITY;
+        }
+        int64_t j = 0;
+#ifdef __AVX2__
+        for (; d % 16 == 0 && j + 8 <= count; j += 8) {
+            for (int64_t m = j + PREFETCH; m < j + PREFETCH + 8 && m < count; ++m) prefetch_row(a->rows[m], d);
+            for (int64_t gi = 0; gi < g; ++gi)
+                scores8(hi[gi], lo[gi], a->rows + j, d, shift, qsc[gi], a->scales + j,
+                        a->out + (r * a->h + kh * g + gi) * a->cols + j);
+        }
+#endif
+        for (; j < count; ++j) {
+            if (j + PREFETCH < count) prefetch_row(a->rows[j + PREFETCH], d);
+            for (int64_t gi = 0; gi < g; ++gi) {
+                int32_t sh, sl;
+                dot_halves(hi[gi], lo[gi], a->rows[j], d, &sh, &sl);
+                const float acc = (float)((int64_t)sh * (1 << shift) + sl);  /* the one rounding */
+                a->out[(r * a->h + kh * g + gi) * a->cols + j] = acc * qsc[gi] * a->scales[j];
             }
         }
     }
 }
 
+/* acc[i] = sum_j n[j] * rows[j][i] exactly, for integers 0 <= n[j] <= 2**24 and int8 rows. */
+static void weighted_sum(const int32_t *n, const int8_t *const *rows, int64_t count, int64_t d, int64_t *acc) {
+    memset(acc, 0, sizeof(int64_t) * d);
+#ifdef __AVX2__
+    if (d % 16 == 0) {
+        /* n = nh * 2**12 + nl, both int16; two keys per madd (their values interleaved), int32 lanes
+         * flushed to int64 every 1024 pairs (each lane adds < 2**20 a pair). Lane order after the
+         * unpacks: lo = dims 0-3 and 8-11 of the 16, hi = dims 4-7 and 12-15. */
+        static const int dims_lo[8] = {0, 1, 2, 3, 8, 9, 10, 11}, dims_hi[8] = {4, 5, 6, 7, 12, 13, 14, 15};
+        for (int64_t c = 0; c < d; c += 16) {
+            for (int64_t j0 = 0; j0 < count; j0 += 2048) {
+                const int64_t j1 = j0 + 2048 < count ? j0 + 2048 : count;
+                __m256i hl = _mm256_setzero_si256(), hh = hl, ll = hl, lh = hl;
+                for (int64_t j = j0; j < j1; j += 2) {
+                    const int64_t k = j + 1 < j1 ? j + 1 : j;  /* an odd tail pairs with itself, weight 0 */
+                    if (c == 0 && j + PREFETCH + 1 < count) {
+                        prefetch_row(rows[j + PREFETCH], d);
+                        prefetch_row(rows[j + PREFETCH + 1], d);
+                    }
+                    const int32_t n0 = n[j], n1 = k == j ? 0 : n[k];
+                    const __m256i v0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(rows[j] + c)));
+                    const __m256i v1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(rows[k] + c)));
+                    const __m256i lo = _mm256_unpacklo_epi16(v0, v1), hi = _mm256_unpackhi_epi16(v0, v1);
+                    const __m256i wh = _mm256_set1_epi32((int32_t)(((uint32_t)(n1 >> 12) << 16) | (uint32_t)(n0 >> 12)));
+                    const __m256i wl = _mm256_set1_epi32((int32_t)(((uint32_t)(n1 & 4095) << 16) | (uint32_t)(n0 & 4095)));
+                    hl = _mm256_add_epi32(hl, _mm256_madd_epi16(lo, wh));
+                    hh = _mm256_add_epi32(hh, _mm256_madd_epi16(hi, wh));
+                    ll = _mm256_add_epi32(ll, _mm256_madd_epi16(lo, wl));
+                    lh = _mm256_add_epi32(lh, _mm256_madd_epi16(hi, wl));
+                }
+                int32_t t[4][8];
+                _mm256_storeu_si256((__m256i *)t[0], hl);
+                _mm256_storeu_si256((__m256i *)t[1], hh);
+                _mm256_storeu_si256((__m256i *)t[2], ll);
+                _mm256_storeu_si256((__m256i *)t[3], lh);
+                for (int x = 0; x < 8; ++x) {
+                    acc[c + dims_lo[x]] += (int64_t)t[0][x] * 4096 + t[2][x];
+                    acc[c + dims_hi[x]] += (int64_t)t[1][x] * 4096 + t[3][x];
+                }
+            }
+        }
+        return;
+    }
+#endif
+    for (int64_t j = 0; j < count; ++j) {
+        if (n[j] == 0) continue;
+        for (int64_t i = 0; i < d; ++i) acc[i] += (int64_t)n[j] * rows[j][i];
+    }
+}
+
 static void pv_rows(Job *a) {
     const int64_t d = a->d, g = a->h / a->hkv;
-    double acc[MAX_GROUP][MAX_D], vw[MAX_D], z[MAX_GROUP];
-    float unit[MAX_GROUP];
+    int64_t acc[MAX_D];
     for (int64_t u = a->begin; u < a->end; ++u) {
         const int64_t r = u / a->hkv, kh = u % a->hkv;
-        int64_t first, count;
-        if (!check_row(a, r, &first, &count)) return;
-        {
-            for (int64_t gi = 0; gi < g; ++gi) {  /* the softmax's sum in units of 2**-28, the probability grid */
-                const float *e = a->in + (r * a->h + kh * g + gi) * a->cols;
-                double zs = 0.0;
-                float pmax = 0.0f;
-                for (int64_t j = 0; j < count; ++j) {
-                    zs += (double)nearbyintf(e[j] * 268435456.0f);
-                    const int64_t slot = slot_of(a, a->qseq[r], first + j);
-                    if (slot < 0) { a->status = -2; return; }
-                    const float p = e[j] * a->pscale[slot * a->hkv + kh];
-                    pmax = p > pmax ? p : pmax;
-                }
-                z[gi] = zs;
-                unit[gi] = pmax / a->pdiv;
-                memset(acc[gi], 0, sizeof(double) * d);
-            }
+        int64_t count;
+        if ((a->status = locate(a, r, kh, &count, a->rows, a->scales))) return;
+        for (int64_t gi = 0; gi < g; ++gi) {
+            const float *e = a->in + (r * a->h + kh * g + gi) * a->cols;
+            double z = 0.0;  /* the softmax's sum in units of 2**-28: exact */
+            float pmax = 0.0f;
             for (int64_t j = 0; j < count; ++j) {
-                const int64_t slot = slot_of(a, a->qseq[r], first + j);
-                const int8_t *v = a->pool + (slot * a->hkv + kh) * d;
-                const float vs = a->pscale[slot * a->hkv + kh];
-                for (int64_t i = 0; i < d; ++i) vw[i] = v[i];
-                for (int64_t gi = 0; gi < g; ++gi) {
-                    const float e = a->in[(r * a->h + kh * g + gi) * a->cols + j];
-                    const double np = nearbyintf(e * vs / unit[gi]);  /* integer <= 2**24 */
-                    if (np == 0.0) continue;
-                    for (int64_t i = 0; i < d; ++i) acc[gi][i] += np * vw[i];  /* exact: < 2**53 */
-                }
+                z += (double)nearbyintf(e[j] * 268435456.0f);
+                const float p = e[j] * a->scales[j];
+                pmax = p > pmax ? p : pmax;
             }
-            for (int64_t gi = 0; gi < g; ++gi) {
-                float *o = a->out + (r * a->h + kh * g + gi) * d;
-                const double f = (double)unit[gi] * 268435456.0;
-                for (int64_t i = 0; i < d; ++i) o[i] = (float)(acc[gi][i] * f / z[gi]);
-            }
+            const float unit = pmax / a->pdiv;  /* the probability grid */
+            for (int64_t j = 0; j < count; ++j) a->weights[j] = (int32_t)nearbyintf(e[j] * a->scales[j] / unit);
+            weighted_sum(a->weights, a->rows, count, d, acc);
+            float *o = a->out + (r * a->h + kh * g + gi) * d;
+            const double f = (double)unit * 268435456.0;
+            for (int64_t i = 0; i < d; ++i) o[i] = (float)((double)acc[i] * f / z);
         }
     }
 }
 
 static void *run_job(void *arg) {
     Job *a = arg;
-    if (a->in == NULL) scores_rows(a); else pv_rows(a);
+    a->rows = malloc(sizeof(*a->rows) * (size_t)(a->cols + 1));
+    a->scales = malloc(sizeof(float) * (size_t)(a->cols + 1));
+    a->weights = malloc(sizeof(int32_t) * (size_t)(a->cols + 1));
+    if (a->rows == NULL || a->scales == NULL || a->weights == NULL) a->status = -4;
+    else if (a->in == NULL) scores_rows(a);
+    else pv_rows(a);
+    free(a->rows);
+    free(a->scales);
+    free(a->weights);
     return NULL;
 }
 

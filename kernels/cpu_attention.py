@@ -6,11 +6,12 @@ a quarter of a decode step. The C loops read keys and values where they lie in t
 compute the same exact integer sums, so the bits are the reference's (tests/test_cpu_attention.py
 compares them) and batch invariance holds. exp stays torch's vectorised one, for the same bits.
 Built with the fused prologue into one library (``kernels.cpu_fused``; ``PDSERVE_CPU_FUSED=off``
-turns both off).
+turns both off, ``PDSERVE_CPU_ATTENTION=off`` this one only).
 """
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -25,7 +26,7 @@ THREADED_MACS = 2**18  # below this much work one thread beats starting another
 def usable(q: torch.Tensor, k_pool: torch.Tensor, k_scale: torch.Tensor | None) -> bool:
     """int8 pools, float32 queries on CPU, shapes the C loops take, and the library built."""
     h, d, hkv = q.shape[-2], q.shape[-1], k_pool.shape[-2]
-    return (k_scale is not None and q.is_cpu and q.dtype == torch.float32 and k_pool.dtype == torch.int8
+    return (os.environ.get("PDSERVE_CPU_ATTENTION", "auto") != "off" and k_scale is not None and q.is_cpu and q.dtype == torch.float32 and k_pool.dtype == torch.int8
             and MIN_HEAD_DIM <= d <= MAX_HEAD_DIM and h % hkv == 0 and h // hkv <= MAX_GROUP and cpu_fused.available())
 
 
@@ -86,5 +87,7 @@ def _check(status: int) -> None:
         raise ValueError("attention: a position's block is not in the block table (or not in the pool)")
     if status == -3:
         raise ValueError("attention: a query position is negative or sees more keys than were planned")
+    if status == -4:
+        raise MemoryError("attention: out of memory for the C kernel's per-thread scratch")
     if status:
         raise ValueError(f"attention: the C kernel refused these shapes (status {status})")
