@@ -87,10 +87,16 @@ def pytest_sessionfinish(session, exitstatus):
 def default_server(tmp_path_factory):
     """The shared `pdserve up` server of the default model (127.0.0.1, free ports): a gateway_server.Server,
     with ``base`` the HTTP API's URL."""
+    if "error" in _default_server:  # as a failed session fixture would: its users fail at once, not retry
+        raise _default_server["error"]
     if "server" not in _default_server:
         from gateway_server import Server
 
-        s = Server(tmp_path_factory.mktemp("default-server"), up=("up", "--port", "0"))
+        try:
+            s = Server(tmp_path_factory.mktemp("default-server"), up=("up", "--port", "0"))
+        except BaseException as e:
+            _default_server["error"] = e
+            raise
         s.base = f"http://127.0.0.1:{s.state['http_port']}"
         _default_server["server"] = s
     return _default_server["server"]
