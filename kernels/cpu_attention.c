@@ -3,7 +3,8 @@
  * The integer halves of kernels.reference._exact_attention, around torch's exp:
  *   pdserve_attn_scores: q on its integer grid (|n| <= levels <= 2**29), split n = hi * 2**s + lo with
  *     both halves in int16, dotted with the int8 keys exactly (two int32 sums, one int64 total), rounded to float32 once, times the grid scale, times the key's scale;
- *   (torch: e = exp(scores - max): the exp's bits stay torch's)
+ *     minus each row's max (exact), in packed rows: only the keys a query sees, padded to whole vectors;
+ *   (torch: e = exp(scores - max), one op: the exp's bits stay torch's)
  *   pdserve_attn_pv: the softmax's sum and the probability-weighted sum of int8 values on their
  *     integer grids (exact in double), scaled as the reference scales them.
  * Every sum is exact, so neither the loop order nor the split across threads can change a bit;
@@ -14,7 +15,7 @@
  *
  * Row (n, hh) is query n's head hh; it sees positions first..qpos[n] of sequence qseq[n], first =
  * max(0, qpos[n] - window + 1) (window 0: no window), and its column j is position first + j;
- * columns past its last key are -inf. Built with -ffp-contract=off, without fast-math.
+ * its row's columns past its last key are -inf. Built with -ffp-contract=off, without fast-math.
  */
 #include <math.h>
 #include <pthread.h>
@@ -31,8 +32,10 @@
 #define PREFETCH 32  /* rows ahead */
 
 typedef struct {
-    const float *q, *in;  /* queries [n, h, d]; pv: e [n, h, cols] */
-    int64_t n, h, d, hkv, cols;
+    const float *q, *in;  /* queries [n, h, d]; pv: e, laid out as the scores */
+    int64_t n, h, d, hkv;
+    const int64_t *offsets;  /* [n + 1]: query r's h score rows start at offsets[r], each (offsets[r+1]-offsets[r])/h long */
+    int64_t max_cols;  /* the longest score row */
     const int64_t *qseq, *qpos;
     int64_t window;
     const int64_t *tables;  /* [sequences, tw] block ids */
@@ -40,11 +43,11 @@ typedef struct {
     const int8_t *pool;  /* [nblocks * bs, hkv, d] */
     const float *pscale;  /* [nblocks * bs, hkv] */
     float levels, c, pdiv;
-    float *out;  /* scores [n, h, cols] or attention [n, h, d] */
+    float *out;  /* scores (packed rows, see offsets) or attention [n, h, d] */
     int64_t begin, end;  /* this thread's (query, KV head) pairs, query-major */
     const int8_t **rows;  /* scratch, one per column: a key's (or value's) row, its scale, its weight */
     float *scales;
-    int32_t *weights;
+    int32_t *weights;  /* pv: packed weights of every query head of a KV head, then one row's integers */
     int status;  /* 0, -2 a block outside the pool, -3 more keys than columns or a bad position, -4 no memory */
 } Job;
 
@@ -53,19 +56,25 @@ static int64_t first_pos(const Job *a, int64_t r) {
     return f > 0 ? f : 0;
 }
 
+static int64_t row_length(const Job *a, int64_t r) { return (a->offsets[r + 1] - a->offsets[r]) / a->h; }
+
+static float *score_row(const Job *a, const float *base, int64_t r, int64_t hh) {
+    return (float *)base + a->offsets[r] + hh * row_length(a, r);
+}
+
 /* The rows (and scales) of KV head kh at query r's visible positions, through its block table:
  * 0, or the job's error status (-2 a block not held or outside the pool, -3 a bad position). */
 static int locate(const Job *a, int64_t r, int64_t kh, int64_t *count, const int8_t **rows, float *scales) {
     const int64_t first = first_pos(a, r), s = a->qseq[r];
     *count = a->qpos[r] - first + 1;
-    if (a->qpos[r] < 0 || *count > a->cols) return -3;
-    for (int64_t j = 0; j < *count; ++j) {
-        const int64_t p = first + j, b = p / a->bs;
+    if (a->qpos[r] < 0 || *count > (a->offsets[r + 1] - a->offsets[r]) / a->h) return -3;
+    for (int64_t j = 0, b = first / a->bs, o = first % a->bs; j < *count; ++b, o = 0) {  /* block by block */
         const int64_t blk = b < a->tw ? a->tables[s * a->tw + b] : -1;
         if (blk < 0 || blk >= a->nblocks) return -2;
-        const int64_t slot = blk * a->bs + p % a->bs;
-        rows[j] = a->pool + (slot * a->hkv + kh) * a->d;
-        scales[j] = a->pscale[slot * a->hkv + kh];
+        for (int64_t slot = blk * a->bs + o; o < a->bs && j < *count; ++o, ++slot, ++j) {
+            rows[j] = a->pool + (slot * a->hkv + kh) * a->d;
+            scales[j] = a->pscale[slot * a->hkv + kh];
+        }
     }
     return 0;
 }
@@ -155,8 +164,8 @@ static void scores_rows(Job *a) {
                 hi[gi][i] = (int16_t)(nq >> shift);  /* floor: lo lands in [0, 2**shift) */
                 lo[gi][i] = (int16_t)(nq - (nq >> shift) * (1 << shift));
             }
-            float *row = a->out + (r * a->h + kh * g + gi) * a->cols;
-            for (int64_t j = count; j < a->cols; ++j) row[j] = -INFINITY;
+            float *row = score_row(a, a->out, r, kh * g + gi);
+            for (int64_t j = count; j < row_length(a, r); ++j) row[j] = -INFINITY;
         }
         int64_t j = 0;
 #ifdef __AVX2__
@@ -164,7 +173,7 @@ static void scores_rows(Job *a) {
             for (int64_t m = j + PREFETCH; m < j + PREFETCH + 8 && m < count; ++m) prefetch_row(a->rows[m], d);
             for (int64_t gi = 0; gi < g; ++gi)
                 scores8(hi[gi], lo[gi], a->rows + j, d, shift, qsc[gi], a->scales + j,
-                        a->out + (r * a->h + kh * g + gi) * a->cols + j);
+                        score_row(a, a->out, r, kh * g + gi) + j);
         }
 #endif
         for (; j < count; ++j) {
@@ -173,93 +182,139 @@ static void scores_rows(Job *a) {
                 int32_t sh, sl;
                 dot_halves(hi[gi], lo[gi], a->rows[j], d, &sh, &sl);
                 const float acc = (float)((int64_t)sh * (1 << shift) + sl);  /* the one rounding */
-                a->out[(r * a->h + kh * g + gi) * a->cols + j] = acc * qsc[gi] * a->scales[j];
+                score_row(a, a->out, r, kh * g + gi)[j] = acc * qsc[gi] * a->scales[j];
             }
+        }
+        for (int64_t gi = 0; gi < g; ++gi) {  /* minus the row's max (NaN if any is, as torch's amax) */
+            float *row = score_row(a, a->out, r, kh * g + gi), top = -INFINITY;
+            int nan = 0;
+            for (int64_t j = 0; j < count; ++j) { nan |= isnan(row[j]); top = row[j] > top ? row[j] : top; }
+            if (nan) top = NAN;
+            for (int64_t j = 0; j < count; ++j) row[j] = row[j] - top;
+            if (nan) for (int64_t j = count; j < row_length(a, r); ++j) row[j] = NAN;
         }
     }
 }
 
-/* acc[i] = sum_j n[j] * rows[j][i] exactly, for integers 0 <= n[j] <= 2**24 and int8 rows. */
-static void weighted_sum(const int32_t *n, const int8_t *const *rows, int64_t count, int64_t d, int64_t *acc) {
-    memset(acc, 0, sizeof(int64_t) * d);
+/* n = nh * 2**12 + nl (0 <= n <= 2**24), both halves int16, packed two keys to an int32 so one
+ * multiply-add weighs two keys' values: wh[p] = nh[2p] | nh[2p+1] << 16, likewise wl (an odd tail
+ * pairs with a key of weight 0). */
+static void pack_weights(const int32_t *n, int64_t count, int32_t *wh, int32_t *wl) {
+    for (int64_t j = 0; j < count; j += 2) {
+        const int32_t n0 = n[j], n1 = j + 1 < count ? n[j + 1] : 0;
+        wh[j / 2] = (int32_t)(((uint32_t)(n1 >> 12) << 16) | (uint32_t)(n0 >> 12));
+        wl[j / 2] = (int32_t)(((uint32_t)(n1 & 4095) << 16) | (uint32_t)(n0 & 4095));
+    }
+}
+
 #ifdef __AVX2__
-    if (d % 16 == 0) {
-        /* n = nh * 2**12 + nl, both int16; two keys per madd (their values interleaved), int32 lanes
-         * flushed to int64 every 1024 pairs (each lane adds < 2**20 a pair). Lane order after the
-         * unpacks: lo = dims 0-3 and 8-11 of the 16, hi = dims 4-7 and 12-15. */
-        static const int dims_lo[8] = {0, 1, 2, 3, 8, 9, 10, 11}, dims_hi[8] = {4, 5, 6, 7, 12, 13, 14, 15};
-        for (int64_t c = 0; c < d; c += 16) {
-            for (int64_t j0 = 0; j0 < count; j0 += 2048) {
-                const int64_t j1 = j0 + 2048 < count ? j0 + 2048 : count;
-                __m256i hl = _mm256_setzero_si256(), hh = hl, ll = hl, lh = hl;
-                for (int64_t j = j0; j < j1; j += 2) {
-                    const int64_t k = j + 1 < j1 ? j + 1 : j;  /* an odd tail pairs with itself, weight 0 */
-                    if (c == 0 && j + PREFETCH + 1 < count) {
-                        prefetch_row(rows[j + PREFETCH], d);
-                        prefetch_row(rows[j + PREFETCH + 1], d);
-                    }
-                    const int32_t n0 = n[j], n1 = k == j ? 0 : n[k];
-                    const __m256i v0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(rows[j] + c)));
-                    const __m256i v1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(rows[k] + c)));
-                    const __m256i lo = _mm256_unpacklo_epi16(v0, v1), hi = _mm256_unpackhi_epi16(v0, v1);
-                    const __m256i wh = _mm256_set1_epi32((int32_t)(((uint32_t)(n1 >> 12) << 16) | (uint32_t)(n0 >> 12)));
-                    const __m256i wl = _mm256_set1_epi32((int32_t)(((uint32_t)(n1 & 4095) << 16) | (uint32_t)(n0 & 4095)));
-                    hl = _mm256_add_epi32(hl, _mm256_madd_epi16(lo, wh));
-                    hh = _mm256_add_epi32(hh, _mm256_madd_epi16(hi, wh));
-                    ll = _mm256_add_epi32(ll, _mm256_madd_epi16(lo, wl));
-                    lh = _mm256_add_epi32(lh, _mm256_madd_epi16(hi, wl));
+/* acc[g][i] = sum_j n_g[j] * rows[j][i] exactly for G weight rows at once (each value row is loaded
+ * and widened once for all G). int32 lanes, flushed to int64 every 1024 pairs (a pair adds < 2**20 to
+ * a lane). Lane order after the unpacks: lo = dims 0-3 and 8-11 of 16, hi = dims 4-7 and 12-15. */
+static inline __attribute__((always_inline)) void weighted_sums_avx2(
+        const int32_t *wh, const int32_t *wl, int64_t wstride, const int G, const int8_t *const *rows,
+        int64_t count, int64_t d, int64_t (*acc)[MAX_D]) {
+    static const int dims_lo[8] = {0, 1, 2, 3, 8, 9, 10, 11}, dims_hi[8] = {4, 5, 6, 7, 12, 13, 14, 15};
+    for (int64_t c = 0; c < d; c += 16) {
+        for (int64_t j0 = 0; j0 < count; j0 += 2048) {
+            const int64_t j1 = j0 + 2048 < count ? j0 + 2048 : count;
+            __m256i s[4][4];
+            for (int g = 0; g < G; ++g) for (int x = 0; x < 4; ++x) s[g][x] = _mm256_setzero_si256();
+            for (int64_t j = j0; j < j1; j += 2) {
+                const int64_t k = j + 1 < j1 ? j + 1 : j;
+                if (c == 0 && j + PREFETCH + 1 < count) {
+                    prefetch_row(rows[j + PREFETCH], d);
+                    prefetch_row(rows[j + PREFETCH + 1], d);
                 }
+                const __m256i v0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(rows[j] + c)));
+                const __m256i v1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(rows[k] + c)));
+                const __m256i lo = _mm256_unpacklo_epi16(v0, v1), hi = _mm256_unpackhi_epi16(v0, v1);
+                for (int g = 0; g < G; ++g) {
+                    const __m256i bh = _mm256_set1_epi32(wh[g * wstride + j / 2]);
+                    const __m256i bl = _mm256_set1_epi32(wl[g * wstride + j / 2]);
+                    s[g][0] = _mm256_add_epi32(s[g][0], _mm256_madd_epi16(lo, bh));
+                    s[g][1] = _mm256_add_epi32(s[g][1], _mm256_madd_epi16(hi, bh));
+                    s[g][2] = _mm256_add_epi32(s[g][2], _mm256_madd_epi16(lo, bl));
+                    s[g][3] = _mm256_add_epi32(s[g][3], _mm256_madd_epi16(hi, bl));
+                }
+            }
+            for (int g = 0; g < G; ++g) {
                 int32_t t[4][8];
-                _mm256_storeu_si256((__m256i *)t[0], hl);
-                _mm256_storeu_si256((__m256i *)t[1], hh);
-                _mm256_storeu_si256((__m256i *)t[2], ll);
-                _mm256_storeu_si256((__m256i *)t[3], lh);
+                for (int x = 0; x < 4; ++x) _mm256_storeu_si256((__m256i *)t[x], s[g][x]);
                 for (int x = 0; x < 8; ++x) {
-                    acc[c + dims_lo[x]] += (int64_t)t[0][x] * 4096 + t[2][x];
-                    acc[c + dims_hi[x]] += (int64_t)t[1][x] * 4096 + t[3][x];
+                    acc[g][c + dims_lo[x]] += (int64_t)t[0][x] * 4096 + t[2][x];
+                    acc[g][c + dims_hi[x]] += (int64_t)t[1][x] * 4096 + t[3][x];
                 }
             }
         }
+    }
+}
+#endif
+
+/* acc[g][i] = sum_j n_g[j] * rows[j][i] exactly for G <= 4 weight rows (packed by pack_weights). */
+static void weighted_sums(const int32_t *wh, const int32_t *wl, int64_t wstride, int G, const int8_t *const *rows,
+                          int64_t count, int64_t d, int64_t (*acc)[MAX_D]) {
+    for (int g = 0; g < G; ++g) memset(acc[g], 0, sizeof(int64_t) * d);
+#ifdef __AVX2__
+    if (d % 16 == 0) {  /* G known at each call, so the accumulators stay in registers */
+        if (G == 1) weighted_sums_avx2(wh, wl, wstride, 1, rows, count, d, acc);
+        else if (G == 2) weighted_sums_avx2(wh, wl, wstride, 2, rows, count, d, acc);
+        else if (G == 3) weighted_sums_avx2(wh, wl, wstride, 3, rows, count, d, acc);
+        else weighted_sums_avx2(wh, wl, wstride, 4, rows, count, d, acc);
         return;
     }
 #endif
-    for (int64_t j = 0; j < count; ++j) {
-        if (n[j] == 0) continue;
-        for (int64_t i = 0; i < d; ++i) acc[i] += (int64_t)n[j] * rows[j][i];
+    for (int g = 0; g < G; ++g) {
+        for (int64_t j = 0; j < count; ++j) {
+            const uint32_t h = (uint32_t)wh[g * wstride + j / 2], l = (uint32_t)wl[g * wstride + j / 2];
+            const int64_t n = j % 2 ? (int64_t)(h >> 16) * 4096 + (l >> 16) : (int64_t)(h & 0xffff) * 4096 + (l & 0xffff);
+            if (n == 0) continue;
+            for (int64_t i = 0; i < d; ++i) acc[g][i] += n * rows[j][i];
+        }
     }
 }
 
 static void pv_rows(Job *a) {
-    const int64_t d = a->d, g = a->h / a->hkv;
-    int64_t acc[MAX_D];
+    const int64_t d = a->d, g = a->h / a->hkv, wstride = a->max_cols / 2 + 1;
+    int64_t acc[4][MAX_D];
+    float unit[MAX_GROUP];
+    double z[MAX_GROUP];
+    int32_t *wh = a->weights, *wl = a->weights + MAX_GROUP * wstride, *n = a->weights + 2 * MAX_GROUP * wstride;
     for (int64_t u = a->begin; u < a->end; ++u) {
         const int64_t r = u / a->hkv, kh = u % a->hkv;
         int64_t count;
         if ((a->status = locate(a, r, kh, &count, a->rows, a->scales))) return;
         for (int64_t gi = 0; gi < g; ++gi) {
-            const float *e = a->in + (r * a->h + kh * g + gi) * a->cols;
-            double z = 0.0;  /* the softmax's sum in units of 2**-28: exact */
+            const float *e = score_row(a, a->in, r, kh * g + gi);
+            double zs = 0.0;  /* the softmax's sum in units of 2**-28: exact */
             float pmax = 0.0f;
             for (int64_t j = 0; j < count; ++j) {
-                z += (double)nearbyintf(e[j] * 268435456.0f);
+                zs += (double)nearbyintf(e[j] * 268435456.0f);
                 const float p = e[j] * a->scales[j];
                 pmax = p > pmax ? p : pmax;
             }
-            const float unit = pmax / a->pdiv;  /* the probability grid */
-            for (int64_t j = 0; j < count; ++j) a->weights[j] = (int32_t)nearbyintf(e[j] * a->scales[j] / unit);
-            weighted_sum(a->weights, a->rows, count, d, acc);
-            float *o = a->out + (r * a->h + kh * g + gi) * d;
-            const double f = (double)unit * 268435456.0;
-            for (int64_t i = 0; i < d; ++i) o[i] = (float)((double)acc[i] * f / z);
+            z[gi] = zs;
+            unit[gi] = pmax / a->pdiv;  /* the probability grid */
+            for (int64_t j = 0; j < count; ++j) n[j] = (int32_t)nearbyintf(e[j] * a->scales[j] / unit[gi]);
+            pack_weights(n, count, wh + gi * wstride, wl + gi * wstride);
+        }
+        for (int64_t g0 = 0; g0 < g; g0 += 4) {
+            const int G = (int)(g - g0 < 4 ? g - g0 : 4);
+            weighted_sums(wh + g0 * wstride, wl + g0 * wstride, wstride, G, a->rows, count, d, acc);
+            for (int gi = 0; gi < G; ++gi) {
+                float *o = a->out + (r * a->h + kh * g + g0 + gi) * d;
+                const double f = (double)unit[g0 + gi] * 268435456.0;
+                for (int64_t i = 0; i < d; ++i) o[i] = (float)((double)acc[gi][i] * f / z[g0 + gi]);
+            }
         }
     }
 }
 
 static void *run_job(void *arg) {
     Job *a = arg;
-    a->rows = malloc(sizeof(*a->rows) * (size_t)(a->cols + 1));
-    a->scales = malloc(sizeof(float) * (size_t)(a->cols + 1));
-    a->weights = malloc(sizeof(int32_t) * (size_t)(a->cols + 1));
+    a->rows = malloc(sizeof(*a->rows) * (size_t)(a->max_cols + 1));
+    a->scales = malloc(sizeof(float) * (size_t)(a->max_cols + 1));
+    a->weights = malloc(sizeof(int32_t) * (size_t)(2 * MAX_GROUP * (a->max_cols / 2 + 1) + a->max_cols + 1));
     if (a->rows == NULL || a->scales == NULL || a->weights == NULL) a->status = -4;
     else if (a->in == NULL) scores_rows(a);
     else pv_rows(a);
@@ -294,26 +349,44 @@ static int run(Job *proto, int64_t threads) {
     return 0;
 }
 
+/* The packed score rows: query r's h rows hold its visible keys, each padded to a multiple of
+ * `align` (-inf past the keys); offsets [n + 1]. Returns the total length, or -3 for a bad position. */
+int64_t pdserve_attn_layout(int64_t n, int64_t h, const int64_t *qpos, int64_t window, int64_t align,
+                            int64_t *offsets, int64_t *max_cols) {
+    offsets[0] = 0;
+    *max_cols = 0;
+    for (int64_t r = 0; r < n; ++r) {
+        if (qpos[r] < 0) return -3;
+        const int64_t f = window > 0 && qpos[r] - window + 1 > 0 ? qpos[r] - window + 1 : 0;
+        const int64_t cols = (qpos[r] - f + 1 + align - 1) / align * align;
+        *max_cols = cols > *max_cols ? cols : *max_cols;
+        offsets[r + 1] = offsets[r] + h * cols;
+    }
+    return offsets[n];
+}
+
 /* q [n, h, d] float32; k_pool [nblocks * bs, hkv, d] int8; k_scale [nblocks * bs, hkv] float32;
- * tables [sequences, tw] int64; out [n, h, cols] float32. levels: q's grid; c: 1/sqrt(d) as float. */
+ * tables [sequences, tw] int64; out: packed rows (pdserve_attn_layout) of scores minus each row's max.
+ * levels: q's grid; c: 1/sqrt(d) as float. */
 int pdserve_attn_scores(const float *q, int64_t n, int64_t h, int64_t d, const int64_t *qseq,
                         const int64_t *qpos, int64_t window, const int64_t *tables, int64_t tw, int64_t bs,
                         int64_t nblocks, const int8_t *k_pool, const float *k_scale, int64_t hkv,
-                        float levels, float c, int64_t cols, float *out, int64_t threads) {
-    Job a = {.q = q, .in = NULL, .n = n, .h = h, .d = d, .hkv = hkv, .cols = cols, .qseq = qseq, .qpos = qpos,
-             .window = window, .tables = tables, .tw = tw, .bs = bs, .nblocks = nblocks, .pool = k_pool,
-             .pscale = k_scale, .levels = levels, .c = c, .out = out};
+                        float levels, float c, const int64_t *offsets, int64_t max_cols, float *out,
+                        int64_t threads) {
+    Job a = {.q = q, .in = NULL, .n = n, .h = h, .d = d, .hkv = hkv, .offsets = offsets, .max_cols = max_cols,
+             .qseq = qseq, .qpos = qpos, .window = window, .tables = tables, .tw = tw, .bs = bs, .nblocks = nblocks,
+             .pool = k_pool, .pscale = k_scale, .levels = levels, .c = c, .out = out};
     return run(&a, threads);
 }
 
-/* e [n, h, cols] float32 (exp(scores - max)); v_pool / v_scale as the keys'; out [n, h, d] float32.
+/* e: exp of the scores, laid out as they were; v_pool / v_scale as the keys'; out [n, h, d] float32.
  * pdiv: the probability grid's divisor (a power of two). */
 int pdserve_attn_pv(const float *e, int64_t n, int64_t h, int64_t d, const int64_t *qseq,
                     const int64_t *qpos, int64_t window, const int64_t *tables, int64_t tw, int64_t bs,
                     int64_t nblocks, const int8_t *v_pool, const float *v_scale, int64_t hkv,
-                    float pdiv, int64_t cols, float *out, int64_t threads) {
-    Job a = {.q = NULL, .in = e, .n = n, .h = h, .d = d, .hkv = hkv, .cols = cols, .qseq = qseq, .qpos = qpos,
-             .window = window, .tables = tables, .tw = tw, .bs = bs, .nblocks = nblocks, .pool = v_pool,
-             .pscale = v_scale, .pdiv = pdiv, .out = out};
+                    float pdiv, const int64_t *offsets, int64_t max_cols, float *out, int64_t threads) {
+    Job a = {.q = NULL, .in = e, .n = n, .h = h, .d = d, .hkv = hkv, .offsets = offsets, .max_cols = max_cols,
+             .qseq = qseq, .qpos = qpos, .window = window, .tables = tables, .tw = tw, .bs = bs, .nblocks = nblocks,
+             .pool = v_pool, .pscale = v_scale, .pdiv = pdiv, .out = out};
     return run(&a, threads);
 }

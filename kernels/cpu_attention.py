@@ -10,6 +10,7 @@ turns both off, ``PDSERVE_CPU_ATTENTION=off`` this one only).
 """
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 
@@ -19,7 +20,7 @@ from kernels import cpu_fused
 from kernels.reference import DECODE_SLICE_BYTES, MAX_KEYS, QMAX, probability_divisor, query_levels
 
 MIN_HEAD_DIM, MAX_HEAD_DIM, MAX_GROUP = 8, 256, 16  # q's grid fits the C loops' int16 halves; their buffers
-COLUMN_ALIGN = 16  # score rows padded with -inf to whole vectors: exp never takes a scalar tail
+COLUMN_ALIGN = 16  # score rows padded with -inf to whole vectors
 THREADED_MACS = 2**18  # below this much work one thread beats starting another
 
 
@@ -34,10 +35,11 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
                            v_scale: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                            window: int | None = None) -> torch.Tensor:
     """``reference.paged_decode_attention``'s bits; q [B, H, D] at positions seq_lens - 1."""
+    if block_tables.dim() != 2 or block_tables.shape[0] != q.shape[0] or seq_lens.shape != (q.shape[0],):
+        raise ValueError(f"attention: {q.shape[0]} queries need {q.shape[0]} block tables and lengths; got "
+                         f"{tuple(block_tables.shape)} and {tuple(seq_lens.shape)}")
     qpos = (seq_lens - 1).to(torch.int64)
-    qseq = torch.arange(q.shape[0], dtype=torch.int64)
-    span = int(seq_lens.max()) if window is None else min(int(seq_lens.max()), window)
-    return _attend(q, k_pool, v_pool, k_scale, v_scale, block_tables, qseq, qpos, window, span)
+    return _attend(q, k_pool, v_pool, k_scale, v_scale, block_tables, torch.arange(q.shape[0]), qpos, window)
 
 
 def paged_prefill_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, k_scale: torch.Tensor,
@@ -49,36 +51,40 @@ def paged_prefill_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch
     span = start + t if window is None else min(start + t, window)
     rows = max(1, DECODE_SLICE_BYTES // (h * span * 4))
     tables = block_table.reshape(1, -1)
-    out = [_attend(q[i:i + rows], k_pool, v_pool, k_scale, v_scale, tables,
-                   torch.zeros(min(rows, t - i), dtype=torch.int64),
-                   torch.arange(start + i, start + min(i + rows, t), dtype=torch.int64), window,
-                   span if window is not None else start + min(i + rows, t))
+    out = [_attend(q[i:i + rows], k_pool, v_pool, k_scale, v_scale, tables, torch.zeros(min(rows, t - i), dtype=torch.int64),
+                   torch.arange(start + i, start + min(i + rows, t)), window)
            for i in range(0, t, rows)]
     return out[0] if len(out) == 1 else torch.cat(out)
 
 
-def _attend(q, k_pool, v_pool, k_scale, v_scale, tables, qseq, qpos, window, span) -> torch.Tensor:
+def _attend(q, k_pool, v_pool, k_scale, v_scale, tables, qseq, qpos, window) -> torch.Tensor:
+    """Scores (minus each row's max) in C, torch's exp, probabilities x V in C; the score rows are
+    packed: each query's hold only the keys it sees (``pdserve_attn_layout``)."""
     n, h, d = q.shape
     hkv = k_pool.shape[-2]
-    if span > MAX_KEYS:
-        raise ValueError(f"attention over {span} keys; the exact sums are sized for {MAX_KEYS}")
-    cols = -(-span // COLUMN_ALIGN) * COLUMN_ALIGN
+    lib = cpu_fused.library()
+    offsets, max_cols = torch.empty(n + 1, dtype=torch.int64), ctypes.c_int64()
+    total = lib.pdserve_attn_layout(n, h, qpos.data_ptr(), window or 0, COLUMN_ALIGN, offsets.data_ptr(),
+                                    ctypes.byref(max_cols))
+    _check(min(total, 0))
+    if max_cols.value > MAX_KEYS:
+        raise ValueError(f"attention over {max_cols.value} keys; the exact sums are sized for {MAX_KEYS}")
     q = q.contiguous()
     tables = tables.to(torch.int64).contiguous()
     for pool in (k_pool, v_pool, k_scale, v_scale):
         if not pool.is_contiguous():
             raise ValueError("the C attention reads contiguous KV pools")
-    threads = torch.get_num_threads() if n * h * cols * d >= THREADED_MACS else 1
+    threads = torch.get_num_threads() if total * d >= THREADED_MACS else 1
     common = (n, h, d, qseq.data_ptr(), qpos.data_ptr(), window or 0, tables.data_ptr(), tables.shape[1],
               k_pool.shape[1], k_pool.shape[0])
-    lib = cpu_fused.library()
-    scores = torch.empty((n, h, cols), dtype=torch.float32)
+    layout = (offsets.data_ptr(), max_cols.value)
+    scores = torch.empty(total, dtype=torch.float32)
     _check(lib.pdserve_attn_scores(q.data_ptr(), *common, k_pool.data_ptr(), k_scale.data_ptr(), hkv,
-                                   query_levels(d, QMAX), 1.0 / math.sqrt(d), cols, scores.data_ptr(), threads))
-    e = scores.sub_(scores.amax(-1, keepdim=True)).exp_()  # torch's exp: 1 at each row's max, 0 past its keys
+                                   query_levels(d, QMAX), 1.0 / math.sqrt(d), *layout, scores.data_ptr(), threads))
+    e = scores.exp_()  # torch's exp: 1 at each row's max, 0 past its keys
     out = torch.empty((n, h, d), dtype=torch.float32)
     _check(lib.pdserve_attn_pv(e.data_ptr(), *common, v_pool.data_ptr(), v_scale.data_ptr(), hkv,
-                               probability_divisor(QMAX), cols, out.data_ptr(), threads))
+                               probability_divisor(QMAX), *layout, out.data_ptr(), threads))
     return out
 
 
@@ -86,7 +92,7 @@ def _check(status: int) -> None:
     if status == -2:
         raise ValueError("attention: a position's block is not in the block table (or not in the pool)")
     if status == -3:
-        raise ValueError("attention: a query position is negative or sees more keys than were planned")
+        raise ValueError("attention: a query position is negative")
     if status == -4:
         raise MemoryError("attention: out of memory for the C kernel's per-thread scratch")
     if status:

@@ -92,9 +92,12 @@ def library() -> ctypes.CDLL | None:
         fn = getattr(lib, name)
         fn.argtypes = [ctypes.c_void_p, *[ctypes.c_int64] * 3, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                        ctypes.c_void_p, *[ctypes.c_int64] * 3, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                       *[ctypes.c_float] * (2 if name == "pdserve_attn_scores" else 1), ctypes.c_int64,
-                       ctypes.c_void_p, ctypes.c_int64]
+                       *[ctypes.c_float] * (2 if name == "pdserve_attn_scores" else 1), ctypes.c_void_p,
+                       ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
         fn.restype = ctypes.c_int
+    lib.pdserve_attn_layout.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                        ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64)]
+    lib.pdserve_attn_layout.restype = ctypes.c_int64
     return lib
 
 

@@ -87,7 +87,9 @@ def test_a_position_outside_the_block_table_is_a_clear_error():
     with pytest.raises(ValueError, match="not in the block table"):
         cpu_attention.paged_decode_attention(q, kp, vp, ks, vs, tables, torch.tensor([40, 40]))
     with pytest.raises(ValueError, match="not in the block table"):  # a block id past the pool
-        cpu_attention.paged_decode_attention(q, kp, vp, ks, vs, torch.tensor([[0, 99]]), torch.tensor([20]))
+        cpu_attention.paged_decode_attention(q[:1], kp, vp, ks, vs, torch.tensor([[0, 99]]), torch.tensor([20]))
+    with pytest.raises(ValueError, match="2 queries need 2 block tables"):  # never read past the tables
+        cpu_attention.paged_decode_attention(q, kp, vp, ks, vs, torch.tensor([[0, 1]]), torch.tensor([20]))
     with pytest.raises(ValueError, match="sized for"):
         cpu_attention.paged_decode_attention(q[:1], kp, vp, ks, vs, tables[:1], torch.tensor([reference.MAX_KEYS + 1]))
 
