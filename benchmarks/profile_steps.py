@@ -5,7 +5,8 @@
 For each (batch, context): decode steps with ``batch`` sequences at ``context`` tokens, and
 the prefill of ``batch`` prompts of ``context`` tokens (one step each, ``max_batched_tokens``
 large enough). The time of each step splits into the linear layers' GEMMs (``aten::mm`` /
-``aten::_int_mm``), attention's batched matmuls (``aten::bmm``), every other op (casts,
+``aten::_int_mm``), attention's batched matmuls (``aten::bmm``) or the C attention
+(``kernels.cpu_attention``, its profiler scope's self time), every other op (casts, the C prologue,
 quantize, rotation butterflies, index, copies), and time outside any op (Python): an unprofiled
 run's step time minus the profiled run's op times, a lower bound (the profiler inflates op
 times). The top ops by self time follow each row with ``--top``.
@@ -24,7 +25,7 @@ from benchmarks.decode_steps import placed_engine
 from model.engine import Engine, EngineConfig, SamplingParams
 
 GEMM_OPS = {"aten::mm", "aten::_int_mm", "aten::addmm"}
-ATTENTION_OPS = {"aten::bmm"}
+ATTENTION_OPS = {"aten::bmm", "pdserve::attention_c"}  # the C attention: its scope's self time (exp is a child op)
 
 
 def prefill_engine(model, batch: int, context: int) -> Engine:
@@ -101,7 +102,7 @@ def main() -> None:
         return
     print(machine())
     print(cpu_gemm.plan().describe())
-    print("| phase | batch | context | step ms | linear GEMMs ms | attention matmuls ms | other ops ms "
+    print("| phase | batch | context | step ms | linear GEMMs ms | attention ms | other ops ms "
           "| outside ops (Python) ms | op calls |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:

@@ -79,12 +79,13 @@ def _attend(q, k_pool, v_pool, k_scale, v_scale, tables, qseq, qpos, window) -> 
               k_pool.shape[1], k_pool.shape[0])
     layout = (offsets.data_ptr(), max_cols.value)
     scores = torch.empty(total, dtype=torch.float32)
-    _check(lib.pdserve_attn_scores(q.data_ptr(), *common, k_pool.data_ptr(), k_scale.data_ptr(), hkv,
-                                   query_levels(d, QMAX), 1.0 / math.sqrt(d), *layout, scores.data_ptr(), threads))
-    e = scores.exp_()  # torch's exp: 1 at each row's max, 0 past its keys
     out = torch.empty((n, h, d), dtype=torch.float32)
-    _check(lib.pdserve_attn_pv(e.data_ptr(), *common, v_pool.data_ptr(), v_scale.data_ptr(), hkv,
-                               probability_divisor(QMAX), *layout, out.data_ptr(), threads))
+    with cpu_fused.profiled("pdserve::attention_c"):
+        _check(lib.pdserve_attn_scores(q.data_ptr(), *common, k_pool.data_ptr(), k_scale.data_ptr(), hkv,
+                                       query_levels(d, QMAX), 1.0 / math.sqrt(d), *layout, scores.data_ptr(), threads))
+        e = scores.exp_()  # torch's exp: 1 at each row's max, 0 past its keys
+        _check(lib.pdserve_attn_pv(e.data_ptr(), *common, v_pool.data_ptr(), v_scale.data_ptr(), hkv,
+                                   probability_divisor(QMAX), *layout, out.data_ptr(), threads))
     return out
 
 

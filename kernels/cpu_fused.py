@@ -1,6 +1,7 @@
 """The int8 linear's prologue (rotate + quantize per row) as one C call on CPU, where a compiler is.
 
-The same library holds the exact paged attention (``cpu_attention.c``, ``kernels.cpu_attention``).
+The same library holds the exact paged attention (``cpu_attention.c``, ``kernels.cpu_attention``) and
+the int8 GEMM of a few rows (``cpu_int8_gemm.c``, ``kernels.cpu_gemm``).
 
 At batch 1 the prologue is ~40 small torch ops (the Hadamard butterflies, then abs / amax / div /
 round / clamp), each a few microseconds of dispatch: several times the GEMV it feeds. The C
@@ -14,6 +15,7 @@ failed build an error instead of a fallback.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -27,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).with_name(name) for name in ("cpu_fused.c", "cpu_attention.c")]  # one library
+SOURCES = [Path(__file__).with_name(name) for name in ("cpu_fused.c", "cpu_attention.c", "cpu_int8_gemm.c")]
 FLAGS = ["-O3", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", "-fno-fast-math", "-std=c99"]
 
 
@@ -98,7 +100,15 @@ def library() -> ctypes.CDLL | None:
     lib.pdserve_attn_layout.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                                         ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64)]
     lib.pdserve_attn_layout.restype = ctypes.c_int64
+    lib.pdserve_int8_gemm_rows.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,  # cpu_gemm
+                                           ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
+    lib.pdserve_int8_gemm_rows.restype = ctypes.c_int
     return lib
+
+
+def profiled(name: str):
+    """A named scope for torch.profiler around a C call (which it cannot see), only while it runs."""
+    return torch.profiler.record_function(name) if torch.autograd.profiler._is_profiler_enabled else contextlib.nullcontext()
 
 
 def available() -> bool:
@@ -116,7 +126,9 @@ def rotate_quantize_rows_float(x: torch.Tensor, block: int) -> tuple[torch.Tenso
     q = torch.empty((m, k), dtype=torch.float32)
     scale = torch.empty((m, 1), dtype=torch.float32)
     # block**-0.5 goes as a C float (rounded to nearest), as torch rounds a Python scalar for a float32 multiply
-    if m and library().pdserve_rotate_quantize(x.data_ptr(), q.data_ptr(), scale.data_ptr(), m, k, block,
-                                               block ** -0.5) != 0:
+    with profiled("pdserve::prologue_c"):
+        status = m and library().pdserve_rotate_quantize(x.data_ptr(), q.data_ptr(), scale.data_ptr(), m, k, block,
+                                                         block ** -0.5)
+    if status:
         raise MemoryError("fused prologue: out of memory for one row's buffer")
     return q, scale

@@ -11,9 +11,14 @@ results add in float64. So both paths give the same bits and batch invariance is
 only speed and memory differ (the float path holds a float32 copy of each int8 weight, 4x
 its bytes).
 
+At a few rows (decode) the float path reads 4 bytes a weight; where the C library is built
+(``kernels.cpu_fused``) ``int_mm_rows_c`` reads the int8 weight itself and gives the same integers
+(16-bit multiply-adds, int32 sums), 2-10x faster at up to 8 rows on an AVX2 machine.
+
 Which path runs is a per-process plan: ``PDSERVE_INT8_GEMM=int`` or ``=float`` forces one;
-``auto`` (the default) times both at start-up (first use, ~0.1-0.3 s) for a few row counts
-and runs the float path below the smallest count at which ``_int_mm`` wins.
+``auto`` (the default) times them at start-up (first use, ~0.1-0.3 s) for a few row counts:
+the C rows path up to the largest probed count (<= ``C_MAX_ROWS``) at which it beats both others,
+the float path below the smallest count at which ``_int_mm`` wins, ``_int_mm`` from there.
 """
 from __future__ import annotations
 
@@ -27,6 +32,8 @@ import torch
 
 EXACT_K = 1024  # K per float32 chunk: every partial sum stays within 2**24, exact in float32
 PROBE_ROWS = (1, 16, 128)  # row counts the start-up measurement compares
+C_PROBE_ROWS = (1, 4, 8)  # ... and those at which the C rows path may run
+C_MAX_ROWS = 8
 PROBE_K, PROBE_N = 576, 576
 NEVER, ALWAYS = 0, 2**62
 
@@ -37,15 +44,23 @@ class GemmPlan:
 
     float_below: int
     source: str  # "env" or "measured"
-    timings_ms: dict[int, tuple[float, float]] = dataclasses.field(default_factory=dict)  # M -> (int_mm, float)
+    timings_ms: dict[int, tuple[float, ...]] = dataclasses.field(default_factory=dict)  # M -> (int_mm, float[, C])
+    c_through: int = 0  # rows up to this take the C rows path (which wants the float path's inputs)
 
     def use_float(self, rows: int) -> bool:
-        return rows < self.float_below
+        """Whether these rows take float inputs: the float path, or the C rows path."""
+        return rows < self.float_below or rows <= self.c_through
+
+    def use_c_rows(self, rows: int) -> bool:
+        return rows <= self.c_through
 
     def describe(self) -> str:
         rule = {NEVER: "torch._int_mm always", ALWAYS: "float32 always"}.get(
             self.float_below, f"float32 below {self.float_below} rows, torch._int_mm from there")
-        probes = ", ".join(f"M={m}: int {a:.2f} / float {b:.2f} ms" for m, (a, b) in self.timings_ms.items())
+        if self.c_through:
+            rule = f"C on int8 weights up to {self.c_through} rows, then {rule}"
+        probes = ", ".join(f"M={m}: " + " / ".join(f"{name} {t:.2f}" for name, t in zip(("int", "float", "C"), ts)) + " ms"
+                           for m, ts in self.timings_ms.items())
         return f"int8 GEMM on CPU: {rule} ({self.source}{'; ' + probes if probes else ''})"
 
 
@@ -70,6 +85,31 @@ def int_mm_via_float(xq: torch.Tensor, wq_float: torch.Tensor) -> torch.Tensor:
         part = (x[:, s:s + size] @ wq_float[s:s + size]).double()
         acc = part if acc is None else acc + part
     return acc
+
+
+def int_mm_rows_c(xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
+    """``xq @ wq.T`` [M, N] float32 for up to ``C_MAX_ROWS`` rows of integers in float32 ([M, K]) and the int8
+    weight [N, K]: the float path's integers, each rounded once to float32 (as its epilogue does)."""
+    from kernels import cpu_fused  # the C library; built on first use
+
+    m, k, n = xq.shape[0], xq.shape[1], wq.shape[0]
+    x = xq.to(torch.float32).contiguous()
+    wq = wq.contiguous()
+    out = torch.empty((m, n), dtype=torch.float32)
+    threads = torch.get_num_threads() if m * n * k >= 2**22 else 1  # a thread's start costs ~a small GEMV
+    with cpu_fused.profiled("pdserve::int8_gemm_c"):
+        status = cpu_fused.library().pdserve_int8_gemm_rows(x.data_ptr(), m, k, wq.data_ptr(), n, out.data_ptr(), threads)
+    if status:
+        raise ValueError({-1: f"C int8 GEMM: {m} rows or K={k} out of its range",
+                          -4: "C int8 GEMM: out of memory",
+                          -5: "C int8 GEMM: the rows must hold integers in [-127, 127]"}.get(status, f"status {status}"))
+    return out
+
+
+def _c_available() -> bool:
+    from kernels import cpu_fused
+
+    return cpu_fused.available()
 
 
 def _best_ms(fn, reps: int = 5) -> float:
@@ -104,16 +144,29 @@ def _probe() -> GemmPlan:
     gen = torch.Generator().manual_seed(0)
     w = torch.randint(-127, 128, (PROBE_N, PROBE_K), dtype=torch.int8, generator=gen)
     wt, wf = w.t(), float_weight(w)
-    timings, float_below = {}, ALWAYS
-    for m in PROBE_ROWS:
+    timings, float_below, c_through = {}, ALWAYS, 0
+    c_built = _c_available()
+    for m in sorted(set(PROBE_ROWS) | (set(C_PROBE_ROWS) if c_built else set())):
         x = torch.randint(-127, 128, (m, PROBE_K), dtype=torch.int8, generator=gen)
         t_int = _best_ms(lambda: torch._int_mm(x, wt))
-        t_float = _best_ms(lambda: int_mm_via_float(x, wf))
+        xf = x.float()
+        t_float = _best_ms(lambda: int_mm_via_float(xf, wf))
         timings[m] = (t_int, t_float)
-        if t_int < t_float:
+        if c_built and m in C_PROBE_ROWS and c_through == _previous(C_PROBE_ROWS, m):  # C won at every count below
+            t_c = _best_ms(lambda: int_mm_rows_c(xf, w))
+            timings[m] = (t_int, t_float, t_c)
+            if t_c < min(t_int, t_float):
+                c_through = m
+        if t_int < t_float and m in PROBE_ROWS:
             float_below = m
             break
-    return GemmPlan(float_below, "measured", timings)
+    return GemmPlan(float_below, "measured", timings, c_through)
+
+
+def _previous(rows: tuple[int, ...], m: int) -> int:
+    """The probe row count before ``m`` (0 before the first)."""
+    i = rows.index(m)
+    return rows[i - 1] if i else 0
 
 
 @functools.cache

@@ -45,10 +45,13 @@ def int8_matmul(
 
     Integer accumulation makes the result independent of how rows are batched, so a
     batched engine reproduces an unbatched one bit for bit. With ``wq_float``
-    (``cpu_gemm.float_weight(wq)``) the same integers come from float32 GEMMs
-    (``kernels.cpu_gemm``): the same bits, faster where the CPU's int8 path is slow.
+    (``cpu_gemm.float_weight(wq)``) the same integers come from float32 GEMMs, or at a few rows from
+    C reading ``wq`` itself (``kernels.cpu_gemm``'s plan): the same bits, faster where the CPU's int8
+    path is slow.
     """
-    if wq_float is not None:
+    if wq_float is not None and cpu_gemm.plan().use_c_rows(xq.shape[0]):
+        acc = cpu_gemm.int_mm_rows_c(xq, wq)
+    elif wq_float is not None:
         acc = cpu_gemm.int_mm_via_float(xq, wq_float)
     elif xq.is_cpu or xq.shape[0] > 16:
         acc = torch._int_mm(xq, wq.t())

@@ -68,10 +68,50 @@ def test_a_bad_plan_setting_is_refused_by_name(monkeypatch):
 
 def test_the_measured_plan_names_what_it_timed():
     plan = cpu_gemm.measure()
-    assert plan.source == "measured" and set(plan.timings_ms) <= set(cpu_gemm.PROBE_ROWS)
-    assert all(a > 0 and b > 0 for a, b in plan.timings_ms.values())
+    assert plan.source == "measured" and set(plan.timings_ms) <= set(cpu_gemm.PROBE_ROWS) | set(cpu_gemm.C_PROBE_ROWS)
+    assert all(len(ts) in (2, 3) and min(ts) > 0 for ts in plan.timings_ms.values())
     assert plan.float_below in (cpu_gemm.ALWAYS, *cpu_gemm.PROBE_ROWS)
+    assert plan.c_through in (0, *cpu_gemm.C_PROBE_ROWS)
+    if plan.c_through:  # C won where it runs, against both other paths
+        assert all(ts[2] < min(ts[:2]) for m, ts in plan.timings_ms.items() if m <= plan.c_through)
     assert "int8 GEMM on CPU" in plan.describe()
+
+
+@pytest.mark.parametrize("k", [16, 40, 576, 1536, 3000])
+@pytest.mark.parametrize("m", [1, 3, 8, 16])
+def test_the_c_rows_route_gives_int_mm_s_integers_at_the_extremes(k, m):
+    """All-127 rows against all-(-128) and all-127 weights make every int32 lane as large as it can be;
+    K = 40 takes the scalar loop, the rest the 16-bit multiply-adds."""
+    g = torch.Generator().manual_seed(k * 100 + m)
+    xq = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8)
+    xq[0] = 127
+    if m > 1:
+        xq[1] = -127
+    wq = torch.cat([torch.full((1, k), -128, dtype=torch.int8), torch.full((1, k), 127, dtype=torch.int8),
+                    torch.randint(-128, 128, (37, k), generator=g, dtype=torch.int8)])
+    got = cpu_gemm.int_mm_rows_c(xq.float(), wq)
+    assert torch.equal(got, torch._int_mm(xq, wq.t()).to(torch.float32))
+    assert torch.equal(got, cpu_gemm.int_mm_via_float(xq.float(), cpu_gemm.float_weight(wq)).to(torch.float32))
+
+
+def test_the_c_rows_route_refuses_what_it_cannot_hold():
+    wq = torch.ones(4, 32, dtype=torch.int8)
+    for x, why in ((torch.full((1, 32), 0.5), "integers"), (torch.full((1, 32), 128.0), "integers"),
+                   (torch.full((1, 32), float("nan")), "integers"), (torch.ones(17, 32), "17 rows")):
+        with pytest.raises(ValueError, match=why):
+            cpu_gemm.int_mm_rows_c(x, wq)
+
+
+def test_a_layer_gives_the_same_bits_through_the_c_rows_route(monkeypatch):
+    layer = QLinear(576, 1536, QuantConfig())
+    layer.load_float(torch.randn(1536, 576))
+    outs = {}
+    for c_through in (0, 8):
+        monkeypatch.setattr(cpu_gemm, "plan", lambda: cpu_gemm.GemmPlan(cpu_gemm.ALWAYS, "test", c_through=c_through))
+        outs[c_through] = [layer(torch.randn(m, 576, generator=torch.Generator().manual_seed(m))) for m in (1, 5, 8, 9)]
+    assert all(torch.equal(a, b) for a, b in zip(outs[0], outs[8]))
+    plan = cpu_gemm.GemmPlan(16, "test", c_through=8)
+    assert plan.use_c_rows(8) and not plan.use_c_rows(9) and plan.use_float(9) and not plan.use_float(16)
 
 
 def test_a_layer_gives_the_same_bits_by_either_route_and_follows_its_weights(monkeypatch):
