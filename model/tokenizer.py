@@ -81,16 +81,21 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, path: str | Path) -> "Tokenizer":
-        from model.weights import WeightFileError, read_gguf_metadata
+        """The tokenizer of a GGUF file, from its parsed header (shared with the weights of the same load and
+        cached on disk by ``model.weights``: building from the vocabulary takes ~0.1 s, parsing it seconds)."""
+        from model.weights import WeightFileError, read_gguf_header
 
-        reader, meta = read_gguf_metadata(path)
-        fields = reader.fields
+        header = read_gguf_header(path)
+        meta = header.metadata
         if meta.get("tokenizer.ggml.model") != "gpt2":
             raise WeightFileError(f"{path}: tokenizer {meta.get('tokenizer.ggml.model')!r} is not byte-level BPE")
-        tokens: list[str] = fields["tokenizer.ggml.tokens"].contents()
-        merges = [tuple(m.split(" ", 1)) for m in fields["tokenizer.ggml.merges"].contents()]
-        types = fields["tokenizer.ggml.token_type"].contents()
-        return cls.from_vocab(tokens, merges, types, meta)
+        missing = [k for k in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type")
+                   if k not in header.vocab]
+        if missing:
+            raise WeightFileError(f"{path}: no {', '.join(missing)}")
+        tokens: list[str] = header.vocab["tokenizer.ggml.tokens"]
+        merges = [tuple(m.split(" ", 1)) for m in header.vocab["tokenizer.ggml.merges"]]
+        return cls.from_vocab(tokens, merges, header.vocab["tokenizer.ggml.token_type"], meta)
 
     @classmethod
     def from_vocab(cls, tokens: list[str], merges: list[tuple[str, str]], types: list[int],

@@ -3,8 +3,15 @@ and our own safetensors checkpoints. Names are Hugging Face Llama's without ``mo
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
+import hashlib
 import importlib.util
 import json
+import os
+import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,42 +54,159 @@ def smollm2_gguf_path() -> Path:
     return files[0]
 
 
-def read_gguf_metadata(path: str | Path):
-    """The GGUF reader and its key/value metadata; a clear error for anything that is not a GGUF file."""
-    from gguf import GGUFReader
+# -- GGUF headers, parsed once ------------------------------------------------------------------
+# gguf-py's GGUFReader parses every key/value of a file eagerly, the 49k-token vocabulary of SmolLM2 as one
+# numpy view per string: 5-10 s on a 2-core machine, paid by every worker and CLI process that loads a model.
+# What it yields is small (the key/values, the vocabulary as strings, where each tensor lies), so it is kept
+# in memory (the weights and the tokenizer of one load share it) and on disk (later processes skip gguf-py).
+GGUF_CACHE_FORMAT = "gguf-header-1"  # bump when GGUFHeader or its file layout changes
+_VOCAB_KEYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type")
+_warned_cache = False
 
+
+@dataclass(frozen=True)
+class GGUFTensorInfo:
+    """Where one tensor's bytes lie in its GGUF file, and the numpy view gguf-py gives them (dtype, shape)."""
+    name: str
+    qtype: int  # gguf.GGMLQuantizationType value
+    shape: tuple[int, ...]  # GGUF order: the fastest dimension first
+    offset: int  # from the start of the file
+    dtype: str  # numpy dtype string of the raw view (uint8 for quantized blocks)
+    view_shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class GGUFHeader:
+    """A GGUF file's key/values and tensor table, without the tensor bytes (shared: never mutate)."""
+    metadata: dict[str, Any]  # every key/value but the vocabulary arrays
+    vocab: dict[str, list]  # the vocabulary arrays (_VOCAB_KEYS) the file has
+    tensors: tuple[GGUFTensorInfo, ...]
+
+
+def gguf_cache_dir() -> Path:
+    """Where parsed GGUF headers are kept: ``$PDSERVE_CACHE/gguf``, else ``~/.cache/pdserve/gguf``
+    (the convention of ``kernels/cpu_fused.py``)."""
+    return Path(os.environ.get("PDSERVE_CACHE", Path.home() / ".cache" / "pdserve")) / "gguf"
+
+
+def read_gguf_header(path: str | Path) -> GGUFHeader:
+    """The parsed header of a GGUF file; a clear error for anything that is not a GGUF file.
+
+    Memoized per process and cached on disk, both keyed by the file's real path, size and mtime, so
+    a rewritten file is parsed again and the weights and tokenizer of one load parse it once.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such GGUF file: {path}")
+    st = path.stat()
+    return _header(os.path.realpath(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _header(real: str, size: int, mtime_ns: int) -> GGUFHeader:
+    """The header of one version of a file: from the disk cache if it holds it, else parsed and saved."""
+    source = [real, size, mtime_ns]
+    file = gguf_cache_dir() / (hashlib.sha256(json.dumps([GGUF_CACHE_FORMAT, *source]).encode()).hexdigest()[:32]
+                               + ".json")
+    header = _read_cached_header(file, source)
+    if header is None:
+        header = _parse_header(Path(real))
+        _write_cached_header(file, source, header)
+    return header
+
+
+def _parse_header(path: Path) -> GGUFHeader:
+    """gguf-py's full parse (the slow step), reduced to plain Python values."""
+    from gguf import GGUFReader
+
     try:
         reader = GGUFReader(path)
-        meta = {k: f.contents() for k, f in reader.fields.items()
-                if k not in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type")}
+        meta = {k: f.contents() for k, f in reader.fields.items() if k not in _VOCAB_KEYS}
+        vocab = {k: reader.fields[k].contents() for k in _VOCAB_KEYS if k in reader.fields}
+        tensors = tuple(GGUFTensorInfo(t.name, int(t.tensor_type), tuple(int(d) for d in t.shape), int(t.data_offset),
+                                       t.data.dtype.str, tuple(int(d) for d in t.data.shape)) for t in reader.tensors)
     except Exception as e:  # the gguf package raises many kinds for damaged files
         raise WeightFileError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e})") from e
-    return reader, meta
+    return GGUFHeader(meta, vocab, tensors)
+
+
+def _read_cached_header(file: Path, source: list) -> GGUFHeader | None:
+    """The cached header, or None when there is none. A damaged or foreign file is a miss too (with one
+    warning per process): its first line carries the format, the source file and a digest of the rest."""
+    try:
+        data = file.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as e:  # unreadable, or $PDSERVE_CACHE is not a directory
+        _warn_cache_once(f"could not read the GGUF header cache {file} ({e})")
+        return None
+    try:
+        first, _, body = data.partition(b"\n")
+        head = json.loads(first)
+        if head != {"format": GGUF_CACHE_FORMAT, "source": source, "sha256": hashlib.sha256(body).hexdigest()}:
+            raise ValueError("format, source file or digest differs")
+        d = json.loads(body)
+        return GGUFHeader(d["metadata"], d["vocab"],
+                          tuple(GGUFTensorInfo(n, int(q), tuple(s), int(o), str(dt), tuple(v))
+                                for n, q, s, o, dt, v in d["tensors"]))
+    except Exception as e:
+        _warn_cache_once(f"ignoring the unreadable GGUF header cache {file} ({type(e).__name__}: {e}); rebuilding it")
+        return None
+
+
+def _write_cached_header(file: Path, source: list, header: GGUFHeader) -> None:
+    """Saves a header under a temporary name and renames it into place, so concurrent workers never read
+    half a file; a cache that cannot be written costs the next process a parse, never a failed load."""
+    tmp = None
+    try:
+        body = json.dumps({"metadata": header.metadata, "vocab": header.vocab,
+                           "tensors": [dataclasses.astuple(t) for t in header.tensors]}, ensure_ascii=False).encode()
+        head = json.dumps({"format": GGUF_CACHE_FORMAT, "source": source, "sha256": hashlib.sha256(body).hexdigest()})
+        file.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=file.parent, prefix=file.name, suffix=".tmp", delete=False) as f:
+            tmp = f.name
+            f.write(head.encode() + b"\n" + body)
+        os.replace(tmp, file)
+    except Exception as e:
+        _warn_cache_once(f"could not write the GGUF header cache {file} ({type(e).__name__}: {e})")
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+def _warn_cache_once(message: str) -> None:
+    """A cache problem costs time, never a wrong or failed load: said once per process, not once per load."""
+    global _warned_cache
+    if not _warned_cache:
+        _warned_cache = True
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def load_gguf(path: str | Path) -> GGUFFile:
     """Dequantize every tensor of a llama-architecture GGUF to float32."""
-    from gguf import quants
+    from gguf import GGMLQuantizationType, quants
 
-    reader, meta = read_gguf_metadata(path)
+    header = read_gguf_header(path)
+    meta = dict(header.metadata)
     arch = meta.get("general.architecture")
     if arch != "llama":
         raise WeightFileError(f"{path}: architecture {arch!r} is not supported (only 'llama')")
     n_heads = int(meta["llama.attention.head_count"])
     n_kv = int(meta.get("llama.attention.head_count_kv", n_heads))
+    data = np.memmap(path, mode="r")  # the header's offsets index the file's bytes
     tensors: dict[str, torch.Tensor] = {}
-    for t in reader.tensors:
-        qtype = t.tensor_type.name
-        if qtype not in _SUPPORTED_GGUF_TYPES:
-            raise WeightFileError(f"{path}: tensor {t.name} has unsupported type {qtype}")
+    for t in header.tensors:
+        qtype = GGMLQuantizationType(t.qtype)
+        if qtype.name not in _SUPPORTED_GGUF_TYPES:
+            raise WeightFileError(f"{path}: tensor {t.name} has unsupported type {qtype.name}")
         try:
-            arr = quants.dequantize(np.asarray(t.data), t.tensor_type).astype(np.float32)
+            dtype = np.dtype(t.dtype)
+            count = int(np.prod(t.view_shape))
+            raw = data[t.offset:t.offset + count * dtype.itemsize].view(dtype).reshape(t.view_shape)
+            arr = quants.dequantize(np.asarray(raw), qtype).astype(np.float32)
         except Exception as e:
             raise WeightFileError(f"{path}: tensor {t.name} could not be decoded ({e})") from e
-        shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists the fastest dimension first
+        shape = tuple(reversed(t.shape))  # GGUF lists the fastest dimension first
         if arr.size != int(np.prod(shape)):
             raise WeightFileError(f"{path}: tensor {t.name} holds {arr.size} values for shape {shape}")
         w = torch.from_numpy(arr.reshape(shape).copy())
