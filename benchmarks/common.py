@@ -34,3 +34,16 @@ def machine() -> str:
     except (OSError, StopIteration):
         pass
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def print_ab_table(figures: dict[str, dict[str, list[float]]], tokens: dict[str, list[int]], header: str,
+                   names: tuple[str, str], labels: tuple[str, str]) -> None:
+    """An A/B run's table: per figure the medians of both modes (``names``: keys of ``figures`` and
+    ``tokens``; ``labels``: their column titles) and their ratio, then whether greedy tokens agreed."""
+    (a, b), (la, lb) = names, labels
+    print(header)
+    print(f"| figure | {la} | {lb} | {lb} / {la} |\n|---|---:|---:|---:|")
+    for key in figures[a]:
+        x, y = statistics.median(figures[a][key]), statistics.median(figures[b][key])
+        print(f"| {key} | {x:.1f} | {y:.1f} | {y / x:.2f} |")
+    print(f"same greedy tokens (24, one prompt): {tokens[a] == tokens[b]}")

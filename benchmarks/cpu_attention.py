@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from benchmarks.common import machine
+from benchmarks.common import machine, print_ab_table
 from benchmarks.decode_steps import placed_engine
 from benchmarks.fused_prologue import greedy
 from benchmarks.profile_steps import prefill_engine
@@ -75,12 +75,8 @@ def main() -> None:
             print(f"  round {r + 1} {mode} done", flush=True)
     cpu_attention.usable = built
     clock = "thread CPU time" if torch.get_num_threads() == 1 else f"wall time, {torch.get_num_threads()} threads"
-    print(f"{machine()}, {a.model} int8, {time.strftime('%Y-%m-%d %H:%M')}, {clock}, median of {a.rounds} alternated rounds")
-    print("| figure | torch reference | C | C / torch |\n|---|---:|---:|---:|")
-    for key in figures["torch"]:
-        t, c = statistics.median(figures["torch"][key]), statistics.median(figures["C"][key])
-        print(f"| {key} | {t:.1f} | {c:.1f} | {c / t:.2f} |")
-    print(f"same greedy tokens (24, one prompt): {tokens['torch'] == tokens['C']}")
+    print_ab_table(figures, tokens, f"{machine()}, {a.model} int8, {time.strftime('%Y-%m-%d %H:%M')}, {clock}, "
+                   f"median of {a.rounds} alternated rounds", ("torch", "C"), ("torch reference", "C"))
 
 
 if __name__ == "__main__":

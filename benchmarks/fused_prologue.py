@@ -16,7 +16,7 @@ import statistics
 import time
 
 import kernels
-from benchmarks.common import machine, random_prompts
+from benchmarks.common import machine, print_ab_table, random_prompts
 from benchmarks.decode_steps import step_time
 from benchmarks.profile_steps import prefill_engine
 from model.engine import Engine, SamplingParams
@@ -93,12 +93,8 @@ def main() -> None:
             figures[mode].setdefault(f"prefill {a.prefill} tokens s", []).append(prefill_s(model, a.prefill))
             tokens.setdefault(mode, greedy(model))
     kernels.fused_prologue = built
-    print(f"{machine()}, {a.model} int8, {time.strftime('%Y-%m-%d %H:%M')}, median of {a.rounds} alternated rounds")
-    print(f"| figure | torch ops | fused C | fused / torch |\n|---|---:|---:|---:|")
-    for key in figures["torch"]:
-        t, f = statistics.median(figures["torch"][key]), statistics.median(figures["fused"][key])
-        print(f"| {key} | {t:.1f} | {f:.1f} | {f / t:.2f} |")
-    print(f"same greedy tokens (24, one prompt): {tokens['torch'] == tokens['fused']}")
+    print_ab_table(figures, tokens, f"{machine()}, {a.model} int8, {time.strftime('%Y-%m-%d %H:%M')}, "
+                   f"median of {a.rounds} alternated rounds", ("torch", "fused"), ("torch ops", "fused C"))
 
 
 if __name__ == "__main__":
