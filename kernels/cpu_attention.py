@@ -27,8 +27,9 @@ THREADED_MACS = 2**18  # below this much work one thread beats starting another
 def usable(q: torch.Tensor, k_pool: torch.Tensor, k_scale: torch.Tensor | None) -> bool:
     """int8 pools, float32 queries on CPU, shapes the C loops take, and the library built."""
     h, d, hkv = q.shape[-2], q.shape[-1], k_pool.shape[-2]
-    return (os.environ.get("PDSERVE_CPU_ATTENTION", "auto") != "off" and k_scale is not None and q.is_cpu and q.dtype == torch.float32 and k_pool.dtype == torch.int8
-            and MIN_HEAD_DIM <= d <= MAX_HEAD_DIM and h % hkv == 0 and h // hkv <= MAX_GROUP and cpu_fused.available())
+    return (os.environ.get("PDSERVE_CPU_ATTENTION", "auto") != "off" and k_scale is not None and q.is_cpu
+            and q.dtype == torch.float32 and k_pool.dtype == torch.int8 and MIN_HEAD_DIM <= d <= MAX_HEAD_DIM
+            and h % hkv == 0 and h // hkv <= MAX_GROUP and cpu_fused.available())
 
 
 def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, k_scale: torch.Tensor,
@@ -51,8 +52,9 @@ def paged_prefill_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch
     span = start + t if window is None else min(start + t, window)
     rows = max(1, DECODE_SLICE_BYTES // (h * span * 4))
     tables = block_table.reshape(1, -1)
-    out = [_attend(q[i:i + rows], k_pool, v_pool, k_scale, v_scale, tables, torch.zeros(min(rows, t - i), dtype=torch.int64),
-                   torch.arange(start + i, start + min(i + rows, t)), window)
+    out = [_attend(q[i:i + rows], k_pool, v_pool, k_scale, v_scale, tables,
+                   torch.zeros(min(rows, t - i), dtype=torch.int64), torch.arange(start + i, start + min(i + rows, t)),
+                   window)
            for i in range(0, t, rows)]
     return out[0] if len(out) == 1 else torch.cat(out)
 
