@@ -2,11 +2,12 @@
  *
  * The integer halves of kernels.reference._exact_attention, around torch's exp:
  *   pdserve_attn_scores: q on its integer grid (|n| <= levels <= 2**29), split n = hi * 2**s + lo with
- *     both halves in int16, dotted with the int8 keys exactly (two int32 sums, one int64 total), rounded to float32 once, times the grid scale, times the key's scale;
- *     minus each row's max (exact), in packed rows: only the keys a query sees, padded to whole vectors;
+ *     both halves in int16, dotted with the int8 keys exactly (two int32 sums, one int64 total),
+ *     rounded to float32 once, times the grid scale, times the key's scale; minus each row's max
+ *     (exact), in packed rows: only the keys a query sees, padded to whole vectors;
  *   (torch: e = exp(scores - max), one op: the exp's bits stay torch's)
- *   pdserve_attn_pv: the softmax's sum and the probability-weighted sum of int8 values on their
- *     integer grids (exact in double), scaled as the reference scales them.
+ *   pdserve_attn_pv: the softmax's sum (exact in double) and the probability-weighted sum of the int8
+ *     values on the reference's 24-bit grid (int32 lanes, int64 totals), scaled as the reference does.
  * Every sum is exact, so neither the loop order nor the split across threads can change a bit;
  * the keys and values are read where they lie in the pool, never gathered or widened in memory.
  *
@@ -34,7 +35,7 @@
 typedef struct {
     const float *q, *in;  /* queries [n, h, d]; pv: e, laid out as the scores */
     int64_t n, h, d, hkv;
-    const int64_t *offsets;  /* [n + 1]: query r's h score rows start at offsets[r], each (offsets[r+1]-offsets[r])/h long */
+    const int64_t *offsets;  /* [n + 1]: query r's h score rows start at offsets[r], each of row_length(r) */
     int64_t max_cols;  /* the longest score row */
     const int64_t *qseq, *qpos;
     int64_t window;
