@@ -52,8 +52,8 @@ typedef struct {
     int status;  /* 0, -2 a block outside the pool, -3 more keys than columns or a bad position, -4 no memory */
 } Job;
 
-static int64_t first_pos(const Job *a, int64_t r) {
-    int64_t f = a->window > 0 ? a->qpos[r] - a->window + 1 : 0;
+static int64_t first_visible(int64_t qpos, int64_t window) {  /* window 0: no window */
+    const int64_t f = window > 0 ? qpos - window + 1 : 0;
     return f > 0 ? f : 0;
 }
 
@@ -66,7 +66,7 @@ static float *score_row(const Job *a, const float *base, int64_t r, int64_t hh) 
 /* The rows (and scales) of KV head kh at query r's visible positions, through its block table:
  * 0, or the job's error status (-2 a block not held or outside the pool, -3 a bad position). */
 static int locate(const Job *a, int64_t r, int64_t kh, int64_t *count, const int8_t **rows, float *scales) {
-    const int64_t first = first_pos(a, r), s = a->qseq[r];
+    const int64_t first = first_visible(a->qpos[r], a->window), s = a->qseq[r];
     *count = a->qpos[r] - first + 1;
     if (a->qpos[r] < 0 || *count > (a->offsets[r + 1] - a->offsets[r]) / a->h) return -3;
     for (int64_t j = 0, b = first / a->bs, o = first % a->bs; j < *count; ++b, o = 0) {  /* block by block */
@@ -358,8 +358,7 @@ int64_t pdserve_attn_layout(int64_t n, int64_t h, const int64_t *qpos, int64_t w
     *max_cols = 0;
     for (int64_t r = 0; r < n; ++r) {
         if (qpos[r] < 0) return -3;
-        const int64_t f = window > 0 && qpos[r] - window + 1 > 0 ? qpos[r] - window + 1 : 0;
-        const int64_t cols = (qpos[r] - f + 1 + align - 1) / align * align;
+        const int64_t cols = (qpos[r] - first_visible(qpos[r], window) + 1 + align - 1) / align * align;
         *max_cols = cols > *max_cols ? cols : *max_cols;
         offsets[r + 1] = offsets[r] + h * cols;
     }

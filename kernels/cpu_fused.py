@@ -108,7 +108,8 @@ def library() -> ctypes.CDLL | None:
 
 def profiled(name: str):
     """A named scope for torch.profiler around a C call (which it cannot see), only while it runs."""
-    return torch.profiler.record_function(name) if torch.autograd.profiler._is_profiler_enabled else contextlib.nullcontext()
+    running = getattr(torch.autograd.profiler, "_is_profiler_enabled", False)  # private: absent means no scopes
+    return torch.profiler.record_function(name) if running else contextlib.nullcontext()
 
 
 def available() -> bool:

@@ -30,6 +30,8 @@ import time
 
 import torch
 
+from kernels import cpu_fused  # the C library (the rows path); built on first use
+
 EXACT_K = 1024  # K per float32 chunk: every partial sum stays within 2**24, exact in float32
 PROBE_ROWS = (1, 16, 128)  # row counts the start-up measurement compares
 C_PROBE_ROWS = (1, 4, 8)  # ... and those at which the C rows path may run
@@ -90,8 +92,6 @@ def int_mm_via_float(xq: torch.Tensor, wq_float: torch.Tensor) -> torch.Tensor:
 def int_mm_rows_c(xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
     """``xq @ wq.T`` [M, N] float32 for up to ``C_MAX_ROWS`` rows of integers in float32 ([M, K]) and the int8
     weight [N, K]: the float path's integers, each rounded once to float32 (as its epilogue does)."""
-    from kernels import cpu_fused  # the C library; built on first use
-
     m, k, n = xq.shape[0], xq.shape[1], wq.shape[0]
     x = xq.to(torch.float32).contiguous()
     wq = wq.contiguous()
@@ -104,12 +104,6 @@ def int_mm_rows_c(xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
                           -4: "C int8 GEMM: out of memory",
                           -5: "C int8 GEMM: the rows must hold integers in [-127, 127]"}.get(status, f"status {status}"))
     return out
-
-
-def _c_available() -> bool:
-    from kernels import cpu_fused
-
-    return cpu_fused.available()
 
 
 def _best_ms(fn, reps: int = 5) -> float:
@@ -145,7 +139,7 @@ def _probe() -> GemmPlan:
     w = torch.randint(-127, 128, (PROBE_N, PROBE_K), dtype=torch.int8, generator=gen)
     wt, wf = w.t(), float_weight(w)
     timings, float_below, c_through = {}, ALWAYS, 0
-    c_built = _c_available()
+    c_built = cpu_fused.available()
     for m in sorted(set(PROBE_ROWS) | (set(C_PROBE_ROWS) if c_built else set())):
         x = torch.randint(-127, 128, (m, PROBE_K), dtype=torch.int8, generator=gen)
         t_int = _best_ms(lambda: torch._int_mm(x, wt))

@@ -105,10 +105,12 @@ def test_the_c_rows_route_refuses_what_it_cannot_hold():
 def test_a_layer_gives_the_same_bits_through_the_c_rows_route(monkeypatch):
     layer = QLinear(576, 1536, QuantConfig())
     layer.load_float(torch.randn(1536, 576))
-    outs = {}
+    outs, rows_in_c, c_rows = {}, [], cpu_gemm.int_mm_rows_c
+    monkeypatch.setattr(cpu_gemm, "int_mm_rows_c", lambda xq, wq: rows_in_c.append(xq.shape[0]) or c_rows(xq, wq))
     for c_through in (0, 8):
         monkeypatch.setattr(cpu_gemm, "plan", lambda: cpu_gemm.GemmPlan(cpu_gemm.ALWAYS, "test", c_through=c_through))
         outs[c_through] = [layer(torch.randn(m, 576, generator=torch.Generator().manual_seed(m))) for m in (1, 5, 8, 9)]
+    assert rows_in_c == [1, 5, 8]  # the C path ran where the plan said, and only there
     assert all(torch.equal(a, b) for a, b in zip(outs[0], outs[8]))
     plan = cpu_gemm.GemmPlan(16, "test", c_through=8)
     assert plan.use_c_rows(8) and not plan.use_c_rows(9) and plan.use_float(9) and not plan.use_float(16)
