@@ -155,7 +155,8 @@ def _engine_figures(s: Session) -> dict:
                          "forward_x_floor": forward_ms / floor_ms if floor_ms else None})
             print(rows[-1], flush=True)
             del engine
-            rows.append(_graph_row(s, model, batch, context, floor_ms))
+            for prologue in ("fused", "torch"):  # the Triton rotate + quantize, then the torch butterflies (A/B)
+                rows.append(_graph_row(s, model, batch, context, floor_ms, prologue))
     agreement = _graph_agreement(s, model)
     batch, context = p.engine_batches[-1], p.engine_contexts[-1]
     if s.left() > 40:
@@ -184,16 +185,23 @@ def _engine_figures(s: Session) -> dict:
             "prefill": prefill, "profile": profile}
 
 
-def _graph_row(s: Session, model, batch: int, context: int, floor_ms: float | None) -> dict:
-    """The same decode step replayed as a CUDA graph (on CPU: the graphs' static path, uncaptured)."""
+def _graph_row(s: Session, model, batch: int, context: int, floor_ms: float | None, prologue: str = "fused") -> dict:
+    """The same decode step replayed as a CUDA graph (on CPU: the graphs' static path, uncaptured), with the
+    int8 linears' rotate + quantize as one Triton kernel ("fused") or as the torch butterflies ("torch";
+    the CPU dry run runs its C prologue either way)."""
     mode = "auto" if s.dev.type == "cuda" else "eager"
+    head = {"batch": batch, "context": context, "graphs": mode, "prologue": prologue}
+    if prologue == "torch":
+        os.environ["PDSERVE_TRITON_PROLOGUE"] = "off"
     try:
         engine = _decoding_engine(model, batch, context, _pool_bytes(model.config, batch, context), s.plan.steps, mode)
         ms, _ = _step_ms(engine, s.plan.steps)
     except Exception as e:  # recorded; the eager rows stand
-        return {"batch": batch, "context": context, "graphs": mode, "error": repr(e)[:2000]}
-    row = {"batch": batch, "context": context, "graphs": mode, "step_ms": ms, "tokens_per_s": batch / ms * 1e3,
-           "x_floor": ms / floor_ms if floor_ms else None}
+        return {**head, "error": repr(e)[:2000]}
+    finally:
+        if prologue == "torch":
+            os.environ.pop("PDSERVE_TRITON_PROLOGUE", None)
+    row = {**head, "step_ms": ms, "tokens_per_s": batch / ms * 1e3, "x_floor": ms / floor_ms if floor_ms else None}
     print(row, flush=True)
     return row
 
@@ -217,9 +225,31 @@ def _graph_agreement(s: Session, model, batch: int = 8, context: int = 1000, ste
         return {"error": repr(e)[:2000]}
     pairs = [(a, b) for x, y in zip(got["off"], got[mode]) for a, b in zip(x, y)]
     first = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x)) for x, y in zip(got["off"], got[mode])]
-    return {"tokens": len(pairs), "agree": sum(a == b for a, b in pairs) / max(1, len(pairs)),
-            "identical_sequences": sum(x == y for x, y in zip(got["off"], got[mode])), "sequences": batch,
-            "first_difference": first}
+    out = {"tokens": len(pairs), "agree": sum(a == b for a, b in pairs) / max(1, len(pairs)),
+           "identical_sequences": sum(x == y for x, y in zip(got["off"], got[mode])), "sequences": batch,
+           "first_difference": first}
+    try:
+        out["margins"] = [_top2_margin(model, prompt + tokens[:j]) for prompt, tokens, j
+                          in zip(prompts, got["off"], first) if j < len(tokens)]
+        out["near_ties"] = sum(m["near_tie"] for m in out["margins"])
+    except Exception as e:  # the token figures stand
+        out["margins"] = {"error": repr(e)[:2000]}
+    return out
+
+
+def _top2_margin(model, tokens: list[int]) -> dict:
+    """Top-2 logit margin of the next token after ``tokens`` (one dense prefill, no paging), against the
+    near-tie bound tests/greedy.py uses (1% of the largest logit): is a graph/eager difference a near tie?"""
+    from model.kv_cache import ContiguousKVCache
+
+    dev = next(model.parameters(), next(model.buffers())).device
+    n = len(tokens)
+    with torch.inference_mode():
+        logits = model(torch.tensor(tokens, device=dev), ContiguousKVCache(model.config, n, device=dev).extend(n),
+                       logits_at=torch.tensor([n - 1], device=dev))[-1].float()
+    top2 = logits.topk(2).values
+    margin, bound = float(top2[0] - top2[1]), 0.01 * float(logits.abs().max())
+    return {"position": n, "margin": margin, "bound": bound, "near_tie": margin < bound}
 
 
 def _profile(model, batch: int, context: int, steps: int) -> dict:

@@ -13,10 +13,13 @@ run cut off at its limit still returns what it measured. Stages, in order:
 2. ``kernel_tests``: tests/test_kernels_triton.py on the device (the interpreter's tests, with
    CUDA tensors), then ``benchmarks.kernels``' correctness checks at the model's shapes.
 3. ``kernels``: W8A8 GEMM vs bf16 matmul, paged decode attention vs the HBM floor, prefill
-   attention and KV write (``benchmarks.kernels``), on ``cai-13b-skv`` shapes.
+   attention and KV write, the fused rotate + quantize vs the torch butterflies (``benchmarks.kernels``),
+   on ``cai-13b-skv`` shapes.
 4. ``engine``: the paged engine on ``cai-13b-skv`` with random int8 weights (bf16 compute):
    decode step time at batch x context against the bytes floor (weights + KV read once per
-   step, at the measured copy bandwidth), and prefill tokens/s against the int8 compute floor.
+   step, at the measured copy bandwidth), eager and as CUDA graphs (these with the fused prologue
+   and with the torch butterflies: an A/B in one run), graphs vs eager greedy tokens with the
+   top-2 margin where they differ, and prefill tokens/s against the int8 compute floor.
 5. ``capacity``: the largest batch whose KV fits at 8k and 32k context, from the engine's own
    allocator with the memory left after the weights, for ``cai-13b-skv`` and ``cai-13b-gqa8``
    (int8 KV both, so the ratio is what the KV layout buys), each checked by running decode
@@ -172,6 +175,7 @@ def stage_kernel_tests(s: Session) -> dict:
 
         figures["model_shape_failures"] = check_correctness(s.dev)
         figures["quantize_vs_cpu_reference"] = _quantize_vs_cpu(s.dev)
+        figures["fused_prologue"] = _fused_prologue_check(s.dev)
     if rc != 0:
         raise RuntimeError(f"kernel tests on {s.dev.type}: {summary.strip()}")
     return figures
@@ -193,6 +197,27 @@ def _quantize_vs_cpu(dev: torch.device) -> dict:
             "torch_cuda_scale_mismatches": int((torch_s.cpu() != want_s).sum())}
 
 
+def _fused_prologue_check(dev: torch.device) -> dict:
+    """The Triton rotate + quantize against the CPU torch butterflies + quantize at a 13B width. If it fails
+    to build or differs, the session's later stages run the torch butterflies (PDSERVE_TRITON_PROLOGUE=off)
+    rather than fail: recorded here, and the engine's A/B rows then compare the same path twice."""
+    from kernels import reference
+    from kernels import triton_gemm as tg
+    from model.quant import hadamard_rotate
+
+    x = torch.randn(64, 5120, generator=torch.Generator().manual_seed(3)) * 4
+    try:
+        got_q, got_s = tg.rotate_quantize_rows(x.to(dev), 512)
+        want_q, want_s = reference.quantize_rows(hadamard_rotate(x, 512))
+        out = {"code_mismatches": int((got_q.cpu() != want_q).sum()), "scale_mismatches": int((got_s.cpu() != want_s).sum())}
+    except Exception as e:  # noqa: BLE001 - recorded; the session goes on without the fused prologue
+        out = {"error": f"{type(e).__name__}: {str(e)[:1500]}"}
+    if "error" in out or out["code_mismatches"] or out["scale_mismatches"]:
+        os.environ["PDSERVE_TRITON_PROLOGUE"] = "off"
+        out["fallback"] = "PDSERVE_TRITON_PROLOGUE=off for the rest of the session"
+    return out
+
+
 # -- stage 3: kernel benchmarks --------------------------------------------------------------------------
 def stage_kernels(s: Session) -> dict:
     from benchmarks import kernels as kb
@@ -205,9 +230,14 @@ def stage_kernels(s: Session) -> dict:
         gemm = kb.bench_gemm(dev, pk, p.gemm_m, p.preset)
         decode = kb.bench_decode(dev, pk, p.decode_batches, p.decode_contexts, p.preset, hbm_gbs=hbm)
         other = kb.bench_prefill_and_write(dev, pk, p.preset, p.prefill_cases, p.write_tokens)
+        try:
+            prologue = kb.bench_prologue(dev, p.gemm_m, p.preset)
+        except Exception as e:  # noqa: BLE001 - keep the figures above
+            prologue = {"error": f"{type(e).__name__}: {str(e)[:1500]}"}
     finally:
         os.environ.pop("PDSERVE_KERNEL_CHECKS", None)
-    return {"gemm": gemm, "decode": decode, "prefill_and_write": other, "goals": kb.goals(gemm, decode),
+    return {"gemm": gemm, "decode": decode, "prefill_and_write": other, "prologue": prologue,
+            "goals": kb.goals(gemm, decode),
             "hbm_reference": "measured copy" if hbm else "datasheet"}
 
 
@@ -229,15 +259,24 @@ def table(results: dict) -> str:
     kt = results.get("kernel_tests", {})
     if kt.get("pytest_summary"):
         lines.append(f"kernel tests: {kt['pytest_summary']}; model-shape failures: {kt.get('model_shape_failures')}")
+    prologue = results.get("kernels", {}).get("prologue", [])
+    for r in prologue if isinstance(prologue, list) else [{"error": prologue.get("error")}]:
+        if "error" in r:
+            lines.append(f"prologue benchmark: {r['error'][:300]}")
+            continue
+        lines.append(f"prologue K={r['k']} M={r['m']}: fused {r['fused_ms']:.4f} ms vs torch {r['torch_ms']:.4f} ms "
+                     f"({r['speedup']:.2f}x), same bits: {r['same']}")
     for g in results.get("kernels", {}).get("goals", []):
         lines.append(f"goal: {g}")
     for r in results.get("engine", {}).get("decode", []):
         if r.get("graphs") and "step_ms" in r:
             floor = f"{r['x_floor']:.2f}x floor" if r.get("x_floor") else "no floor"
-            lines.append(f"engine decode b={r['batch']} ctx={r['context']} as a CUDA graph ({r['graphs']}): "
+            lines.append(f"engine decode b={r['batch']} ctx={r['context']} as a CUDA graph ({r['graphs']}, "
+                         f"{r.get('prologue', 'fused')} prologue): "
                          f"{r['step_ms']:.2f} ms/step, {r['tokens_per_s']:.0f} tok/s, {floor}")
         elif r.get("graphs"):
-            lines.append(f"engine decode b={r['batch']} ctx={r['context']} as a CUDA graph: {r.get('error', '')[:300]}")
+            lines.append(f"engine decode b={r['batch']} ctx={r['context']} as a CUDA graph "
+                         f"({r.get('prologue', 'fused')} prologue): {r.get('error', '')[:300]}")
         elif r.get("value_checks") and "step_ms" in r:
             lines.append(f"engine decode b={r['batch']} ctx={r['context']} with kernel value checks on: "
                          f"{r['step_ms']:.2f} ms/step (forward {r['forward_ms']:.2f})")
@@ -246,7 +285,11 @@ def table(results: dict) -> str:
             lines.append(f"engine decode b={r['batch']} ctx={r['context']}: {r['step_ms']:.2f} ms/step "
                          f"(forward {r['forward_ms']:.2f}), {r['tokens_per_s']:.0f} tok/s, {floor}")
     if results.get("engine", {}).get("graph_agreement"):
-        lines.append(f"graphs vs eager greedy tokens: {results['engine']['graph_agreement']}")
+        a = results["engine"]["graph_agreement"]
+        lines.append(f"graphs vs eager greedy tokens: { {k: v for k, v in a.items() if k != 'margins'} }")
+        if isinstance(a.get("margins"), list) and a["margins"]:
+            lines.append("  top-2 margin / near-tie bound where they first differ: " + ", ".join(
+                f"{m['margin']:.3g}/{m['bound']:.3g}" for m in a["margins"]))
     for r in results.get("engine", {}).get("prefill", []):
         floor = f"{r['x_floor']:.2f}x floor" if r.get("x_floor") else "no floor"
         lines.append(f"engine prefill {r['tokens']} tok: {r['tokens_per_s']:.0f} tok/s, {floor}")

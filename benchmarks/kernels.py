@@ -160,6 +160,30 @@ def bench_gemm(dev: torch.device, pk, ms, preset: str = "cai-13b-skv") -> list[d
     return rows
 
 
+def bench_prologue(dev: torch.device, ms, preset: str = "cai-13b-skv") -> list[dict]:
+    """The int8 linear's prologue (rotate + quantize per row) as one Triton kernel vs the torch butterflies
+    then the Triton quantize (the unfused GPU path), at each distinct input width; also whether the two
+    give the same codes and scales on the device."""
+    from kernels import triton_gemm as tg
+    from model.quant import hadamard_block, hadamard_rotate
+
+    print("\n### Rotate + quantize (the int8 linear's prologue): one Triton kernel vs torch butterflies + quantize\n")
+    print("| K | block | M | fused ms | torch + quantize ms | speed-up | same bits |")
+    print("|---|---|---|---|---|---|---|")
+    rows = []
+    for k in sorted({k for _, _, k in gemm_shapes(preset)}):
+        block = hadamard_block(k)
+        for m in ms:
+            x = torch.randn(m, k, device=dev)
+            tf = bench(lambda: tg.rotate_quantize_rows(x, block))
+            tt = bench(lambda: tg.quantize_rows(hadamard_rotate(x, block)))
+            same = all(torch.equal(a, b) for a, b in zip(tg.rotate_quantize_rows(x, block),
+                                                        tg.quantize_rows(hadamard_rotate(x, block))))
+            rows.append(dict(k=k, block=block, m=m, fused_ms=tf * 1e3, torch_ms=tt * 1e3, speedup=tt / tf, same=same))
+            print(f"| {k} | {block} | {m} | {tf * 1e3:.4f} | {tt * 1e3:.4f} | {tt / tf:.2f}x | {same} |")
+    return rows
+
+
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw) -> torch.Tensor:
     """SDPA with K/V heads shared by query heads: native GQA where this torch has it, else an expanded view."""
     try:
@@ -288,6 +312,7 @@ def main(argv: list[str] | None = None) -> None:
     decode = bench_decode(dev, pk, DECODE_BATCH[1:2] if args.quick else DECODE_BATCH,
                           CONTEXTS[1:2] if args.quick else CONTEXTS)
     bench_prefill_and_write(dev, pk)
+    bench_prologue(dev, GEMM_M[1::2] if args.quick else GEMM_M)
     print("\n### Goals\n")
     for line in goals(gemm, decode):
         print(f"- {line}")

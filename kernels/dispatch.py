@@ -75,9 +75,21 @@ rotate_quantize_rows_float = cpu_fused.rotate_quantize_rows_float
 
 
 def fused_prologue(x: torch.Tensor) -> bool:
-    """Whether these rows' rotate + quantize runs as one C call (``kernels.cpu_fused``): CPU tensors
-    off the Triton path, where the C prologue is built."""
-    return x.is_cpu and not use_triton(x) and cpu_fused.available()
+    """Whether these rows' rotate + quantize runs as one call: the Triton kernel on the Triton path
+    (``PDSERVE_TRITON_PROLOGUE=off`` keeps the torch butterflies there, for A/Bs), the C loop
+    (``kernels.cpu_fused``) on CPU tensors where it is built. Either gives the torch ops' bits."""
+    if use_triton(x):
+        return os.environ.get("PDSERVE_TRITON_PROLOGUE", "on") != "off"
+    return x.is_cpu and cpu_fused.available()
+
+
+def rotate_quantize_rows(x: torch.Tensor, block: int, in_float: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_rows(hadamard_rotate(x, block))`` where ``fused_prologue(x)``: int8 codes, or on the CPU's
+    float GEMM route (``in_float``) the same integers held in float32."""
+    if use_triton(x):
+        return _triton("gemm").rotate_quantize_rows(x, block)
+    q, scale = cpu_fused.rotate_quantize_rows_float(x, block)
+    return (q if in_float else q.to(torch.int8)), scale
 
 
 def write_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, k_scale: torch.Tensor | None,

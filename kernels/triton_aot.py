@@ -34,6 +34,8 @@ def variants(everything: bool) -> list[tuple]:
     out = [
         (tg._quant_rows_kernel, dict(x_ptr=_p("bf16"), q_ptr=_p("i8"), s_ptr=_p("fp32")),
          dict(BLOCK=4096), dict(num_warps=8)),
+        (tg._rotate_quant_rows_kernel, dict(x_ptr=_p("fp32"), q_ptr=_p("i8"), s_ptr=_p("fp32"), norm="fp32"),
+         dict(R=512, LOG2R=9), dict(num_warps=8)),
         (tg._w8a8_kernel, dict(_GEMM, o_ptr=_p("bf16")),
          dict(HAS_BIAS=True, SCALED=True, EVEN_K=True, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8),
          dict(num_warps=8, num_stages=4)),

@@ -66,6 +66,55 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @triton.jit
+def _walsh_hadamard(y, R: tl.constexpr, LOG2R: tl.constexpr):
+    """``R``-point fast Walsh-Hadamard transform of ``y [R]`` in registers, unnormalized, in the order of
+    ``model.quant.hadamard_rotate``: the pass pairing j with j + R/2 first, down to j with j + 1, each output
+    one IEEE add or subtract (``a + c``, ``a - c``), so the bits are the torch butterflies'."""
+    for p in tl.static_range(LOG2R):
+        pairs = tl.permute(tl.reshape(y, [1 << p, 2, R >> (p + 1)]), [0, 2, 1])  # [runs, half, (a, c)]
+        a, c = tl.split(pairs)
+        y = tl.reshape(tl.permute(tl.join(a + c, a - c), [0, 2, 1]), [R])
+    return y
+
+
+@triton.jit
+def _rotate_quant_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, norm,
+                              R: tl.constexpr, LOG2R: tl.constexpr):
+    """One program per row: rotate each R-wide slice, track the amax; then rotate again (cheaper than
+    a round trip through memory) and quantize. ``norm`` is R**-0.5 as float32, as torch rounds it."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, R)
+    amax = tl.zeros([R], dtype=tl.float32)
+    for k0 in range(0, K, R):
+        x = tl.load(x_ptr + row * stride_x + k0 + cols).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(_walsh_hadamard(x, R, LOG2R) * norm))
+    scale = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), 1e-8), 127.0)
+    tl.store(s_ptr + row, scale)
+    for k0 in range(0, K, R):
+        x = tl.load(x_ptr + row * stride_x + k0 + cols).to(tl.float32)
+        tl.store(q_ptr + row * stride_q + k0 + cols, _quantize(_walsh_hadamard(x, R, LOG2R) * norm, scale))
+
+
+def rotate_quantize_rows(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_rows(hadamard_rotate(x, block))`` in one launch: the int8 linear's prologue on the GPU,
+    where the torch butterflies are ~2 log2(block) passes over the activations (issue 15's GPU profile:
+    7 ms of a 30 ms step at batch 128). Rows ``[M, K]``, K a multiple of ``block`` (a power of two)."""
+    checks.dtype("x", x, checks.FLOATS)
+    if x.dim() != 2 or block < 1 or block & (block - 1) or x.shape[1] % block:
+        raise checks.KernelInputError(f"x: shape {list(x.shape)}, expected [M, K] with K a multiple of the "
+                                      f"rotation block {block} (a power of two)")
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    m, k = x.shape
+    q = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    if m:
+        _rotate_quant_rows_kernel[(m,)](x, q, s, k, x.stride(0), q.stride(0), float(block) ** -0.5,
+                                        R=block, LOG2R=block.bit_length() - 1, num_warps=4 if block <= 256 else 8)
+    return q, s
+
+
+@triton.jit
 def _w8a8_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, o_ptr, M, N, K,
                  stride_xm, stride_xk, stride_wn, stride_wk, stride_om, stride_on,
                  HAS_BIAS: tl.constexpr, SCALED: tl.constexpr, EVEN_K: tl.constexpr,

@@ -82,12 +82,12 @@ class QLinear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features)
 
     def _int8_gemm(self, x: torch.Tensor) -> torch.Tensor:
-        """Rotate, quantize per row, exact int8 GEMM, rescale. On CPU the first two are one fused C call
-        where it is built (``kernels.cpu_fused``: the same bits as the torch ops, a fraction of the calls)."""
+        """Rotate, quantize per row, exact int8 GEMM, rescale. The first two are one fused call where
+        ``kernels.fused_prologue`` says (a C loop on CPU, a Triton kernel on GPU: the torch ops' bits,
+        a fraction of the calls and memory passes)."""
         in_float = kernels.int8_gemm_in_float(x)
         if self.rotation_block is not None and kernels.fused_prologue(x):
-            xq, xs = kernels.rotate_quantize_rows_float(x, self.rotation_block)
-            xq = xq if in_float else xq.to(torch.int8)
+            xq, xs = kernels.rotate_quantize_rows(x, self.rotation_block, in_float)
         else:
             x = self._rotate(x)
             xq, xs = kernels.quantize_rows_float(x) if in_float else kernels.quantize_rows(x)

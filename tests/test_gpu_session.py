@@ -125,17 +125,32 @@ def test_device_session_dry_run_measures_every_stage(tmp_path):
     assert "passed" in results["kernel_tests"]["pytest_summary"]
     k = results["kernels"]
     assert k["gemm"] and all(r["int8_ms"] > 0 and r["speedup"] > 0 for r in k["gemm"]) and k["decode"]
+    assert k["prologue"] and all(r["same"] and r["fused_ms"] > 0 for r in k["prologue"])
     decode = [r for r in results["engine"]["decode"] if "step_ms" in r and not r.get("graphs")
               and not r.get("value_checks")]
     assert decode and all(r["step_ms"] >= r["forward_ms"] > 0 and r["kv_read_gb"] > 0 for r in decode)
     graphs = [r for r in results["engine"]["decode"] if r.get("graphs")]
-    assert len(graphs) == len(decode) and all(r["step_ms"] > 0 for r in graphs), graphs
+    assert len(graphs) == 2 * len(decode) and all(r["step_ms"] > 0 for r in graphs), graphs
+    assert [r["prologue"] for r in graphs].count("torch") == len(decode)  # the A/B: each step both ways
+    assert results["engine"]["graph_agreement"]["margins"] == []  # on CPU the graphs' path is bit-identical
     assert results["engine"]["prefill"][0]["tokens_per_s"] > 0
     cap = results["capacity"]["skv-tiny"]
     assert all(0 < r["ran_batch"] <= r["max_batch"] and r["step_ms"] > 0 for r in cap)
     assert cap[0]["max_batch"] >= cap[1]["max_batch"]  # longer context, fewer sequences
     table = (tmp_path / "gpu_session.txt").read_text()
     assert "capacity skv-tiny" in table and table in done.stdout
+
+
+def test_top2_margin_is_the_dense_forwards_next_token_margin():
+    from benchmarks.gpu_engine import _top2_margin
+    from model.quality import full_logits
+
+    model = load("skv-tiny").model
+    tokens = list(range(5, 60))
+    got = _top2_margin(model, tokens)
+    top2 = full_logits(model, tokens)[-1].topk(2).values
+    assert got["position"] == len(tokens) and got["margin"] == pytest.approx(float(top2[0] - top2[1]), abs=1e-5)
+    assert got["near_tie"] == (got["margin"] < got["bound"]) and got["bound"] > 0
 
 
 def test_device_session_refuses_to_run_without_a_device_unless_dry():

@@ -123,6 +123,50 @@ def test_quantize_rows_of_bf16_input_matches_the_reference():
     assert torch.equal(q, rq) and torch.equal(s, rs)
 
 
+@pytest.mark.parametrize("m,k,block", [(1, 64, 64), (5, 576, 64), (3, 1024, 512), (4, 96, 32), (2, 16, 1)])
+def test_rotate_quantize_rows_is_bit_identical_to_the_torch_butterflies_then_quantize(m, k, block):
+    from model.quant import hadamard_rotate
+
+    g = torch.Generator().manual_seed(m * k + block)
+    x = torch.randn(m, k, generator=g) * torch.logspace(-2, 2, k)[torch.randperm(k, generator=g)]
+    q, s = tg.rotate_quantize_rows(x, block)
+    rq, rs = reference.quantize_rows(hadamard_rotate(x, block))
+    assert q.shape == rq.shape and s.shape == rs.shape
+    assert torch.equal(q, rq) and torch.equal(s, rs)
+    if block > 1:  # and it does rotate: quantizing x unrotated gives other codes
+        assert not torch.equal(q, reference.quantize_rows(x)[0])
+
+
+def test_rotate_quantize_rows_of_bf16_input_and_its_errors():
+    from model.quant import hadamard_rotate
+
+    x = (torch.randn(3, 128, generator=torch.Generator().manual_seed(4)) * 3).to(torch.bfloat16)
+    q, s = tg.rotate_quantize_rows(x, 128)
+    rq, rs = reference.quantize_rows(hadamard_rotate(x.float(), 128))
+    assert torch.equal(q, rq) and torch.equal(s, rs)
+    for bad, block in ((torch.zeros(2, 96), 64), (torch.zeros(2, 96), 48), (torch.zeros(96), 32)):
+        with pytest.raises(checks.KernelInputError, match=r"^x: shape .* rotation block"):
+            tg.rotate_quantize_rows(bad, block)
+
+
+@cpu_only
+def test_an_int8_linear_on_the_triton_path_gives_the_same_bits_with_the_fused_prologue(monkeypatch):
+    from model.config import QuantConfig
+    from model.quant import QLinear
+
+    layer = QLinear(256, 48, QuantConfig())
+    layer.load_float(torch.randn(48, 256, generator=torch.Generator().manual_seed(5)))
+    x = torch.randn(6, 256, generator=torch.Generator().manual_seed(6))
+    monkeypatch.setattr(dispatch, "use_triton", lambda t: True)  # what a CUDA tensor gets
+    calls = []
+    real = _tg.rotate_quantize_rows
+    monkeypatch.setattr(_tg, "rotate_quantize_rows", lambda *a: calls.append(a) or real(*a))
+    fused = layer(x)
+    monkeypatch.setenv("PDSERVE_TRITON_PROLOGUE", "off")
+    unfused = layer(x)
+    assert len(calls) == 1 and torch.equal(fused, unfused)
+
+
 # -- paged KV --------------------------------------------------------------------------------------
 def _pools(g, nb, bs, hkv, d):
     k, v = torch.randn(nb, bs, hkv, d, generator=g), torch.randn(nb, bs, hkv, d, generator=g)
