@@ -157,6 +157,8 @@ def _engine_figures(s: Session) -> dict:
             del engine
             for prologue in ("fused", "torch"):  # the Triton rotate + quantize, then the torch butterflies (A/B)
                 rows.append(_graph_row(s, model, batch, context, floor_ms, prologue))
+            if s.results.get("tiles", {}).get("best"):  # and with the tile sweep's winners (A/B against the rule)
+                rows.append(_graph_row(s, model, batch, context, floor_ms, "fused", s.results["tiles"]["best"]))
     agreement = _graph_agreement(s, model)
     batch, context = p.engine_batches[-1], p.engine_contexts[-1]
     if s.left() > 40:
@@ -185,20 +187,27 @@ def _engine_figures(s: Session) -> dict:
             "prefill": prefill, "profile": profile}
 
 
-def _graph_row(s: Session, model, batch: int, context: int, floor_ms: float | None, prologue: str = "fused") -> dict:
+def _graph_row(s: Session, model, batch: int, context: int, floor_ms: float | None, prologue: str = "fused",
+               tiles: list[dict] | None = None) -> dict:
     """The same decode step replayed as a CUDA graph (on CPU: the graphs' static path, uncaptured), with the
     int8 linears' rotate + quantize as one Triton kernel ("fused") or as the torch butterflies ("torch";
-    the CPU dry run runs its C prologue either way)."""
+    the CPU dry run runs its C prologue either way), and the GEMMs on the rule's tiles or on ``tiles``
+    (``benchmarks.gemm_tiles``' winners)."""
+    from benchmarks import gemm_tiles
+    from kernels import triton_gemm as tg
+
     mode = "auto" if s.dev.type == "cuda" else "eager"
-    head = {"batch": batch, "context": context, "graphs": mode, "prologue": prologue}
+    head = {"batch": batch, "context": context, "graphs": mode, "prologue": prologue, "tiles": "swept" if tiles else "rule"}
     if prologue == "torch":
         os.environ["PDSERVE_TRITON_PROLOGUE"] = "off"
+    gemm_tiles.use(tiles or [])
     try:
         engine = _decoding_engine(model, batch, context, _pool_bytes(model.config, batch, context), s.plan.steps, mode)
         ms, _ = _step_ms(engine, s.plan.steps)
     except Exception as e:  # recorded; the eager rows stand
         return {**head, "error": repr(e)[:2000]}
     finally:
+        tg.TILES.clear()
         if prologue == "torch":
             os.environ.pop("PDSERVE_TRITON_PROLOGUE", None)
     row = {**head, "step_ms": ms, "tokens_per_s": batch / ms * 1e3, "x_floor": ms / floor_ms if floor_ms else None}

@@ -15,16 +15,18 @@ run cut off at its limit still returns what it measured. Stages, in order:
 3. ``kernels``: W8A8 GEMM vs bf16 matmul, paged decode attention vs the HBM floor, prefill
    attention and KV write, the fused rotate + quantize vs the torch butterflies (``benchmarks.kernels``),
    on ``cai-13b-skv`` shapes.
-4. ``engine``: the paged engine on ``cai-13b-skv`` with random int8 weights (bf16 compute):
+4. ``tiles``: W8A8 tile shapes swept at decode row counts (``benchmarks.gemm_tiles``); the engine stage
+   times graph steps with the winners too.
+5. ``engine``: the paged engine on ``cai-13b-skv`` with random int8 weights (bf16 compute):
    decode step time at batch x context against the bytes floor (weights + KV read once per
    step, at the measured copy bandwidth), eager and as CUDA graphs (these with the fused prologue
    and with the torch butterflies: an A/B in one run), graphs vs eager greedy tokens with the
    top-2 margin where they differ, and prefill tokens/s against the int8 compute floor.
-5. ``capacity``: the largest batch whose KV fits at 8k and 32k context, from the engine's own
+6. ``capacity``: the largest batch whose KV fits at 8k and 32k context, from the engine's own
    allocator with the memory left after the weights, for ``cai-13b-skv`` and ``cai-13b-gqa8``
    (int8 KV both, so the ratio is what the KV layout buys), each checked by running decode
    steps at that batch.
-6. ``distill``: not run here: it needs the SmolLM2 GGUF (98 MB) carried in two calls; recorded
+7. ``distill``: not run here: it needs the SmolLM2 GGUF (98 MB) carried in two calls; recorded
    as skipped.
 
 Writes ``gpu_session.json`` (every figure) and ``gpu_session.txt`` (the short table, also
@@ -241,6 +243,20 @@ def stage_kernels(s: Session) -> dict:
             "hbm_reference": "measured copy" if hbm else "datasheet"}
 
 
+def stage_tiles(s: Session) -> dict:
+    """W8A8 tile shapes swept at decode row counts (``benchmarks.gemm_tiles``); the engine stage then times
+    graph steps with the winners beside the rule's tiles."""
+    from benchmarks import gemm_tiles
+
+    ms = (128, 32, 1) if not s.plan.dry_run else (1, 20)
+    os.environ["PDSERVE_KERNEL_CHECKS"] = "0"
+    try:
+        return gemm_tiles.sweep(s.dev, ms, s.plan.preset, budget_s=max(20.0, min(150.0, s.left() - 150)),
+                                dry_run=s.plan.dry_run)
+    finally:
+        os.environ.pop("PDSERVE_KERNEL_CHECKS", None)
+
+
 def stage_distill(s: Session) -> dict:
     raise Skipped("the distillation continuation needs the SmolLM2 GGUF on the device (98 MB, carried in two "
                   "halves over two calls); this session does not carry it: not built yet")
@@ -266,13 +282,16 @@ def table(results: dict) -> str:
             continue
         lines.append(f"prologue K={r['k']} M={r['m']}: fused {r['fused_ms']:.4f} ms vs torch {r['torch_ms']:.4f} ms "
                      f"({r['speedup']:.2f}x), same bits: {r['same']}")
+    for b in results.get("tiles", {}).get("best", []):
+        lines.append(f"tiles {b['layer']} M={b['m']}: rule {b['rule_ms']:.4f} ms, best {b['best_ms']:.4f} ms "
+                     f"({b['speedup']:.2f}x) with {b['tiles']}")
     for g in results.get("kernels", {}).get("goals", []):
         lines.append(f"goal: {g}")
     for r in results.get("engine", {}).get("decode", []):
         if r.get("graphs") and "step_ms" in r:
             floor = f"{r['x_floor']:.2f}x floor" if r.get("x_floor") else "no floor"
             lines.append(f"engine decode b={r['batch']} ctx={r['context']} as a CUDA graph ({r['graphs']}, "
-                         f"{r.get('prologue', 'fused')} prologue): "
+                         f"{r.get('prologue', 'fused')} prologue, {r.get('tiles', 'rule')} tiles): "
                          f"{r['step_ms']:.2f} ms/step, {r['tokens_per_s']:.0f} tok/s, {floor}")
         elif r.get("graphs"):
             lines.append(f"engine decode b={r['batch']} ctx={r['context']} as a CUDA graph "
@@ -305,7 +324,7 @@ def table(results: dict) -> str:
 
 
 STAGES = (("device", stage_device, 20), ("kernel_tests", stage_kernel_tests, 60), ("kernels", stage_kernels, 60),
-          ("engine", stage_engine, 60), ("capacity", stage_capacity, 60), ("distill", stage_distill, 0))
+          ("tiles", stage_tiles, 60), ("engine", stage_engine, 60), ("capacity", stage_capacity, 60), ("distill", stage_distill, 0))
 
 
 def main(argv: list[str] | None = None) -> int:

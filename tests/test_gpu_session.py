@@ -120,8 +120,10 @@ def test_device_session_dry_run_measures_every_stage(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = json.loads((tmp_path / "gpu_session.json").read_text())
     status = {name: r["status"] for name, r in results.items()}
-    assert status == {"device": "ok", "kernel_tests": "ok", "kernels": "ok", "engine": "ok", "capacity": "ok",
-                      "distill": "skipped"}, json.dumps(results, indent=1)[-3000:]
+    assert status == {"device": "ok", "kernel_tests": "ok", "kernels": "ok", "tiles": "ok", "engine": "ok",
+                      "capacity": "ok", "distill": "skipped"}, json.dumps(results, indent=1)[-3000:]
+    tiles = results["tiles"]
+    assert tiles["best"] and all(r["exact"] for r in tiles["rows"]) and not tiles["stopped"]
     assert "passed" in results["kernel_tests"]["pytest_summary"]
     k = results["kernels"]
     assert k["gemm"] and all(r["int8_ms"] > 0 and r["speedup"] > 0 for r in k["gemm"]) and k["decode"]
@@ -130,8 +132,9 @@ def test_device_session_dry_run_measures_every_stage(tmp_path):
               and not r.get("value_checks")]
     assert decode and all(r["step_ms"] >= r["forward_ms"] > 0 and r["kv_read_gb"] > 0 for r in decode)
     graphs = [r for r in results["engine"]["decode"] if r.get("graphs")]
-    assert len(graphs) == 2 * len(decode) and all(r["step_ms"] > 0 for r in graphs), graphs
-    assert [r["prologue"] for r in graphs].count("torch") == len(decode)  # the A/B: each step both ways
+    assert len(graphs) == 3 * len(decode) and all(r["step_ms"] > 0 for r in graphs), graphs
+    assert [r["prologue"] for r in graphs].count("torch") == len(decode)  # the A/Bs: each step three ways
+    assert [r["tiles"] for r in graphs].count("swept") == len(decode)
     assert results["engine"]["graph_agreement"]["margins"] == []  # on CPU the graphs' path is bit-identical
     assert results["engine"]["prefill"][0]["tokens_per_s"] > 0
     cap = results["capacity"]["skv-tiny"]

@@ -1,0 +1,97 @@
+"""W8A8 GEMM tile sizes by measurement, at the row counts a decode step runs (the device session's ``tiles`` stage).
+
+The wrapper's rule (``kernels.triton_gemm._tiles``) was written without a GPU. The device session's profile
+at batch 128 / 8k showed the GEMMs streaming the weights at ~37% of the copy ceiling: with 128-wide
+column tiles the 5120-wide layers launch 40 programs on 132 SMs. This sweeps tile shapes per (layer, M)
+on ``cai-13b-skv``'s shapes, checks each result against ``torch._int_mm`` (exact: int32 sums), and
+reports the fastest beside the rule's. ``kernels.triton_gemm.TILES`` takes the winners, so the engine
+stage can time decode steps with them against the rule in the same run.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from benchmarks.kernels import gemm_shapes
+
+
+def bench(fn) -> float:
+    """Median seconds, shorter than ``benchmarks.kernels.bench`` (hundreds of candidates to time)."""
+    if not torch.cuda.is_available():
+        from benchmarks.kernels import bench as host_bench
+
+        return host_bench(fn)
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=10, rep=30, return_mode="median") / 1e3
+
+
+def candidates(m: int, dry_run: bool = False) -> list[dict]:
+    """Tile shapes for ``m`` rows: row tiles from 16 up to ``m`` (at most 128), column tiles 32-128, depth 128
+    or 256, 3 or 4 stages; warps by tile area. A dry run takes two."""
+    block_ms = [b for b in (16, 32, 64, 128) if b == 16 or b <= max(16, m)]
+    out = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=8 if bm * bn >= 128 * 64 else 4,
+                num_stages=st)
+           for bm in block_ms for bn in (32, 64, 128) for bk in (128, 256) for st in (3, 4)]
+    return [dict(out[0], BLOCK_K=32, num_stages=1), dict(out[1], BLOCK_K=32, num_stages=1)] if dry_run else out
+
+
+def sweep(dev: torch.device, ms: tuple[int, ...], preset: str = "cai-13b-skv", budget_s: float = 150.0,
+          dry_run: bool = False) -> dict:
+    """Every candidate per (layer, M) until the budget is spent; returns the rows and, per (M, N, K), the
+    fastest exact tile beside the rule's time."""
+    from kernels import triton_gemm as tg
+
+    deadline = time.monotonic() + budget_s
+    # the layers with the most weight bytes first (they decide a step), so a spent budget loses the least
+    shapes = sorted(gemm_shapes(preset), key=lambda s: -s[1] * s[2]) if not dry_run else [("tiny", 48, 64)]
+    rows, best, stopped = [], {}, None
+    for name, n, k in shapes:
+        wq = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=dev)
+        ws = torch.rand(n, device=dev)
+        for m in ms:
+            xq = torch.randint(-127, 128, (m, k), dtype=torch.int8, device=dev)
+            xs = torch.rand(m, 1, device=dev)
+            want = torch._int_mm(torch.nn.functional.pad(xq, (0, 0, 0, max(0, 17 - m))), wq.t())[:m] \
+                if dev.type == "cuda" else xq.int() @ wq.int().t()  # _int_mm needs M > 16 on CUDA
+            tg.TILES.pop((m, n, k), None)
+            rule = bench(lambda: tg.int8_matmul(xq, xs, wq, ws, out_dtype=torch.bfloat16))
+            fastest = None
+            for cfg in candidates(m, dry_run):
+                if time.monotonic() > deadline:
+                    stopped = f"budget spent at {name} M={m}"
+                    break
+                tg.TILES[(m, n, k)] = cfg
+                try:
+                    exact = torch.equal(tg.int8_matmul(xq, xs, wq, ws, out_dtype=torch.int32), want.to(torch.int32))
+                    ms_ = bench(lambda: tg.int8_matmul(xq, xs, wq, ws, out_dtype=torch.bfloat16)) * 1e3
+                except Exception as e:  # noqa: BLE001 - a tile the compiler rejects (shared memory) is skipped
+                    rows.append({"layer": name, "m": m, "n": n, "k": k, **cfg, "error": f"{type(e).__name__}"})
+                    continue
+                finally:
+                    tg.TILES.pop((m, n, k), None)
+                rows.append({"layer": name, "m": m, "n": n, "k": k, **cfg, "ms": ms_, "exact": exact})
+                if exact and (fastest is None or ms_ < fastest[0]):
+                    fastest = (ms_, cfg)
+            if fastest:
+                best[(m, n, k)] = {"layer": name, "rule_ms": rule * 1e3, "best_ms": fastest[0],
+                                   "speedup": rule * 1e3 / fastest[0], "tiles": fastest[1],
+                                   "rule_tiles": tg._tiles(m, n, k, dev)}
+                print(f"{name} M={m}: rule {rule * 1e3:.4f} ms, best {fastest[0]:.4f} ms "
+                      f"({rule * 1e3 / fastest[0]:.2f}x) with {fastest[1]}", flush=True)
+            if stopped:
+                break
+        if stopped:
+            break
+    return {"rows": rows, "best": [{"m": m, "n": n, "k": k, **b} for (m, n, k), b in best.items()],
+            "stopped": stopped}
+
+
+def use(best: list[dict]) -> None:
+    """Make ``kernels.triton_gemm`` launch the measured winners (those faster than the rule)."""
+    from kernels import triton_gemm as tg
+
+    for b in best:
+        if b["speedup"] > 1.0:
+            tg.TILES[(b["m"], b["n"], b["k"])] = b["tiles"]
