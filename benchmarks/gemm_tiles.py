@@ -95,3 +95,19 @@ def use(best: list[dict]) -> None:
     for b in best:
         if b["speedup"] > 1.0:
             tg.TILES[(b["m"], b["n"], b["k"])] = b["tiles"]
+
+
+def previous_rule(ms: tuple[int, ...], preset: str = "cai-13b-skv") -> list[dict]:
+    """The wrapper's tiles before the H200 sweep (128-deep K steps; 32-wide column tiles at M <= 16,
+    128-wide above 64), in ``use``'s form: the engine stage times decode steps with them against the
+    current rule, in the same run."""
+    out = []
+    for m in ms:
+        block_m = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
+        if m <= 16:
+            cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, GROUP_M=8, num_warps=4, num_stages=4)
+        else:
+            cfg = dict(BLOCK_M=block_m, BLOCK_N=64 if m <= 64 else 128, BLOCK_K=128, GROUP_M=8,
+                       num_warps=4 if block_m <= 64 else 8, num_stages=4)
+        out += [{"m": m, "n": n, "k": k, "speedup": float("inf"), "tiles": cfg} for _, n, k in gemm_shapes(preset)]
+    return out

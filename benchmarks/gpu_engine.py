@@ -132,6 +132,8 @@ def stage_engine(s: Session) -> dict:
 
 
 def _engine_figures(s: Session) -> dict:
+    from benchmarks import gemm_tiles
+
     p = s.plan
     model = _model(s, p.preset)
     cfg = model.config
@@ -159,6 +161,9 @@ def _engine_figures(s: Session) -> dict:
                 rows.append(_graph_row(s, model, batch, context, floor_ms, prologue))
             if s.results.get("tiles", {}).get("best"):  # and with the tile sweep's winners (A/B against the rule)
                 rows.append(_graph_row(s, model, batch, context, floor_ms, "fused", s.results["tiles"]["best"]))
+            if s.dev.type == "cuda":  # and with the tiles the rule gave before the sweep
+                rows.append(_graph_row(s, model, batch, context, floor_ms, "fused",
+                                       gemm_tiles.previous_rule((batch,), p.preset), "previous rule"))
     agreement = _graph_agreement(s, model)
     batch, context = p.engine_batches[-1], p.engine_contexts[-1]
     if s.left() > 40:
@@ -188,7 +193,7 @@ def _engine_figures(s: Session) -> dict:
 
 
 def _graph_row(s: Session, model, batch: int, context: int, floor_ms: float | None, prologue: str = "fused",
-               tiles: list[dict] | None = None) -> dict:
+               tiles: list[dict] | None = None, tiles_label: str = "swept") -> dict:
     """The same decode step replayed as a CUDA graph (on CPU: the graphs' static path, uncaptured), with the
     int8 linears' rotate + quantize as one Triton kernel ("fused") or as the torch butterflies ("torch";
     the CPU dry run runs its C prologue either way), and the GEMMs on the rule's tiles or on ``tiles``
@@ -197,7 +202,8 @@ def _graph_row(s: Session, model, batch: int, context: int, floor_ms: float | No
     from kernels import triton_gemm as tg
 
     mode = "auto" if s.dev.type == "cuda" else "eager"
-    head = {"batch": batch, "context": context, "graphs": mode, "prologue": prologue, "tiles": "swept" if tiles else "rule"}
+    head = {"batch": batch, "context": context, "graphs": mode, "prologue": prologue,
+            "tiles": tiles_label if tiles else "rule"}
     if prologue == "torch":
         os.environ["PDSERVE_TRITON_PROLOGUE"] = "off"
     gemm_tiles.use(tiles or [])

@@ -40,8 +40,11 @@ def variants(everything: bool) -> list[tuple]:
          dict(HAS_BIAS=True, SCALED=True, EVEN_K=True, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8),
          dict(num_warps=8, num_stages=4)),
         (tg._w8a8_kernel, dict(_GEMM, o_ptr=_p("fp32")),  # decode-sized M, no bias
-         dict(HAS_BIAS=False, SCALED=True, EVEN_K=True, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, GROUP_M=8),
+         dict(HAS_BIAS=False, SCALED=True, EVEN_K=True, BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, GROUP_M=8),
          dict(num_warps=4, num_stages=4)),
+        (tg._w8a8_kernel, dict(_GEMM, o_ptr=_p("bf16")),  # a decode batch of 128
+         dict(HAS_BIAS=False, SCALED=True, EVEN_K=True, BLOCK_M=128, BLOCK_N=64, BLOCK_K=256, GROUP_M=8),
+         dict(num_warps=8, num_stages=4)),
         (tk._write_kv_kernel, dict(k_ptr=_p("bf16"), v_ptr=_p("bf16"), kp_ptr=_p("i8"), vp_ptr=_p("i8"),
                                    ks_ptr=_p("fp32"), vs_ptr=_p("fp32"), slots_ptr=_p("i64")),
          dict(BS=64, D=128, BLOCK_H=1), {}),

@@ -171,12 +171,13 @@ def _tiles(m: int, n: int, k: int, device: torch.device) -> dict:
         return TILES[(m, n, k)]
     if device.type != "cuda":  # the interpreter: smallest legal tiles run fastest
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
-    if m <= 16:  # weight-bandwidth bound: narrow N tiles so every SM streams its own slice of W
-        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, GROUP_M=8, num_warps=4, num_stages=4)
-    block_m = 32 if m <= 32 else 64 if m <= 64 else 128
-    block_n = 64 if m <= 64 else 128
+    block_m = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
     warps = 4 if block_m <= 64 else 8
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128, GROUP_M=8, num_warps=warps, num_stages=4)
+    if m <= 128:  # decode-sized: weight-bandwidth bound, so 64-wide column tiles (more programs per SM)
+        # and 256-deep K steps; the H200 sweep (BENCHMARKS.md, benchmarks/gemm_tiles.py) found this the
+        # fastest single choice over the four 13B layers at M = 1, 32 and 128 (1.05-1.07x the old rule)
+        return dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=256, GROUP_M=8, num_warps=warps, num_stages=4)
+    return dict(BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=warps, num_stages=4)
 
 
 def int8_matmul(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
