@@ -9,6 +9,7 @@ stage can time decode steps with them against the rule in the same run.
 """
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
@@ -38,54 +39,85 @@ def candidates(m: int, dry_run: bool = False) -> list[dict]:
 
 
 def sweep(dev: torch.device, ms: tuple[int, ...], preset: str = "cai-13b-skv", budget_s: float = 150.0,
-          dry_run: bool = False) -> dict:
-    """Every candidate per (layer, M) until the budget is spent; returns the rows and, per (M, N, K), the
-    fastest exact tile beside the rule's time."""
+          dry_run: bool = False, finalists: int = 3, rounds: int = 5) -> dict:
+    """Every candidate per (layer, M) once (a screen, until the budget is spent), then the ``finalists``
+    fastest exact ones, the rule's tiles and the previous rule's re-timed in turn over ``rounds`` rounds:
+    one timing of a 20-100 us kernel is noisy (the first device sweep timed one tile at 36 and 56 us),
+    medians of interleaved rounds are not. Returns the screen's rows and, per (M, N, K), the medians."""
     from kernels import triton_gemm as tg
 
     deadline = time.monotonic() + budget_s
     # the layers with the most weight bytes first (they decide a step), so a spent budget loses the least
     shapes = sorted(gemm_shapes(preset), key=lambda s: -s[1] * s[2]) if not dry_run else [("tiny", 48, 64)]
-    rows, best, stopped = [], {}, None
+    rows, best, stopped = [], [], None
     for name, n, k in shapes:
         wq = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=dev)
         ws = torch.rand(n, device=dev)
         for m in ms:
-            xq = torch.randint(-127, 128, (m, k), dtype=torch.int8, device=dev)
-            xs = torch.rand(m, 1, device=dev)
-            want = torch._int_mm(torch.nn.functional.pad(xq, (0, 0, 0, max(0, 17 - m))), wq.t())[:m] \
-                if dev.type == "cuda" else xq.int() @ wq.int().t()  # _int_mm needs M > 16 on CUDA
-            tg.TILES.pop((m, n, k), None)
-            rule = bench(lambda: tg.int8_matmul(xq, xs, wq, ws, out_dtype=torch.bfloat16))
-            fastest = None
+            case = _Case(tg, m, n, k, wq, ws, dev)
+            screen = []
             for cfg in candidates(m, dry_run):
                 if time.monotonic() > deadline:
                     stopped = f"budget spent at {name} M={m}"
                     break
-                tg.TILES[(m, n, k)] = cfg
-                try:
-                    exact = torch.equal(tg.int8_matmul(xq, xs, wq, ws, out_dtype=torch.int32), want.to(torch.int32))
-                    ms_ = bench(lambda: tg.int8_matmul(xq, xs, wq, ws, out_dtype=torch.bfloat16)) * 1e3
-                except Exception as e:  # noqa: BLE001 - a tile the compiler rejects (shared memory) is skipped
-                    rows.append({"layer": name, "m": m, "n": n, "k": k, **cfg, "error": f"{type(e).__name__}"})
-                    continue
-                finally:
-                    tg.TILES.pop((m, n, k), None)
-                rows.append({"layer": name, "m": m, "n": n, "k": k, **cfg, "ms": ms_, "exact": exact})
-                if exact and (fastest is None or ms_ < fastest[0]):
-                    fastest = (ms_, cfg)
-            if fastest:
-                best[(m, n, k)] = {"layer": name, "rule_ms": rule * 1e3, "best_ms": fastest[0],
-                                   "speedup": rule * 1e3 / fastest[0], "tiles": fastest[1],
-                                   "rule_tiles": tg._tiles(m, n, k, dev)}
-                print(f"{name} M={m}: rule {rule * 1e3:.4f} ms, best {fastest[0]:.4f} ms "
-                      f"({rule * 1e3 / fastest[0]:.2f}x) with {fastest[1]}", flush=True)
+                row = {"layer": name, "m": m, "n": n, "k": k, **cfg, **case.screen(cfg)}
+                rows.append(row)
+                if row.get("exact"):
+                    screen.append((row["ms"], cfg))
+            if screen:
+                best.append({"layer": name, "m": m, "n": n, "k": k,
+                             **case.final([c for _, c in sorted(screen, key=lambda t: t[0])[:finalists]], rounds)})
+                b = best[-1]
+                print(f"{name} M={m}: rule {b['rule_ms']:.4f} ms, previous rule {b['previous_ms']:.4f} ms, best "
+                      f"{b['best_ms']:.4f} ms ({b['speedup']:.2f}x the rule) with {b['tiles']}", flush=True)
             if stopped:
                 break
         if stopped:
             break
-    return {"rows": rows, "best": [{"m": m, "n": n, "k": k, **b} for (m, n, k), b in best.items()],
-            "stopped": stopped}
+    return {"rows": rows, "best": best, "stopped": stopped}
+
+
+class _Case:
+    """One (M, N, K): random int8 rows, the exact product to check against, and timings under chosen tiles."""
+
+    def __init__(self, tg, m: int, n: int, k: int, wq: torch.Tensor, ws: torch.Tensor, dev: torch.device):
+        self.tg, self.key, self.wq, self.ws = tg, (m, n, k), wq, ws
+        self.xq = torch.randint(-127, 128, (m, k), dtype=torch.int8, device=dev)
+        self.xs = torch.rand(m, 1, device=dev)
+        self.want = (torch._int_mm(torch.nn.functional.pad(self.xq, (0, 0, 0, max(0, 17 - m))), wq.t())[:m]
+                     if dev.type == "cuda" else self.xq.int() @ wq.int().t())  # _int_mm needs M > 16 on CUDA
+        self.tg.TILES.pop(self.key, None)
+        self.rule = self.tg._tiles(m, n, k, dev)
+
+    def _run(self, cfg: dict, out_dtype: torch.dtype) -> torch.Tensor:
+        self.tg.TILES[self.key] = cfg
+        try:
+            return self.tg.int8_matmul(self.xq, self.xs, self.wq, self.ws, out_dtype=out_dtype)
+        finally:
+            self.tg.TILES.pop(self.key, None)
+
+    def time_ms(self, cfg: dict) -> float:
+        return bench(lambda: self._run(cfg, torch.bfloat16)) * 1e3
+
+    def screen(self, cfg: dict) -> dict:
+        try:
+            exact = torch.equal(self._run(cfg, torch.int32), self.want.to(torch.int32))
+            return {"ms": self.time_ms(cfg), "exact": exact}
+        except Exception as e:  # noqa: BLE001 - a tile the compiler rejects (shared memory) is skipped
+            return {"error": type(e).__name__}
+
+    def final(self, finalists: list[dict], rounds: int) -> dict:
+        previous = previous_rule((self.key[0],))[0]["tiles"]
+        arms = [self.rule, previous] + [c for c in finalists if c not in (self.rule, previous)]
+        times = [[] for _ in arms]
+        for r in range(rounds):
+            for i in range(len(arms)):  # rotated each round, so no arm always runs first
+                j = (i + r) % len(arms)
+                times[j].append(self.time_ms(arms[j]))
+        med = [statistics.median(t) for t in times]
+        i = min(range(len(arms)), key=med.__getitem__)
+        return {"rule_ms": med[0], "previous_ms": med[1], "best_ms": med[i], "speedup": med[0] / med[i],
+                "tiles": arms[i], "rule_tiles": self.rule, "arms": [{"tiles": a, "ms": t} for a, t in zip(arms, times)]}
 
 
 def use(best: list[dict]) -> None:

@@ -283,8 +283,8 @@ def table(results: dict) -> str:
         lines.append(f"prologue K={r['k']} M={r['m']}: fused {r['fused_ms']:.4f} ms vs torch {r['torch_ms']:.4f} ms "
                      f"({r['speedup']:.2f}x), same bits: {r['same']}")
     for b in results.get("tiles", {}).get("best", []):
-        lines.append(f"tiles {b['layer']} M={b['m']}: rule {b['rule_ms']:.4f} ms, best {b['best_ms']:.4f} ms "
-                     f"({b['speedup']:.2f}x) with {b['tiles']}")
+        lines.append(f"tiles {b['layer']} M={b['m']}: rule {b['rule_ms']:.4f} ms, previous rule {b['previous_ms']:.4f} "
+                     f"ms, best {b['best_ms']:.4f} ms ({b['speedup']:.2f}x the rule) with {b['tiles']}")
     for g in results.get("kernels", {}).get("goals", []):
         lines.append(f"goal: {g}")
     for r in results.get("engine", {}).get("decode", []):
