@@ -207,3 +207,30 @@ def test_import_of_mismatched_blocks_is_refused(tiny):
     with pytest.raises(ValueError, match="shape"):
         e.import_kv(data)
     assert e.pool.free_counts() == before
+
+
+def test_local_groups_hold_only_the_window_while_decoding():
+    """Blocks a local group's window has left are freed as decoding slides past them, and only those: each
+    step every entry below the window is -1 and every one from it on is held; at the end nothing leaks."""
+    cfg = get_preset("skv-tiny")
+    e = engine(build(cfg, random_state(cfg, 0)), max_batched_tokens=256)  # whole prompts: several blocks leave at once
+    bs = cfg.block_size
+    rids = [e.add_request(p, SamplingParams(max_tokens=70)) for p in prompts(n=3, seed=4, lo=80, hi=120)]
+    checked = 0
+    while e.has_work():
+        e.step()
+        for rid in rids:
+            seq = e.sequences.get(rid)
+            if seq is None:
+                continue
+            for g in cfg.kv_groups:
+                table = seq.tables[g.index]
+                if g.window is not None and seq.computed > max(g.window, len(seq.prompt)):  # decoding:
+                    first_needed = (seq.computed - g.window) // bs  # as the step's reserve left it
+                    assert all(b < 0 for b in table[:first_needed]), (g.index, seq.computed, table)
+                    assert all(b >= 0 for b in table[first_needed + 1:]), (g.index, seq.computed, table)
+                    checked += 1
+        held = [len({b for rid in rids if rid in e.sequences for b in e.sequences[rid].tables[g.index] if b >= 0})
+                for g in cfg.kv_groups]
+        assert all(c - f >= h for c, f, h in zip(e.pool.capacity, e.pool.free_counts(), held))
+    assert checked > 50 and e.pool.free_counts() == e.pool.capacity

@@ -126,14 +126,20 @@ class Scheduler:
         return True
 
     def _drop_out_of_window(self, seq: Sequence, next_pos: int) -> None:
-        """Local groups free the blocks that no query from ``next_pos`` on can read."""
+        """Local groups free the blocks that no query from ``next_pos`` on can read.
+
+        Walks down from the first block still needed and stops at the first one already dropped:
+        every call leaves all entries below its ``first_needed`` at -1, so what is left to free is
+        the run just below the window (one block a step, or a new table's whole out-of-window
+        prefix). Scanning from block 0 each step cost 20 groups x 112 blocks per sequence at 8k
+        context: 30 ms of host time per step at batch 128 (the GPU's graph steps wait on it)."""
         bs = self.pool.block_size
         for g in self.config.kv_groups:
             if g.window is None:
                 continue
-            first_needed = max(0, next_pos - g.window + 1) // bs
             table = seq.tables[g.index]
-            for i in range(min(first_needed, len(table))):
-                if table[i] >= 0:
-                    self.pool.decref(g.index, table[i])
-                    table[i] = -1
+            i = min(max(0, next_pos - g.window + 1) // bs, len(table)) - 1
+            while i >= 0 and table[i] >= 0:
+                self.pool.decref(g.index, table[i])
+                table[i] = -1
+                i -= 1
