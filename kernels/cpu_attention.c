@@ -145,6 +145,28 @@ static void scores8(const int16_t *hi, const int16_t *lo, const int8_t *const *r
 }
 #endif
 
+/* The largest of row[0..count), NaN if any is. Which of two equal zeros wins may differ from a
+ * left-to-right scan; row - max then differs only in a zero's sign, which exp maps to 1 either way. */
+static float row_max(const float *row, int64_t count) {
+    float top = -INFINITY;
+    int nan = 0;
+    int64_t j = 0;
+#ifdef __AVX2__
+    __m256 vt = _mm256_set1_ps(-INFINITY), vn = _mm256_setzero_ps();
+    for (; j + 8 <= count; j += 8) {
+        const __m256 x = _mm256_loadu_ps(row + j);
+        vn = _mm256_or_ps(vn, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+        vt = _mm256_max_ps(x, vt);  /* a NaN x keeps vt, as the scalar loop keeps top */
+    }
+    float lanes[8];
+    _mm256_storeu_ps(lanes, vt);
+    for (int m = 0; m < 8; ++m) top = lanes[m] > top ? lanes[m] : top;
+    nan = _mm256_movemask_ps(vn) != 0;
+#endif
+    for (; j < count; ++j) { nan |= isnan(row[j]); top = row[j] > top ? row[j] : top; }
+    return nan ? NAN : top;
+}
+
 static void scores_rows(Job *a) {
     const int64_t d = a->d, g = a->h / a->hkv;
     int16_t hi[MAX_GROUP][MAX_D], lo[MAX_GROUP][MAX_D];
@@ -187,12 +209,10 @@ static void scores_rows(Job *a) {
             }
         }
         for (int64_t gi = 0; gi < g; ++gi) {  /* minus the row's max (NaN if any is, as torch's amax) */
-            float *row = score_row(a, a->out, r, kh * g + gi), top = -INFINITY;
-            int nan = 0;
-            for (int64_t j = 0; j < count; ++j) { nan |= isnan(row[j]); top = row[j] > top ? row[j] : top; }
-            if (nan) top = NAN;
+            float *row = score_row(a, a->out, r, kh * g + gi);
+            const float top = row_max(row, count);
             for (int64_t j = 0; j < count; ++j) row[j] = row[j] - top;
-            if (nan) for (int64_t j = count; j < row_length(a, r); ++j) row[j] = NAN;
+            if (isnan(top)) for (int64_t j = count; j < row_length(a, r); ++j) row[j] = NAN;
         }
     }
 }
@@ -275,6 +295,53 @@ static void weighted_sums(const int32_t *wh, const int32_t *wl, int64_t wstride,
     }
 }
 
+/* The softmax's sum in units of 2**-28 (integers summed in double: exact in any order), and in *pmax
+ * the largest probability times its value scale (0 if none is larger; NaNs skipped, as the scalar loop). */
+static double softmax_sum(const float *e, const float *scales, int64_t count, float *pmax) {
+    double zs = 0.0;
+    float top = 0.0f;
+    int64_t j = 0;
+#ifdef __AVX2__
+    __m256d z0 = _mm256_setzero_pd(), z1 = _mm256_setzero_pd();
+    __m256 vt = _mm256_setzero_ps();
+    for (; j + 8 <= count; j += 8) {
+        const __m256 x = _mm256_loadu_ps(e + j);
+        const __m256 units = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(268435456.0f)),
+                                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);  /* nearbyintf */
+        z0 = _mm256_add_pd(z0, _mm256_cvtps_pd(_mm256_castps256_ps128(units)));
+        z1 = _mm256_add_pd(z1, _mm256_cvtps_pd(_mm256_extractf128_ps(units, 1)));
+        vt = _mm256_max_ps(_mm256_mul_ps(x, _mm256_loadu_ps(scales + j)), vt);
+    }
+    double zl[4];
+    float lanes[8];
+    _mm256_storeu_pd(zl, _mm256_add_pd(z0, z1));
+    zs = (zl[0] + zl[1]) + (zl[2] + zl[3]);
+    _mm256_storeu_ps(lanes, vt);
+    for (int m = 0; m < 8; ++m) top = lanes[m] > top ? lanes[m] : top;
+#endif
+    for (; j < count; ++j) {
+        zs += (double)nearbyintf(e[j] * 268435456.0f);
+        const float p = e[j] * scales[j];
+        top = p > top ? p : top;
+    }
+    *pmax = top;
+    return zs;
+}
+
+/* n[j] = round(e[j] * scales[j] / unit): each key's weight on the probability grid (IEEE division). */
+static void grid_weights(const float *e, const float *scales, int64_t count, float unit, int32_t *n) {
+    int64_t j = 0;
+#ifdef __AVX2__
+    for (; j + 8 <= count; j += 8) {
+        const __m256 w = _mm256_div_ps(_mm256_mul_ps(_mm256_loadu_ps(e + j), _mm256_loadu_ps(scales + j)),
+                                       _mm256_set1_ps(unit));
+        _mm256_storeu_si256((__m256i *)(n + j), _mm256_cvtps_epi32(_mm256_round_ps(
+            w, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
+    }
+#endif
+    for (; j < count; ++j) n[j] = (int32_t)nearbyintf(e[j] * scales[j] / unit);
+}
+
 static void pv_rows(Job *a) {
     const int64_t d = a->d, g = a->h / a->hkv, wstride = a->max_cols / 2 + 1;
     int64_t acc[4][MAX_D];
@@ -287,16 +354,10 @@ static void pv_rows(Job *a) {
         if ((a->status = locate(a, r, kh, &count, a->rows, a->scales))) return;
         for (int64_t gi = 0; gi < g; ++gi) {
             const float *e = score_row(a, a->in, r, kh * g + gi);
-            double zs = 0.0;  /* the softmax's sum in units of 2**-28: exact */
-            float pmax = 0.0f;
-            for (int64_t j = 0; j < count; ++j) {
-                zs += (double)nearbyintf(e[j] * 268435456.0f);
-                const float p = e[j] * a->scales[j];
-                pmax = p > pmax ? p : pmax;
-            }
-            z[gi] = zs;
+            float pmax;
+            z[gi] = softmax_sum(e, a->scales, count, &pmax);
             unit[gi] = pmax / a->pdiv;  /* the probability grid */
-            for (int64_t j = 0; j < count; ++j) n[j] = (int32_t)nearbyintf(e[j] * a->scales[j] / unit[gi]);
+            grid_weights(e, a->scales, count, unit[gi], n);
             pack_weights(n, count, wh + gi * wstride, wl + gi * wstride);
         }
         for (int64_t g0 = 0; g0 < g; g0 += 4) {
