@@ -122,26 +122,23 @@ static inline __m128 exact_to_float(__m128i h, __m128i l, double unit) {  /* (fl
     return _mm256_cvtpd_ps(x);  /* the sum is an integer below 2**53: exact in double */
 }
 
-static inline __m256i dots8(const int16_t *x, const int8_t *const *rows, int64_t d) {  /* lane m: sum(x * k_m) */
+/* Four keys' scores for one query head, both halves of q in one pass (each key chunk widened once;
+ * eight accumulators, so nothing spills): out[m] = (float)(sum(n * k_m)) * qsc * ks[m]. */
+static void scores4(const int16_t *hi, const int16_t *lo, const int8_t *const *rows, int64_t d, double unit,
+                    float qsc, const float *ks, float *out) {
     __m256i acc[8];
     for (int m = 0; m < 8; ++m) acc[m] = _mm256_setzero_si256();
     for (int64_t i = 0; i < d; i += 16) {
-        const __m256i xv = _mm256_loadu_si256((const __m256i *)(x + i));
-        for (int m = 0; m < 8; ++m)
-            acc[m] = _mm256_add_epi32(acc[m], _mm256_madd_epi16(xv, _mm256_cvtepi8_epi16(
-                _mm_loadu_si128((const __m128i *)(rows[m] + i)))));
+        const __m256i xh = _mm256_loadu_si256((const __m256i *)(hi + i)), xl = _mm256_loadu_si256((const __m256i *)(lo + i));
+        for (int m = 0; m < 4; ++m) {
+            const __m256i k = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(rows[m] + i)));
+            acc[m] = _mm256_add_epi32(acc[m], _mm256_madd_epi16(xh, k));
+            acc[4 + m] = _mm256_add_epi32(acc[4 + m], _mm256_madd_epi16(xl, k));
+        }
     }
-    return sums8(acc);
-}
-
-/* Eight keys' scores for one query head: out[m] = (float)(sum(n * k_m)) * qsc * ks[m]. */
-static void scores8(const int16_t *hi, const int16_t *lo, const int8_t *const *rows, int64_t d, int shift,
-                    float qsc, const float *ks, float *out) {
-    const __m256i sh = dots8(hi, rows, d), sl = dots8(lo, rows, d);
-    const double unit = (double)(1 << shift);
-    const __m256 acc = _mm256_set_m128(exact_to_float(_mm256_extracti128_si256(sh, 1), _mm256_extracti128_si256(sl, 1), unit),
-                                       exact_to_float(_mm256_castsi256_si128(sh), _mm256_castsi256_si128(sl), unit));
-    _mm256_storeu_ps(out, _mm256_mul_ps(_mm256_mul_ps(acc, _mm256_set1_ps(qsc)), _mm256_loadu_ps(ks)));
+    const __m256i s = sums8(acc);  /* lanes 0-3: the keys' hi sums, 4-7: their lo sums */
+    const __m128 f = exact_to_float(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1), unit);
+    _mm_storeu_ps(out, _mm_mul_ps(_mm_mul_ps(f, _mm_set1_ps(qsc)), _mm_loadu_ps(ks)));
 }
 #endif
 
@@ -170,7 +167,7 @@ static float row_max(const float *row, int64_t count) {
 static void scores_rows(Job *a) {
     const int64_t d = a->d, g = a->h / a->hkv;
     int16_t hi[MAX_GROUP][MAX_D], lo[MAX_GROUP][MAX_D];
-    float qsc[MAX_GROUP];
+    float qsc[MAX_GROUP], *srow[MAX_GROUP];  /* each head's score row: found once (a 64-bit division each) */
     const int shift = ilogbf(a->levels) - 14 > 11 ? ilogbf(a->levels) - 14 : 11;  /* |hi| <= 2**14, lo < 2**15 */
     for (int64_t u = a->begin; u < a->end; ++u) {
         const int64_t r = u / a->hkv, kh = u % a->hkv;
@@ -187,16 +184,15 @@ static void scores_rows(Job *a) {
                 hi[gi][i] = (int16_t)(nq >> shift);  /* floor: lo lands in [0, 2**shift) */
                 lo[gi][i] = (int16_t)(nq - (nq >> shift) * (1 << shift));
             }
-            float *row = score_row(a, a->out, r, kh * g + gi);
+            float *row = srow[gi] = score_row(a, a->out, r, kh * g + gi);
             for (int64_t j = count; j < row_length(a, r); ++j) row[j] = -INFINITY;
         }
         int64_t j = 0;
 #ifdef __AVX2__
-        for (; d % 16 == 0 && j + 8 <= count; j += 8) {
-            for (int64_t m = j + PREFETCH; m < j + PREFETCH + 8 && m < count; ++m) prefetch_row(a->rows[m], d);
+        for (; d % 16 == 0 && j + 4 <= count; j += 4) {
+            for (int64_t m = j + PREFETCH; m < j + PREFETCH + 4 && m < count; ++m) prefetch_row(a->rows[m], d);
             for (int64_t gi = 0; gi < g; ++gi)
-                scores8(hi[gi], lo[gi], a->rows + j, d, shift, qsc[gi], a->scales + j,
-                        score_row(a, a->out, r, kh * g + gi) + j);
+                scores4(hi[gi], lo[gi], a->rows + j, d, (double)(1 << shift), qsc[gi], a->scales + j, srow[gi] + j);
         }
 #endif
         for (; j < count; ++j) {
@@ -205,11 +201,11 @@ static void scores_rows(Job *a) {
                 int32_t sh, sl;
                 dot_halves(hi[gi], lo[gi], a->rows[j], d, &sh, &sl);
                 const float acc = (float)((int64_t)sh * (1 << shift) + sl);  /* the one rounding */
-                score_row(a, a->out, r, kh * g + gi)[j] = acc * qsc[gi] * a->scales[j];
+                srow[gi][j] = acc * qsc[gi] * a->scales[j];
             }
         }
         for (int64_t gi = 0; gi < g; ++gi) {  /* minus the row's max (NaN if any is, as torch's amax) */
-            float *row = score_row(a, a->out, r, kh * g + gi);
+            float *row = srow[gi];
             const float top = row_max(row, count);
             for (int64_t j = 0; j < count; ++j) row[j] = row[j] - top;
             if (isnan(top)) for (int64_t j = count; j < row_length(a, r); ++j) row[j] = NAN;

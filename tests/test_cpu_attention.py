@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import kernels
-from kernels import cpu_attention, reference
+from kernels import cpu_attention, cpu_fused, reference
 
 needs_cc = pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")),
                               reason="no C compiler: attention falls back to the torch reference")
@@ -106,3 +106,18 @@ def test_the_dispatcher_takes_the_c_path_only_where_it_applies(monkeypatch):
     monkeypatch.setattr(cpu_attention, "_attend", lambda *a: calls.append(a) or torch.zeros(1, 4, 16))
     kernels.paged_decode_attention(q, kp, vp, ks, vs, torch.tensor([[0, 1]]), torch.tensor([20]))
     assert len(calls) == 1
+
+
+@pytest.mark.skipif(not cpu_fused.available(), reason="no C compiler")
+def test_the_revision_a_b_builds_both_libraries_and_compares_their_bits(capsys):
+    import subprocess
+
+    from benchmarks import c_attention_vs
+
+    if subprocess.run(["git", "rev-parse", "HEAD"], cwd=c_attention_vs.ROOT, capture_output=True).returncode:
+        pytest.skip("not a git checkout: no revision to build")
+
+    c_attention_vs.main(["--base", "HEAD", "--rounds", "1"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("| prefill", "| decode"))]
+    assert len(rows) == 5 and all(row.endswith("| True |") for row in rows), rows
+    assert cpu_fused.library() is not None  # the process's own library is back

@@ -1,0 +1,105 @@
+"""The C attention of this tree against a git revision's, interleaved in one process (bits and time).
+
+    OMP_NUM_THREADS=1 python -m benchmarks.c_attention_vs --base 585d1fb [--rounds 5]
+
+Both libraries are built from their sources with ``kernels.cpu_fused``'s flags into a temporary folder;
+each case (one layer of SmolLM2's attention: prefill of 512 / 2048 tokens, decode at batch x context)
+runs on each in turn, alternating which goes first. Thread time, medians; the outputs must be equal.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import machine
+from kernels import cpu_attention, cpu_fused
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def build(sources: dict[str, bytes], out: Path) -> Path:
+    for name, text in sources.items():
+        (out / name).write_bytes(text)
+    lib = out / "lib.so"
+    cc = shutil.which("cc") or shutil.which("gcc") or "clang"
+    subprocess.run([cc, *cpu_fused.FLAGS, *cpu_fused._machine_flags(), "-o", str(lib), *(str(out / n) for n in sources),
+                    "-lm"], check=True, capture_output=True)
+    return lib
+
+
+def load(path: Path):
+    """The library at ``path`` with cpu_fused's declarations (argument types)."""
+    built = cpu_fused._build
+    cpu_fused.library.cache_clear()
+    cpu_fused._build = lambda cc: path
+    try:
+        return cpu_fused.library()
+    finally:
+        cpu_fused._build = built
+        cpu_fused.library.cache_clear()
+
+
+def cases(h: int = 9, hkv: int = 3, d: int = 64, bs: int = 64) -> dict:
+    g = torch.Generator().manual_seed(0)
+
+    def pools(nb):
+        return (torch.randint(-127, 128, (nb, bs, hkv, d), dtype=torch.int8, generator=g),
+                torch.randint(-127, 128, (nb, bs, hkv, d), dtype=torch.int8, generator=g),
+                torch.rand(nb, bs, hkv, 1, generator=g) * 0.02, torch.rand(nb, bs, hkv, 1, generator=g) * 0.02)
+
+    out = {}
+    for t in (512, 2048):
+        p, q = pools(t // bs + 1), torch.randn(t, h, d, generator=g)
+        out[f"prefill {t}"] = lambda p=p, q=q, n=t // bs + 1: cpu_attention.paged_prefill_attention(
+            q, *p, torch.arange(n), 0)
+    for b, ctx in ((1, 512), (32, 512), (32, 2048)):
+        nb = b * (ctx // bs + 1)
+        p, q = pools(nb), torch.randn(b, h, d, generator=g)
+        tables, lens = torch.randperm(nb, generator=g).reshape(b, -1), torch.full((b,), ctx)
+        out[f"decode b{b} ctx{ctx}"] = lambda p=p, q=q, t=tables, n=lens: cpu_attention.paged_decode_attention(
+            q, *p, t, n)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--base", required=True, help="git revision whose C sources are the baseline")
+    ap.add_argument("--rounds", type=int, default=5)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    names = [p.name for p in cpu_fused.SOURCES]
+    with tempfile.TemporaryDirectory() as tmp:
+        libs = {}
+        for label, read in (("base", lambda n: subprocess.run(["git", "show", f"{args.base}:kernels/{n}"], cwd=ROOT,
+                                                              check=True, capture_output=True).stdout),
+                            ("this tree", lambda n: (ROOT / "kernels" / n).read_bytes())):
+            folder = Path(tmp) / label.replace(" ", "_")
+            folder.mkdir()
+            libs[label] = load(build({n: read(n) for n in names}, folder))
+        real = cpu_fused.library
+        print(f"{machine()}; base {args.base}; thread time, medians of {args.rounds}\n")
+        print(f"| case | {args.base} ms | this tree ms | speed-up | same bits |\n|---|---|---|---|---|")
+        try:
+            for case, fn in cases().items():
+                times, outs = {k: [] for k in libs}, {}
+                for r in range(args.rounds):
+                    for label in (list(libs) if r % 2 == 0 else list(libs)[::-1]):
+                        cpu_fused.library = lambda lib=libs[label]: lib
+                        t = time.thread_time()
+                        outs[label] = fn()
+                        times[label].append(time.thread_time() - t)
+                base, this = (1e3 * statistics.median(times[k]) for k in libs)
+                print(f"| {case} | {base:.1f} | {this:.1f} | {base / this:.2f}x | {torch.equal(*outs.values())} |")
+        finally:
+            cpu_fused.library = real
+
+
+if __name__ == "__main__":
+    main()
