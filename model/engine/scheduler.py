@@ -104,12 +104,15 @@ class Scheduler:
         """Make positions [computed, computed+n) writable in every group, or change nothing."""
         start, end = seq.computed, seq.computed + n
         self._drop_out_of_window(seq, start)
-        bs = self.pool.block_size
+        bs, refs = self.pool.block_size, self.pool.refs
+        first, last = start // bs, (end - 1) // bs
         plans = []
         for g in self.config.kv_groups:
             table = seq.tables[g.index]
-            wanted = range(start // bs, (end - 1) // bs + 1)
-            fresh = [i for i in wanted if i >= len(table) or table[i] < 0 or self.pool.shared(g.index, table[i])]
+            if first == last < len(table) and table[first] >= 0 and refs[g.index][table[first]] == 1:
+                continue  # a decode step inside a held, unshared block: nothing to do (most steps, most groups)
+            fresh = [i for i in range(first, last + 1)
+                     if i >= len(table) or table[i] < 0 or self.pool.shared(g.index, table[i])]
             if len(fresh) > self.pool.num_free(g.index):
                 return False
             plans.append((g.index, fresh))
