@@ -10,10 +10,66 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+
+/* The passes pairing j with j + 4, j + 2, j + 1 (in that order) on 8 floats in a register: each output
+ * a + c (lanes of the low member) or a - c (the high member), as the scalar loop computes them. */
+static inline __m256 butterflies8(__m256 v) {
+    __m256 s = _mm256_permute2f128_ps(v, v, 1);  /* lane j <-> j + 4 */
+    v = _mm256_blend_ps(_mm256_add_ps(v, s), _mm256_sub_ps(s, v), 0xF0);
+    s = _mm256_permute_ps(v, _MM_SHUFFLE(1, 0, 3, 2));  /* j <-> j + 2 */
+    v = _mm256_blend_ps(_mm256_add_ps(v, s), _mm256_sub_ps(s, v), 0xCC);
+    s = _mm256_permute_ps(v, _MM_SHUFFLE(2, 3, 0, 1));  /* j <-> j + 1 */
+    return _mm256_blend_ps(_mm256_add_ps(v, s), _mm256_sub_ps(s, v), 0xAA);
+}
+
+/* The last three passes and the normalization for block >= 8; returns max|x| (NaN if any is NaN). */
+static float finish_avx2(float *buf, int64_t k, float norm) {
+    __m256 amax = _mm256_setzero_ps(), nan = _mm256_setzero_ps();
+    const __m256 sign = _mm256_set1_ps(-0.0f), n = _mm256_set1_ps(norm);
+    for (int64_t i = 0; i < k; i += 8) {
+        const __m256 v = _mm256_mul_ps(butterflies8(_mm256_loadu_ps(buf + i)), n);
+        _mm256_storeu_ps(buf + i, v);
+        const __m256 m = _mm256_andnot_ps(sign, v);
+        nan = _mm256_or_ps(nan, _mm256_cmp_ps(m, m, _CMP_UNORD_Q));
+        amax = _mm256_max_ps(m, amax);  /* a NaN m keeps amax, as the scalar loop */
+    }
+    float lanes[8], top = 0.0f;
+    _mm256_storeu_ps(lanes, amax);
+    for (int j = 0; j < 8; ++j) top = lanes[j] > top ? lanes[j] : top;
+    return _mm256_movemask_ps(nan) ? NAN : top;
+}
+
+static void quantize_avx2(const float *buf, float *q, int64_t k, float s) {  /* k a multiple of 8 */
+    const __m256 sv = _mm256_set1_ps(s), lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
+    for (int64_t i = 0; i < k; i += 8) {
+        const __m256 r = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(buf + i), sv),
+                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        _mm256_storeu_ps(q + i, _mm256_min_ps(hi, _mm256_max_ps(lo, r)));  /* a NaN r stays (the second operand) */
+    }
+}
+#endif
 
 static void rotate_quantize_row(const float *x, float *q, float *scale, int64_t k, int64_t block,
                                 float norm, float *buf) {
     memcpy(buf, x, (size_t)k * sizeof(float));
+#ifdef __AVX2__
+    if (block >= 8) {
+        for (int64_t half = block / 2; half >= 8; half /= 2)
+            for (int64_t g = 0; g < k; g += 2 * half)
+                for (int64_t j = 0; j < half; j += 8) {
+                    const __m256 u = _mm256_loadu_ps(buf + g + j), v = _mm256_loadu_ps(buf + g + half + j);
+                    _mm256_storeu_ps(buf + g + j, _mm256_add_ps(u, v));
+                    _mm256_storeu_ps(buf + g + half + j, _mm256_sub_ps(u, v));
+                }
+        const float amax = finish_avx2(buf, k, norm);
+        const float s = (amax < 1e-8f ? 1e-8f : amax) / 127.0f;  /* NaN: the comparison fails, s is NaN */
+        *scale = s;
+        quantize_avx2(buf, q, k, s);
+        return;
+    }
+#endif
     for (int64_t half = block / 2; half >= 1; half /= 2) {
         for (int64_t g = 0; g < k; g += 2 * half) {
             float *a = buf + g, *c = buf + g + half;

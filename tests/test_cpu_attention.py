@@ -112,12 +112,12 @@ def test_the_dispatcher_takes_the_c_path_only_where_it_applies(monkeypatch):
 def test_the_revision_a_b_builds_both_libraries_and_compares_their_bits(capsys):
     import subprocess
 
-    from benchmarks import c_attention_vs
+    from benchmarks import c_kernels_vs
 
-    if subprocess.run(["git", "rev-parse", "HEAD"], cwd=c_attention_vs.ROOT, capture_output=True).returncode:
+    if subprocess.run(["git", "rev-parse", "HEAD"], cwd=c_kernels_vs.ROOT, capture_output=True).returncode:
         pytest.skip("not a git checkout: no revision to build")
 
-    c_attention_vs.main(["--base", "HEAD", "--rounds", "1"])
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("| prefill", "| decode"))]
-    assert len(rows) == 5 and all(row.endswith("| True |") for row in rows), rows
+    c_kernels_vs.main(["--base", "HEAD", "--rounds", "1"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("| prefill", "| decode", "| prol"))]
+    assert len(rows) == 11 and all(row.endswith("| True |") for row in rows), rows
     assert cpu_fused.library() is not None  # the process's own library is back

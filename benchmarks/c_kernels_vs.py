@@ -1,10 +1,11 @@
-"""The C attention of this tree against a git revision's, interleaved in one process (bits and time).
+"""The C kernels of this tree against a git revision's, interleaved in one process (bits and time).
 
-    OMP_NUM_THREADS=1 python -m benchmarks.c_attention_vs --base 585d1fb [--rounds 5]
+    OMP_NUM_THREADS=1 python -m benchmarks.c_kernels_vs --base 585d1fb [--rounds 5]
 
 Both libraries are built from their sources with ``kernels.cpu_fused``'s flags into a temporary folder;
-each case (one layer of SmolLM2's attention: prefill of 512 / 2048 tokens, decode at batch x context)
-runs on each in turn, alternating which goes first. Thread time, medians; the outputs must be equal.
+each case (one layer of SmolLM2's attention: prefill of 512 / 2048 tokens, decode at batch x context;
+the int8 linear's prologue at SmolLM2's widths) runs on each in turn, alternating which goes first.
+Thread time, medians; the outputs must be equal.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import torch
 
 from benchmarks.common import machine
 from kernels import cpu_attention, cpu_fused
+from model.quant import hadamard_block
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -65,6 +67,10 @@ def cases(h: int = 9, hkv: int = 3, d: int = 64, bs: int = 64) -> dict:
         tables, lens = torch.randperm(nb, generator=g).reshape(b, -1), torch.full((b,), ctx)
         out[f"decode b{b} ctx{ctx}"] = lambda p=p, q=q, t=tables, n=lens: cpu_attention.paged_decode_attention(
             q, *p, t, n)
+    for k in (576, 1536):
+        for m in (1, 512, 2048):
+            x = torch.randn(m, k, generator=g)
+            out[f"prologue {m} x {k}"] = lambda x=x, k=k: cpu_fused.rotate_quantize_rows_float(x, hadamard_block(k))
     return out
 
 
@@ -96,7 +102,8 @@ def main(argv: list[str] | None = None) -> None:
                         outs[label] = fn()
                         times[label].append(time.thread_time() - t)
                 base, this = (1e3 * statistics.median(times[k]) for k in libs)
-                print(f"| {case} | {base:.1f} | {this:.1f} | {base / this:.2f}x | {torch.equal(*outs.values())} |")
+                same = all(torch.equal(a, b) for a, b in zip(*(o if isinstance(o, tuple) else (o,) for o in outs.values())))
+                print(f"| {case} | {base:.2f} | {this:.2f} | {base / this:.2f}x | {same} |")
         finally:
             cpu_fused.library = real
 
