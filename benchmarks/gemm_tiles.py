@@ -3,8 +3,8 @@
 The wrapper's rule (``kernels.triton_gemm._tiles``) was written without a GPU. The device session's profile
 at batch 128 / 8k showed the GEMMs streaming the weights at ~37% of the copy ceiling: with 128-wide
 column tiles the 5120-wide layers launch 40 programs on 132 SMs. This sweeps tile shapes per (layer, M)
-on ``cai-13b-skv``'s shapes, checks each result against ``torch._int_mm`` (exact: int32 sums), and
-reports the fastest beside the rule's. ``kernels.triton_gemm.TILES`` takes the winners, so the engine
+on ``cai-13b-skv``'s shapes, checks each result against ``torch._int_mm`` (exact: int32 sums), re-times
+the fastest few beside the rule's in interleaved rounds and reports the medians. ``kernels.triton_gemm.TILES`` takes the winners, so the engine
 stage can time decode steps with them against the rule in the same run.
 """
 from __future__ import annotations
@@ -130,9 +130,9 @@ def use(best: list[dict]) -> None:
 
 
 def previous_rule(ms: tuple[int, ...], preset: str = "cai-13b-skv") -> list[dict]:
-    """The wrapper's tiles before the H200 sweep (128-deep K steps; 32-wide column tiles at M <= 16,
-    128-wide above 64), in ``use``'s form: the engine stage times decode steps with them against the
-    current rule, in the same run."""
+    """The wrapper's tiles before the H200 sweep (above 16 rows 128-deep K steps, and 128-wide column tiles
+    above 64; at most 16 rows 32-wide columns), in ``use``'s form: the engine stage times decode steps with
+    them against the current rule, in the same run."""
     out = []
     for m in ms:
         block_m = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
