@@ -132,7 +132,7 @@ def stage_engine(s: Session) -> dict:
 
 
 def _engine_figures(s: Session) -> dict:
-    from benchmarks import gemm_tiles
+    from benchmarks import gemm_tiles, graph_vs_eager
 
     p = s.plan
     model = _model(s, p.preset)
@@ -164,7 +164,8 @@ def _engine_figures(s: Session) -> dict:
             if s.dev.type == "cuda":  # and with the tiles the rule gave before the sweep
                 rows.append(_graph_row(s, model, batch, context, floor_ms, "fused",
                                        gemm_tiles.previous_rule((batch,), p.preset), "previous rule"))
-    agreement = _graph_agreement(s, model)
+    agreement = graph_vs_eager.agreement(s, model, _pool_bytes)
+    divergence = graph_vs_eager.layer_divergence(model, _pool_bytes) if s.left() > 40 else None
     batch, context = p.engine_batches[-1], p.engine_contexts[-1]
     if s.left() > 40:
         os.environ["PDSERVE_KERNEL_CHECKS"] = "1"
@@ -188,7 +189,7 @@ def _engine_figures(s: Session) -> dict:
         prefill.append(_prefill(s, model, n, weights, peak_ops))
         print(prefill[-1], flush=True)
     return {"preset": p.preset, "compute": cfg.quant.compute, "weights_gb": weights / 1e9, "decode": rows,
-            "graph_agreement": agreement,
+            "graph_agreement": agreement, "graph_divergence": divergence,
             "prefill": prefill, "profile": profile}
 
 
@@ -219,52 +220,6 @@ def _graph_row(s: Session, model, batch: int, context: int, floor_ms: float | No
     row = {**head, "step_ms": ms, "tokens_per_s": batch / ms * 1e3, "x_floor": ms / floor_ms if floor_ms else None}
     print(row, flush=True)
     return row
-
-
-def _graph_agreement(s: Session, model, batch: int = 8, context: int = 1000, steps: int = 8) -> dict:
-    """Greedy tokens of the same requests (prefilled, then decoded), with decode steps replayed as graphs
-    and run eagerly: the fraction that agree (on a GPU not bit for bit: a graph's tables are padded
-    wider, so attention splits its sums differently)."""
-    from model.engine import Engine, EngineConfig, SamplingParams
-
-    cfg = model.config
-    prompts = torch.randint(100, cfg.vocab_size, (batch, context), generator=torch.Generator().manual_seed(2)).tolist()
-    mode = "auto" if s.dev.type == "cuda" else "eager"
-    got = {}
-    try:
-        for graphs in ("off", mode):
-            engine = Engine(model, EngineConfig(kv_cache_bytes=_pool_bytes(cfg, batch, context + steps),
-                                                max_seqs=batch, max_batched_tokens=2048, decode_graphs=graphs))
-            got[graphs] = engine.generate(prompts, SamplingParams(max_tokens=steps, ignore_eos=True))
-    except Exception as e:
-        return {"error": repr(e)[:2000]}
-    pairs = [(a, b) for x, y in zip(got["off"], got[mode]) for a, b in zip(x, y)]
-    first = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x)) for x, y in zip(got["off"], got[mode])]
-    out = {"tokens": len(pairs), "agree": sum(a == b for a, b in pairs) / max(1, len(pairs)),
-           "identical_sequences": sum(x == y for x, y in zip(got["off"], got[mode])), "sequences": batch,
-           "first_difference": first}
-    try:
-        out["margins"] = [_top2_margin(model, prompt + tokens[:j]) for prompt, tokens, j
-                          in zip(prompts, got["off"], first) if j < len(tokens)]
-        out["near_ties"] = sum(m["near_tie"] for m in out["margins"])
-    except Exception as e:  # the token figures stand
-        out["margins"] = {"error": repr(e)[:2000]}
-    return out
-
-
-def _top2_margin(model, tokens: list[int]) -> dict:
-    """Top-2 logit margin of the next token after ``tokens`` (one dense prefill, no paging), against the
-    near-tie bound tests/greedy.py uses (1% of the largest logit): is a graph/eager difference a near tie?"""
-    from model.kv_cache import ContiguousKVCache
-
-    dev = next(model.parameters(), next(model.buffers())).device
-    n = len(tokens)
-    with torch.inference_mode():
-        logits = model(torch.tensor(tokens, device=dev), ContiguousKVCache(model.config, n, device=dev).extend(n),
-                       logits_at=torch.tensor([n - 1], device=dev))[-1].float()
-    top2 = logits.topk(2).values
-    margin, bound = float(top2[0] - top2[1]), 0.01 * float(logits.abs().max())
-    return {"position": n, "margin": margin, "bound": bound, "near_tie": margin < bound}
 
 
 def _profile(model, batch: int, context: int, steps: int) -> dict:

@@ -21,7 +21,8 @@ run cut off at its limit still returns what it measured. Stages, in order:
    decode step time at batch x context against the bytes floor (weights + KV read once per
    step, at the measured copy bandwidth), eager and as CUDA graphs (these with the fused prologue
    and with the torch butterflies: an A/B in one run), graphs vs eager greedy tokens with the
-   top-2 margin where they differ, and prefill tokens/s against the int8 compute floor.
+   top-2 margin where they differ and the first layer output that differs (``benchmarks.graph_vs_eager``),
+   and prefill tokens/s against the int8 compute floor.
 6. ``capacity``: the largest batch whose KV fits at 8k and 32k context, from the engine's own
    allocator with the memory left after the weights, for ``cai-13b-skv`` and ``cai-13b-gqa8``
    (int8 KV both, so the ratio is what the KV layout buys), each checked by running decode
@@ -309,6 +310,13 @@ def table(results: dict) -> str:
         if isinstance(a.get("margins"), list) and a["margins"]:
             lines.append("  top-2 margin / near-tie bound where they first differ: " + ", ".join(
                 f"{m['margin']:.3g}/{m['bound']:.3g}" for m in a["margins"]))
+    div = results.get("engine", {}).get("graph_divergence") or {}
+    if "first_difference" in div:
+        worst = max(div["relative_max_difference"].items(), key=lambda kv: kv[1], default=(None, 0.0))
+        lines.append(f"graphs' static path vs eager, one decode step: first differing output "
+                     f"{div['first_difference']}; largest relative difference {worst[1]:.2e} at {worst[0]}")
+    elif div:
+        lines.append(f"graphs' static path vs eager: {div.get('error', '')[:300]}")
     for r in results.get("engine", {}).get("prefill", []):
         floor = f"{r['x_floor']:.2f}x floor" if r.get("x_floor") else "no floor"
         lines.append(f"engine prefill {r['tokens']} tok: {r['tokens_per_s']:.0f} tok/s, {floor}")

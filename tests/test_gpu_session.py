@@ -136,6 +136,9 @@ def test_device_session_dry_run_measures_every_stage(tmp_path):
     assert [r["prologue"] for r in graphs].count("torch") == len(decode)  # the A/Bs: each step three ways
     assert [r["tiles"] for r in graphs].count("swept") == len(decode)
     assert results["engine"]["graph_agreement"]["margins"] == []  # on CPU the graphs' path is bit-identical
+    divergence = results["engine"]["graph_divergence"]
+    assert divergence["first_difference"] is None, divergence
+    assert len(divergence["relative_max_difference"]) == 2 * get_preset("skv-tiny").n_layers
     assert results["engine"]["prefill"][0]["tokens_per_s"] > 0
     cap = results["capacity"]["skv-tiny"]
     assert all(0 < r["ran_batch"] <= r["max_batch"] and r["step_ms"] > 0 for r in cap)
@@ -145,12 +148,12 @@ def test_device_session_dry_run_measures_every_stage(tmp_path):
 
 
 def test_top2_margin_is_the_dense_forwards_next_token_margin():
-    from benchmarks.gpu_engine import _top2_margin
+    from benchmarks.graph_vs_eager import top2_margin
     from model.quality import full_logits
 
     model = load("skv-tiny").model
     tokens = list(range(5, 60))
-    got = _top2_margin(model, tokens)
+    got = top2_margin(model, tokens)
     top2 = full_logits(model, tokens)[-1].topk(2).values
     assert got["position"] == len(tokens) and got["margin"] == pytest.approx(float(top2[0] - top2[1]), abs=1e-5)
     assert got["near_tie"] == (got["margin"] < got["bound"]) and got["bound"] > 0
@@ -162,3 +165,25 @@ def test_device_session_refuses_to_run_without_a_device_unless_dry():
     done = subprocess.run([sys.executable, "-m", "benchmarks.gpu_session", "--out", "/nonexistent"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "no CUDA device" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_layer_divergence_names_the_first_output_the_graphs_path_changes(monkeypatch):
+    from benchmarks.gpu_engine import _pool_bytes
+    from benchmarks.graph_vs_eager import layer_divergence
+    from model.engine.decode_graphs import DecodeGraphs
+
+    model = load("skv-tiny").model
+    assert layer_divergence(model, _pool_bytes, batch=2, context=40)["first_difference"] is None
+    forward = DecodeGraphs._forward
+
+    def nudged(self, static):  # the static path only: layer 3's attention output moves a little
+        hook = model.layers[3].self_attn.register_forward_hook(lambda _m, _a, out: out + 1e-3)
+        try:
+            return forward(self, static)
+        finally:
+            hook.remove()
+
+    monkeypatch.setattr(DecodeGraphs, "_forward", nudged)
+    got = layer_divergence(model, _pool_bytes, batch=2, context=40)
+    assert got["first_difference"] == "layer 3 output", got  # the recording hook saw attention before the nudge
+    assert got["relative_max_difference"]["layer 2 output"] == 0.0 < got["relative_max_difference"]["layer 3 output"]
