@@ -10,7 +10,6 @@ Thread time, medians; the outputs must be equal.
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
 import subprocess
 import tempfile
@@ -26,26 +25,12 @@ from model.quant import hadamard_block
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def build(sources: dict[str, bytes], out: Path) -> Path:
+def build(sources: dict[str, bytes], folder: Path):
+    """Write ``sources`` into ``folder``, build them as ``kernels.cpu_fused`` builds its own, and load them."""
     for name, text in sources.items():
-        (out / name).write_bytes(text)
-    lib = out / "lib.so"
-    cc = shutil.which("cc") or shutil.which("gcc") or "clang"
-    subprocess.run([cc, *cpu_fused.FLAGS, *cpu_fused._machine_flags(), "-o", str(lib), *(str(out / n) for n in sources),
-                    "-lm"], check=True, capture_output=True)
-    return lib
-
-
-def load(path: Path):
-    """The library at ``path`` with cpu_fused's declarations (argument types)."""
-    built = cpu_fused._build
-    cpu_fused.library.cache_clear()
-    cpu_fused._build = lambda cc: path
-    try:
-        return cpu_fused.library()
-    finally:
-        cpu_fused._build = built
-        cpu_fused.library.cache_clear()
+        (folder / name).write_bytes(text)
+    cpu_fused.compile_library(cpu_fused.compiler(), [folder / n for n in sources], folder / "lib.so")
+    return cpu_fused.load(folder / "lib.so")
 
 
 def cases(h: int = 9, hkv: int = 3, d: int = 64, bs: int = 64) -> dict:
@@ -88,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
                             ("this tree", lambda n: (ROOT / "kernels" / n).read_bytes())):
             folder = Path(tmp) / label.replace(" ", "_")
             folder.mkdir()
-            libs[label] = load(build({n: read(n) for n in names}, folder))
+            libs[label] = build({n: read(n) for n in names}, folder)
         real = cpu_fused.library
         print(f"{machine()}; base {args.base}; thread time, medians of {args.rounds}\n")
         print(f"| case | {args.base} ms | this tree ms | speed-up | same bits |\n|---|---|---|---|---|")

@@ -61,10 +61,21 @@ def _build(cc: str) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         part = Path(tmp) / out.name
-        subprocess.run([cc, *flags, *map(str, SOURCES), "-o", str(part), "-lm"], check=True, capture_output=True,
-                       text=True, timeout=120)
+        compile_library(cc, SOURCES, part, flags)
         os.replace(part, out)
     return out
+
+
+def compiler() -> str | None:
+    return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc") or shutil.which("clang")
+
+
+def compile_library(cc: str, sources: list[Path], out: Path, flags: list[str] | None = None) -> None:
+    """Build ``sources`` into the shared library ``out`` with this module's flags (also for
+    ``benchmarks.c_kernels_vs``, which builds a git revision's sources alike)."""
+    flags = FLAGS + _machine_flags() if flags is None else flags
+    subprocess.run([cc, *flags, *map(str, sources), "-o", str(out), "-lm"], check=True, capture_output=True,
+                   text=True, timeout=120)
 
 
 @functools.cache
@@ -75,17 +86,22 @@ def library() -> ctypes.CDLL | None:
         raise ValueError(f"PDSERVE_CPU_FUSED must be auto, on or off; got {mode!r}")
     if mode == "off":
         return None
-    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc") or shutil.which("clang")
+    cc = compiler()
     try:
         if cc is None:
             raise FileNotFoundError("no C compiler (cc, gcc or clang) on PATH")
-        lib = ctypes.CDLL(str(_build(cc)))
+        return load(_build(cc))
     except (OSError, subprocess.SubprocessError) as e:
         detail = getattr(e, "stderr", None) or str(e)
         if mode == "on":
             raise RuntimeError(f"PDSERVE_CPU_FUSED=on but the fused CPU prologue did not build: {detail}") from e
         warnings.warn(f"fused CPU prologue unavailable, using torch ops (same results, slower): {detail}")
         return None
+
+
+def load(path: Path) -> ctypes.CDLL:
+    """The library at ``path`` with its functions' argument types declared."""
+    lib = ctypes.CDLL(str(path))
     fn = lib.pdserve_rotate_quantize
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                    ctypes.c_float]

@@ -175,7 +175,8 @@ def _tiles(m: int, n: int, k: int, device: torch.device) -> dict:
     warps = 4 if block_m <= 64 else 8
     if m <= 128:  # decode-sized: weight-bandwidth bound, so 64-wide column tiles (more programs per SM)
         # and 256-deep K steps; the H200 sweep (BENCHMARKS.md, benchmarks/gemm_tiles.py) found this the
-        # fastest single choice over the four 13B layers at M = 1, 32 and 128 (1.05-1.07x the old rule)
+        # fastest single choice over the four 13B layers at M = 1, 32 and 128 (a layer's four GEMMs
+        # 1.08-1.24x the old rule's in interleaved medians); other M and other models were not swept
         return dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=256, GROUP_M=8, num_warps=warps, num_stages=4)
     return dict(BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=warps, num_stages=4)
 

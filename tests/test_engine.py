@@ -234,3 +234,15 @@ def test_local_groups_hold_only_the_window_while_decoding():
                 for g in cfg.kv_groups]
         assert all(c - f >= h for c, f, h in zip(e.pool.capacity, e.pool.free_counts(), held))
     assert checked > 50 and e.pool.free_counts() == e.pool.capacity
+
+
+def test_the_reserve_host_benchmark_runs_both_schedulers(capsys):
+    import subprocess
+
+    from benchmarks import reserve_host
+
+    if subprocess.run(["git", "rev-parse", "HEAD"], cwd=reserve_host.ROOT, capture_output=True).returncode:
+        pytest.skip("not a git checkout: no revision to compare against")
+    reserve_host.main(["--base", "HEAD", "--batch", "2", "--context", "1100", "--rounds", "2"])
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("reservations per decode step: HEAD ") and "this tree" in line, line
