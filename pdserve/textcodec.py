@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 _MARK = re.compile(r"<\|t(0|[1-9]\d*)\|>")  # no leading zeros: one spelling per id
 
-from model.tokenizer import Tokenizer
+from model.tokenizer import TextSoFar, Tokenizer
 
 ROLES = ("system", "user", "assistant")
 
@@ -66,20 +66,20 @@ def _chars(text: str) -> list[int]:
 
 
 class Detokenizer:
-    """Incremental detokenization: emits only text that a later token cannot still change."""
+    """Incremental detokenization: emits only text that a later token cannot still change (a text ending in
+    an unfinished UTF-8 character waits). Decodes only the last few ids per call (``TextSoFar``)."""
 
     def __init__(self, codec: Codec):
-        self.codec, self.ids, self.shown = codec, [], 0
+        self.text, self.shown = TextSoFar(codec.decode), 0
 
     def add(self, ids: list[int]) -> str:
-        self.ids.extend(ids)
-        text = self.codec.decode(self.ids)
+        text = self.text.add(ids)
         if text.endswith("\ufffd"):
             return ""
         delta, self.shown = text[self.shown:], len(text)
         return delta
 
     def flush(self) -> str:
-        text = self.codec.decode(self.ids)
+        text = self.text.text
         delta, self.shown = text[self.shown:], len(text)
         return delta

@@ -13,7 +13,7 @@ from model.engine.paged import PagedBatch, Segment
 from model.engine.sampling import SamplingParams
 from model.engine.scheduler import Scheduled, Scheduler
 from model.engine.sequence import RequestOutput, Sequence, Status
-from model.tokenizer import Tokenizer
+from model.tokenizer import TextSoFar, Tokenizer
 from model.transformer import Transformer
 
 
@@ -175,7 +175,9 @@ class Engine:
                 seq.logprobs.append(logprob)
         reason = "stop" if stop else None
         if reason is None and self.tokenizer is not None:
-            seq.text = self.tokenizer.decode(seq.output)
+            if seq.detok is None:
+                seq.detok = TextSoFar(self.tokenizer.decode)
+            seq.text = seq.detok.add(seq.output[len(seq.detok.ids):])  # the last few tokens decoded, not all
             if seq.params.stop and self._cut_at_stop_string(seq):
                 reason = "stop"
         if reason is None and (len(seq.output) >= seq.params.max_tokens or len(seq) >= self.mcfg.max_seq_len):

@@ -6,6 +6,7 @@ import itertools
 from dataclasses import dataclass, field
 
 from model.engine.sampling import Sampler, SamplingParams
+from model.tokenizer import TextSoFar
 
 
 _SERIALS = itertools.count()
@@ -47,6 +48,7 @@ class Sequence:
     finish_reason: str | None = None
     text: str = ""  # decoded output so far (with a tokenizer)
     text_sent: int = 0  # characters of ``text`` already streamed
+    detok: TextSoFar | None = field(default=None, repr=False)  # ``text`` kept up to date token by token
     sampler: Sampler = field(init=False)
     serial: int = field(init=False, default_factory=lambda: next(_SERIALS))  # unique for the process's life
     generation: int = 0  # bumped when preemption drops the blocks: tables with the same shape may differ
