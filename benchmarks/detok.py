@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 from benchmarks.common import machine
-from model.loader import load
-from model.tokenizer import TextSoFar
+from model.tokenizer import TextSoFar, Tokenizer
+from model.weights import smollm2_gguf_path
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lengths", default="64,256,1000,4000")
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args(argv)
-    tok = load("smollm2-135m").tokenizer
+    tok = Tokenizer.from_gguf(smollm2_gguf_path())
     ids = tok.encode((ROOT / "README.md").read_text())
     lengths = [int(x) for x in args.lengths.split(",")]
     if max(lengths) > len(ids):

@@ -108,3 +108,11 @@ def test_engine_text_is_the_decode_of_its_tokens(tok):
         text[o.request_id] += o.text
     assert all(len(tokens[i]) == 40 and max(tokens[i]) < vocab for i in ids)
     assert all(text[i] == tok.decode(tokens[i]) for i in ids)
+
+
+def test_the_detok_benchmark_times_both_ways(capsys):
+    from benchmarks import detok
+
+    detok.main(["--batch", "4", "--lengths", "40,80", "--rounds", "1"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 40 |") or line.startswith("| 80 |")]
+    assert len(rows) == 2 and all(line.rstrip().endswith("x |") for line in rows), rows

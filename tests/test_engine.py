@@ -209,31 +209,58 @@ def test_import_of_mismatched_blocks_is_refused(tiny):
     assert e.pool.free_counts() == before
 
 
+def _step_and_check_windows(e, rids) -> int:
+    """One step; then each sequence that decoded a token in it holds exactly its local groups' windows: every
+    entry below the window is -1, every one from it on is held. The number of tables checked."""
+    before = {rid: e.sequences[rid].computed for rid in rids if rid in e.sequences}
+    e.step()
+    cfg, bs, checked = e.mcfg, e.pool.block_size, 0
+    for rid in rids:
+        seq = e.sequences.get(rid)
+        if seq is None or seq.computed != before.get(rid, -1) + 1:  # not a decode step (a prefill, or preempted)
+            continue
+        for g in cfg.kv_groups:
+            table = seq.tables[g.index]
+            if g.window is not None and seq.computed > g.window:
+                first_needed = (seq.computed - g.window) // bs  # as the step's reserve left it
+                assert all(b < 0 for b in table[:first_needed]), (g.index, seq.computed, table)
+                assert all(b >= 0 for b in table[first_needed + 1:]), (g.index, seq.computed, table)
+                checked += 1
+    return checked
+
+
 def test_local_groups_hold_only_the_window_while_decoding():
     """Blocks a local group's window has left are freed as decoding slides past them, and only those: each
     step every entry below the window is -1 and every one from it on is held; at the end nothing leaks."""
     cfg = get_preset("skv-tiny")
     e = engine(build(cfg, random_state(cfg, 0)), max_batched_tokens=256)  # whole prompts: several blocks leave at once
-    bs = cfg.block_size
     rids = [e.add_request(p, SamplingParams(max_tokens=70)) for p in prompts(n=3, seed=4, lo=80, hi=120)]
     checked = 0
     while e.has_work():
-        e.step()
-        for rid in rids:
-            seq = e.sequences.get(rid)
-            if seq is None:
-                continue
-            for g in cfg.kv_groups:
-                table = seq.tables[g.index]
-                if g.window is not None and seq.computed > max(g.window, len(seq.prompt)):  # decoding:
-                    first_needed = (seq.computed - g.window) // bs  # as the step's reserve left it
-                    assert all(b < 0 for b in table[:first_needed]), (g.index, seq.computed, table)
-                    assert all(b >= 0 for b in table[first_needed + 1:]), (g.index, seq.computed, table)
-                    checked += 1
+        checked += _step_and_check_windows(e, rids)
         held = [len({b for rid in rids if rid in e.sequences for b in e.sequences[rid].tables[g.index] if b >= 0})
                 for g in cfg.kv_groups]
         assert all(c - f >= h for c, f, h in zip(e.pool.capacity, e.pool.free_counts(), held))
     assert checked > 50 and e.pool.free_counts() == e.pool.capacity
+
+
+def test_a_preempted_sequence_drops_its_window_again():
+    """Preemption frees every block and the sequence is recomputed from position 0 (whole blocks again, in a
+    prefill): the windows it had already slid past must be dropped again, not remembered as done."""
+    cfg = get_preset("skv-tiny")
+    model = build(cfg, random_state(cfg, 0))
+    e = engine(model, max_batched_tokens=256)
+    rids = [e.add_request(p, SamplingParams(max_tokens=60)) for p in prompts(n=2, seed=5, lo=60, hi=80)]
+    for _ in range(30):
+        e.step()
+    victim = e.sequences[rids[0]]
+    assert victim.computed > 80 and len(victim.output) >= 20
+    e.scheduler.preempt(victim)
+    checked = 0
+    while e.has_work():
+        checked += _step_and_check_windows(e, rids)
+    assert checked > 40 and e.pool.free_counts() == e.pool.capacity
+    assert e.scheduler.preemptions == 1
 
 
 def test_the_reserve_host_benchmark_runs_both_schedulers(capsys):
@@ -246,3 +273,15 @@ def test_the_reserve_host_benchmark_runs_both_schedulers(capsys):
     reserve_host.main(["--base", "HEAD", "--batch", "2", "--context", "1100", "--rounds", "2"])
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith("reservations per decode step: HEAD ") and "this tree" in line, line
+
+
+def test_the_step_host_benchmark_runs_both_trees(capsys):
+    import subprocess
+
+    from benchmarks import step_host
+
+    if subprocess.run(["git", "rev-parse", "HEAD"], cwd=step_host.ROOT, capture_output=True).returncode:
+        pytest.skip("not a git checkout: no revision to compare against")
+    step_host.main(["--base", "HEAD", "--batch", "2", "--context", "1100", "--rounds", "1"])
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("HEAD ") and "this tree" in line and line.endswith("x"), line

@@ -65,7 +65,7 @@ class BlockPool:
         self.k_scale = [torch.zeros((n, *scale_shape), device=device) if self.int8 else None for n in blocks_per_group]
         self.v_scale = [torch.zeros_like(t) if t is not None else None for t in self.k_scale]
         self.capacity = list(blocks_per_group)
-        self.refs = [np.zeros(n, dtype=np.int32) for n in blocks_per_group]
+        self.refs = [[0] * n for n in blocks_per_group]  # lists: the scheduler reads them per step, per group
         self._free = [deque(range(n)) for n in blocks_per_group]
 
     # -- accounting ----------------------------------------------------------------------------

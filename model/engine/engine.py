@@ -134,9 +134,9 @@ class Engine:
             return []
         sampling = [i for i, s in enumerate(batch) if s.completes]
         if self.graphs is not None and all(s.n == 1 for s in batch) and self.graphs.bucket(len(batch)):
-            logits = self.graphs.run([(s.seq.serial, s.seq.generation) for s in batch], [s.seq.token_slice(s.start, 1)[0] for s in batch],
-                                     [s.start for s in batch],
-                                     [[s.seq.tables[g] for s in batch] for g in range(len(self.mcfg.kv_groups))])
+            seqs = [s.seq for s in batch]
+            logits = self.graphs.run([(q.serial, q.layout) for q in seqs], [q.token_slice(s.start, 1)[0] for q, s in zip(seqs, batch)],
+                                     [s.start for s in batch], [q.tables for q in seqs])
             logits = logits[sampling]
         else:
             tokens = torch.tensor([t for s in batch for t in s.seq.token_slice(s.start, s.n)], dtype=torch.long)
@@ -153,8 +153,8 @@ class Engine:
         return outputs
 
     def _greedy_tokens(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int | None]:
-        """On a GPU, every greedy row's argmax in one launch and one copy to the host (not a sync per row)."""
-        if logits.device.type == "cpu" or not any(s.params.greedy for s in seqs):
+        """Every greedy row's argmax in one call and one copy to the host (on a GPU, not a sync per row)."""
+        if not any(s.params.greedy for s in seqs):
             return [None] * len(seqs)
         return logits.argmax(-1).tolist()
 

@@ -36,6 +36,10 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.preemptions = 0
+        self._local: dict[int, list[int]] = {}  # window -> its local groups
+        for g in config.kv_groups:
+            if g.window is not None:
+                self._local.setdefault(g.window, []).append(g.index)
 
     def schedule(self) -> list[Scheduled]:
         budget = self.max_batched_tokens
@@ -72,7 +76,6 @@ class Scheduler:
     def preempt(self, seq: Sequence) -> None:
         """Free everything ``seq`` holds; it goes back to the front of the queue and is recomputed."""
         self.release_blocks(seq)
-        seq.generation += 1
         seq.computed = 0
         seq.cached = 0
         seq.status = Status.WAITING
@@ -86,6 +89,8 @@ class Scheduler:
                 if b >= 0:
                     self.pool.decref(g, b)
             table.clear()
+        seq.layout += 1
+        seq.window_floor.clear()
 
     def fits_ever(self, total_tokens: int) -> str | None:
         """Why a sequence of ``total_tokens`` could never be held, or None."""
@@ -104,13 +109,13 @@ class Scheduler:
         """Make positions [computed, computed+n) writable in every group, or change nothing."""
         start, end = seq.computed, seq.computed + n
         self._drop_out_of_window(seq, start)
-        bs, refs = self.pool.block_size, self.pool.refs
+        bs = self.pool.block_size
         first, last = start // bs, (end - 1) // bs
+        if first == last and self._held_alone(seq, first):
+            return True  # a decode step inside a held, unshared block in every group: most steps
         plans = []
         for g in self.config.kv_groups:
             table = seq.tables[g.index]
-            if first == last < len(table) and table[first] >= 0 and refs[g.index][table[first]] == 1:
-                continue  # a decode step inside a held, unshared block: nothing to do (most steps, most groups)
             fresh = [i for i in range(first, last + 1)
                      if i >= len(table) or table[i] < 0 or self.pool.shared(g.index, table[i])]
             if len(fresh) > self.pool.num_free(g.index):
@@ -126,24 +131,43 @@ class Scheduler:
                     self.pool.copy_block(g, table[i], new)
                     self.pool.decref(g, table[i])
                 table[i] = new
+        if any(fresh for _, fresh in plans):
+            seq.layout += 1
+        return True
+
+    def _held_alone(self, seq: Sequence, i: int) -> bool:
+        """Whether block ``i`` of every table is held by this sequence alone (a plain loop: per step and
+        sequence, this is the scheduler's hottest code)."""
+        for table, refs in zip(seq.tables, self.pool.refs):
+            if i >= len(table):
+                return False
+            b = table[i]
+            if b < 0 or refs[b] != 1:
+                return False
         return True
 
     def _drop_out_of_window(self, seq: Sequence, next_pos: int) -> None:
         """Local groups free the blocks that no query from ``next_pos`` on can read.
 
-        Walks down from the first block still needed and stops at the first one already dropped:
-        every call leaves all entries below its ``first_needed`` at -1, so what is left to free is
-        the run just below the window (one block a step, or a new table's whole out-of-window
-        prefix). Scanning from block 0 each step cost 20 groups x 112 blocks per sequence at 8k context
-        (with the fast path in ``_reserve``, a step's reservations at batch 128: 7.0 -> 4.1 ms of host
-        time, ``benchmarks/reserve_host.py``; the GPU's graph steps wait on it)."""
+        Per window, the first block still needed (the floor) only moves up, one block every block_size
+        steps: the last floor applied is kept on the sequence (``window_floor``, cleared with its blocks),
+        so most steps check one number per window, not every group's table. When the floor moves, each
+        group walks down from it and stops at the first block already dropped: every call leaves all
+        entries below its floor at -1, so what is left to free is the run just below the window (one
+        block, or a new table's whole out-of-window prefix). A step's reservations at batch 128 / 8k with
+        24 groups (``benchmarks/reserve_host.py``, same pool): 17.1 ms scanning every table from block 0
+        (585d1fb), 4.7 ms walking down each group's table every step (017ba78), 1.2 ms now; the GPU's
+        graph steps wait on this host time (``benchmarks/step_host.py``)."""
         bs = self.pool.block_size
-        for g in self.config.kv_groups:
-            if g.window is None:
+        for window, groups in self._local.items():
+            floor = max(0, next_pos - window + 1) // bs
+            if floor <= seq.window_floor.get(window, 0):
                 continue
-            table = seq.tables[g.index]
-            i = min(max(0, next_pos - g.window + 1) // bs, len(table)) - 1
-            while i >= 0 and table[i] >= 0:
-                self.pool.decref(g.index, table[i])
-                table[i] = -1
-                i -= 1
+            seq.window_floor[window] = floor
+            for g in groups:
+                table = seq.tables[g]
+                i = min(floor, len(table)) - 1
+                while i >= 0 and table[i] >= 0:
+                    self.pool.decref(g, table[i])
+                    table[i] = -1
+                    i -= 1

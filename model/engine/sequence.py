@@ -51,7 +51,9 @@ class Sequence:
     detok: TextSoFar | None = field(default=None, repr=False)  # ``text`` kept up to date token by token
     sampler: Sampler = field(init=False)
     serial: int = field(init=False, default_factory=lambda: next(_SERIALS))  # unique for the process's life
-    generation: int = 0  # bumped when preemption drops the blocks: tables with the same shape may differ
+    layout: int = 0  # bumped whenever a block enters or leaves a table (not when a local window drops one):
+    #                  with ``serial``, what tells the CUDA graphs' static tables that a row must be rewritten
+    window_floor: dict[int, int] = field(default_factory=dict, repr=False)  # window -> below it, all entries -1
 
     def __post_init__(self) -> None:
         self.sampler = Sampler(self.params)
