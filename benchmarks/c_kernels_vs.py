@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import machine
-from kernels import cpu_attention, cpu_fused
+from kernels import cpu_attention, cpu_fused, cpu_gemm
 from model.quant import hadamard_block
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,6 +56,11 @@ def cases(h: int = 9, hkv: int = 3, d: int = 64, bs: int = 64) -> dict:
         for m in (1, 512, 2048):
             x = torch.randn(m, k, generator=g)
             out[f"prologue {m} x {k}"] = lambda x=x, k=k: cpu_fused.rotate_quantize_rows_float(x, hadamard_block(k))
+    for (n, k), what in (((1536, 576), "gate"), ((576, 1536), "down"), ((49152, 576), "vocab")):
+        w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+        for m in (1, 4, 8):
+            x = torch.randint(-127, 128, (m, k), generator=g).float()
+            out[f"int8 GEMM {m} x {k} -> {n} ({what})"] = lambda x=x, w=w: cpu_gemm.int_mm_rows_c(x, w)
     return out
 
 
