@@ -47,3 +47,20 @@ def test_incremental_decode_matches_transformers_greedy(tmp_path):
                                 eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
     got = list(generate(ours, prompt, SamplingParams(max_tokens=20)))
     assert got == expected
+
+
+def test_rope_is_transformers_rotation_bit_for_bit():
+    """One step's rotation (tables gathered once, rotate_half's sign folded into sin, halves swapped by roll)
+    gives transformers' ``apply_rotary_pos_emb`` bits exactly, in float32, at scattered positions."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from model.transformer import Rotary
+
+    rope = Rotary(64, 100000.0, 4096)
+    g = torch.Generator().manual_seed(0)
+    positions = torch.randint(0, 4096, (37,), generator=g)
+    x = torch.randn(37, 9, 64, generator=g) * 3
+    cos, sin = rope.cos[positions][None], rope.sin[positions][None]  # [1, N, D]
+    want, _ = apply_rotary_pos_emb(x.transpose(0, 1)[None], x.transpose(0, 1)[None], cos, sin)
+    got = rope.at(positions)(x)
+    assert torch.equal(got, want[0].transpose(0, 1))
