@@ -106,3 +106,34 @@ int pdserve_rotate_quantize(const float *x, float *q, float *scale, int64_t m, i
     free(buf);
     return 0;
 }
+
+/* New K and V rows into the int8 pool (kernels.reference.write_kv in one call): each token's head quantized
+ * as quantize_rows does it (scale = max|x| / 127, at least 1e-8 / 127; round half to even; clamp to +-127)
+ * and stored at its flat slot. k, v: [n, hkv, d] float32; slots: [n]; pools [slots, hkv, d] int8 and
+ * scales [slots, hkv] float32. A later row with the same slot overwrites an earlier one, as torch's. */
+static void quantize_row_int8(const float *x, int8_t *q, float *scale, int64_t d) {
+    float amax = 0.0f;
+    int nan = 0;
+    for (int64_t i = 0; i < d; ++i) {
+        const float m = fabsf(x[i]);
+        nan |= isnan(m);
+        amax = m > amax ? m : amax;
+    }
+    if (nan) amax = NAN;
+    const float s = (amax < 1e-8f ? 1e-8f : amax) / 127.0f;
+    *scale = s;
+    for (int64_t i = 0; i < d; ++i) {
+        const float r = nearbyintf(x[i] / s);
+        q[i] = (int8_t)(int32_t)(r < -127.0f ? -127.0f : (r > 127.0f ? 127.0f : r));
+    }
+}
+
+void pdserve_write_kv(const float *k, const float *v, const int64_t *slots, int64_t n, int64_t hkv, int64_t d,
+                      int8_t *k_pool, int8_t *v_pool, float *k_scale, float *v_scale) {
+    for (int64_t t = 0; t < n; ++t)
+        for (int64_t h = 0; h < hkv; ++h) {
+            const int64_t row = slots[t] * hkv + h, src = (t * hkv + h) * d;
+            quantize_row_int8(k + src, k_pool + row * d, k_scale + row, d);
+            quantize_row_int8(v + src, v_pool + row * d, v_scale + row, d);
+        }
+}

@@ -119,6 +119,8 @@ def load(path: Path) -> ctypes.CDLL:
     lib.pdserve_int8_gemm_rows.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,  # cpu_gemm
                                            ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
     lib.pdserve_int8_gemm_rows.restype = ctypes.c_int
+    lib.pdserve_write_kv.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 4
+    lib.pdserve_write_kv.restype = None
     return lib
 
 
@@ -149,3 +151,23 @@ def rotate_quantize_rows_float(x: torch.Tensor, block: int) -> tuple[torch.Tenso
     if status:
         raise MemoryError("fused prologue: out of memory for one row's buffer")
     return q, scale
+
+
+def write_kv_usable(k_pool: torch.Tensor, k_scale: torch.Tensor | None, k: torch.Tensor) -> bool:
+    """Whether ``write_kv_int8`` takes these: float32 K/V into an int8 pool on the CPU, the library built."""
+    return (k_scale is not None and k.dtype == torch.float32 and k.is_cpu and k_pool.dtype == torch.int8
+            and k_pool.is_contiguous() and k_scale.is_contiguous() and available())
+
+
+def write_kv_int8(k_pool: torch.Tensor, v_pool: torch.Tensor, k_scale: torch.Tensor, v_scale: torch.Tensor,
+                  k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+    """``kernels.reference.write_kv`` into an int8 pool in one C call (the reference's quantize and four scatters
+    are ~16 torch ops a layer: at batch 1 more time than the arithmetic). Same bytes (tests/test_cpu_fused.py)."""
+    n, hkv, d = k.shape
+    capacity = k_pool.numel() // (hkv * d)
+    if n and not (0 <= int(slots.min()) and int(slots.max()) < capacity):  # C would write out of bounds
+        raise IndexError(f"KV slots out of the pool's range [0, {capacity})")
+    k, v, slots = k.contiguous(), v.contiguous(), slots.to(torch.int64).contiguous()
+    with profiled("pdserve::write_kv_c"):
+        library().pdserve_write_kv(k.data_ptr(), v.data_ptr(), slots.data_ptr(), n, hkv, d, k_pool.data_ptr(),
+                                   v_pool.data_ptr(), k_scale.data_ptr(), v_scale.data_ptr())

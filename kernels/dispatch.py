@@ -96,6 +96,8 @@ def write_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, k_scale: torch.Tensor |
              v_scale: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
     if k_scale is not None and use_triton(k):  # float pools (reference runs) stay on torch
         return _triton("kv").write_kv(k_pool, v_pool, k_scale, v_scale, k, v, _on(slots, k))
+    if cpu_fused.write_kv_usable(k_pool, k_scale, k):
+        return cpu_fused.write_kv_int8(k_pool, v_pool, k_scale, v_scale, k, v, slots)
     return reference.write_kv(k_pool, v_pool, k_scale, v_scale, k, v, slots)
 
 

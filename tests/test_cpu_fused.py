@@ -100,3 +100,53 @@ def test_a_bad_mode_is_refused(monkeypatch):
     finally:
         monkeypatch.delenv("PDSERVE_CPU_FUSED")
         cpu_fused.library.cache_clear()
+
+
+@needs_cc
+@pytest.mark.parametrize("n", [1, 7, 130])
+def test_the_c_kv_write_stores_the_references_bytes(n):
+    """Quantized K/V rows and their scales land in the pool exactly as ``reference.write_kv`` puts them: rows
+    of mixed scales, a zero row, .5 ties, a repeated slot (the later row wins in both)."""
+    from kernels import reference
+
+    hkv, d, bs, blocks = 3, 64, 16, 20
+    g = torch.Generator().manual_seed(n)
+    k, v = (awkward_rows(n * hkv, d, seed).reshape(n, hkv, d) for seed in (n, n + 1))
+    if n > 1:
+        k[-1, 0] = torch.arange(d).float() * 0.5 - 8.0  # .5 ties: max |x| is 127 below, so the scale is 1
+        k[-1, 0, 0] = 127.0
+    slots = torch.randperm(blocks * bs, generator=g)[:n]
+    if n > 2:
+        slots[-1] = slots[0]
+    pools = {}
+    for how in ("reference", "c"):
+        pool = [torch.zeros(blocks, bs, hkv, d, dtype=torch.int8) for _ in range(2)] + \
+               [torch.zeros(blocks, bs, hkv, 1) for _ in range(2)]
+        assert cpu_fused.write_kv_usable(pool[0], pool[2], k)
+        write = reference.write_kv if how == "reference" else cpu_fused.write_kv_int8
+        write(*pool, k, v[:, :, :], slots)
+        pools[how] = pool
+    assert all(torch.equal(a, b) for a, b in zip(pools["reference"], pools["c"]))
+    assert pools["c"][0].abs().sum() > 0 and pools["c"][2].min() >= 0
+    with pytest.raises(IndexError, match="KV slots"):
+        cpu_fused.write_kv_int8(*pools["c"], k, v, slots * 0 + blocks * bs)
+
+
+@needs_cc
+def test_an_engine_gives_the_same_tokens_with_the_c_kv_write(monkeypatch):
+    from model.engine import Engine, EngineConfig, SamplingParams
+    from model.loader import load
+
+    model = load("skv-tiny").model
+    prompts = [list(range(3, 40)), list(range(7, 19))]
+    out, calls = {}, []
+    c_write = cpu_fused.write_kv_int8
+    monkeypatch.setattr(cpu_fused, "write_kv_int8", lambda *a: calls.append(1) or c_write(*a))
+    for usable in (True, False):
+        if not usable:
+            monkeypatch.setattr(cpu_fused, "write_kv_usable", lambda *a: False)
+        engine = Engine(model, EngineConfig(num_blocks=16, max_batched_tokens=32))
+        out[usable] = engine.generate(prompts, SamplingParams(max_tokens=12, ignore_eos=True))
+        if usable:
+            assert calls  # the C write ran
+    assert out[True] == out[False] and len(calls) > 0
