@@ -30,12 +30,21 @@ def bench(fn) -> float:
 
 def candidates(m: int, dry_run: bool = False) -> list[dict]:
     """Tile shapes for ``m`` rows: row tiles from 16 up to ``m`` (at most 128), column tiles 32-128, depth 128
-    or 256, 3 or 4 stages; warps by tile area. A dry run takes two."""
+    or 256, 3 or 4 stages; warps by tile area; and six split-K shapes. A dry run takes three (one split)."""
     block_ms = [b for b in (16, 32, 64, 128) if b == 16 or b <= max(16, m)]
     out = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=8 if bm * bn >= 128 * 64 else 4,
                 num_stages=st)
            for bm in block_ms for bn in (32, 64, 128) for bk in (128, 256) for st in (3, 4)]
-    return [dict(out[0], BLOCK_K=32, num_stages=1), dict(out[1], BLOCK_K=32, num_stages=1)] if dry_run else out
+    # split-K: the K steps of each output tile across 2-8 programs (5120-wide layers launch 40-80 column tiles
+    # on 132 SMs at decode row counts), with the smallest row tile that holds ``m``
+    bm = next(b for b in block_ms[::-1] if b <= max(16, m)) if m <= 128 else 128
+    out += [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=8 if bm * bn >= 128 * 64 else 4,
+                 num_stages=4, SPLIT_K=split)
+            for bn, bk, split in ((64, 256, 2), (64, 256, 4), (128, 256, 2), (128, 256, 4), (64, 128, 4), (64, 128, 8))]
+    if dry_run:
+        return [dict(out[0], BLOCK_K=32, num_stages=1), dict(out[1], BLOCK_K=32, num_stages=1),
+                dict(out[0], BLOCK_K=32, num_stages=1, SPLIT_K=2)]
+    return out
 
 
 def sweep(dev: torch.device, ms: tuple[int, ...], preset: str = "cai-13b-skv", budget_s: float = 150.0,

@@ -45,6 +45,12 @@ def variants(everything: bool) -> list[tuple]:
         (tg._w8a8_kernel, dict(_GEMM, o_ptr=_p("bf16")),  # a decode batch of 128
          dict(HAS_BIAS=False, SCALED=True, EVEN_K=True, BLOCK_M=128, BLOCK_N=64, BLOCK_K=256, GROUP_M=8),
          dict(num_warps=8, num_stages=4)),
+        (tg._w8a8_kernel, dict(_GEMM, o_ptr=_p("i32")),  # a split-K partial (K split across programs)
+         dict(HAS_BIAS=False, SCALED=False, EVEN_K=True, BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, GROUP_M=8),
+         dict(num_warps=4, num_stages=4)),
+        (tg._split_k_sum_kernel, dict(p_ptr=_p("i32"), xs_ptr=_p("fp32"), ws_ptr=_p("fp32"), b_ptr=_p("fp32"),
+                                      o_ptr=_p("bf16")),
+         dict(HAS_BIAS=False, SCALED=True, BLOCK_M=16, BLOCK_N=64), {}),
         (tk._write_kv_kernel, dict(k_ptr=_p("bf16"), v_ptr=_p("bf16"), kp_ptr=_p("i8"), vp_ptr=_p("i8"),
                                    ks_ptr=_p("fp32"), vs_ptr=_p("fp32"), slots_ptr=_p("i64")),
          dict(BS=64, D=128, BLOCK_H=1), {}),

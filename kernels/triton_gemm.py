@@ -115,10 +115,12 @@ def rotate_quantize_rows(x: torch.Tensor, block: int) -> tuple[torch.Tensor, tor
 
 
 @triton.jit
-def _w8a8_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, o_ptr, M, N, K,
-                 stride_xm, stride_xk, stride_wn, stride_wk, stride_om, stride_on,
+def _w8a8_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, o_ptr, M, N, K, K_STEPS,
+                 stride_xm, stride_xk, stride_wn, stride_wk, stride_om, stride_on, stride_os,
                  HAS_BIAS: tl.constexpr, SCALED: tl.constexpr, EVEN_K: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """One output tile over ``K_STEPS`` of the K steps: split ``program_id(1)`` takes steps [s * K_STEPS,
+    (s + 1) * K_STEPS) and, when K is split, stores its int32 partial sums at ``o_ptr + s * stride_os``."""
     # grouped launch order: GROUP_M row tiles share the same weight tiles while they are in L2
     pid = tl.program_id(0)
     n_m, n_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
@@ -134,10 +136,11 @@ def _w8a8_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, o_ptr, M, N, K,
     # out-of-range rows/columns read row 0 (in bounds) and are never stored
     rm_safe = tl.where(rm < M, rm, 0).to(tl.int64)
     rn_safe = tl.where(rn < N, rn, 0).to(tl.int64)
-    x_ptrs = x_ptr + rm_safe[:, None] * stride_xm + rk[None, :] * stride_xk
-    w_ptrs = w_ptr + rk[:, None] * stride_wk + rn_safe[None, :] * stride_wn  # [BLOCK_K, BLOCK_N]: W^T tile
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    for k0 in range(0, tl.cdiv(K, BLOCK_K)):
+    first = tl.program_id(1) * K_STEPS
+    x_ptrs = x_ptr + rm_safe[:, None] * stride_xm + (first * BLOCK_K + rk[None, :]).to(tl.int64) * stride_xk
+    w_ptrs = w_ptr + (first * BLOCK_K + rk[:, None]).to(tl.int64) * stride_wk + rn_safe[None, :] * stride_wn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)  # [BLOCK_K, BLOCK_N] tiles of W^T above
+    for k0 in range(first, tl.minimum(first + K_STEPS, tl.cdiv(K, BLOCK_K))):
         if EVEN_K:
             a = tl.load(x_ptrs)
             b = tl.load(w_ptrs)
@@ -149,20 +152,49 @@ def _w8a8_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, o_ptr, M, N, K,
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
 
-    o_ptrs = o_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :] * stride_on
-    o_mask = (rm[:, None] < M) & (rn[None, :] < N)
+    o_ptrs = o_ptr + tl.program_id(1).to(tl.int64) * stride_os + rm[:, None].to(tl.int64) * stride_om \
+        + rn[None, :] * stride_on
+    _epilogue(acc, o_ptrs, (rm[:, None] < M) & (rn[None, :] < N), xs_ptr, ws_ptr, b_ptr, rm_safe, rn_safe,
+              HAS_BIAS, SCALED)
+
+
+@triton.jit
+def _epilogue(acc, o_ptrs, o_mask, xs_ptr, ws_ptr, b_ptr, rm_safe, rn_safe, HAS_BIAS: tl.constexpr,
+              SCALED: tl.constexpr):
+    """The exact int32 sums stored as they are, or scaled once: ``acc * x_scale * w_scale (+ bias)``."""
     if SCALED:
         xs = tl.load(xs_ptr + rm_safe)
         ws = tl.load(ws_ptr + rn_safe)
         out = acc.to(tl.float32) * xs[:, None] * ws[None, :]
         if HAS_BIAS:
             out += tl.load(b_ptr + rn_safe).to(tl.float32)[None, :]
-        tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=o_mask)
+        tl.store(o_ptrs, out.to(o_ptrs.dtype.element_ty), mask=o_mask)
     else:
         tl.store(o_ptrs, acc, mask=o_mask)
 
 
-TILES: dict[tuple[int, int, int], dict] = {}  # (M, N, K) -> tiles measured faster (benchmarks.gemm_tiles)
+@triton.jit
+def _split_k_sum_kernel(p_ptr, xs_ptr, ws_ptr, b_ptr, o_ptr, M, N, SPLITS, stride_ps, stride_pm, stride_om,
+                        HAS_BIAS: tl.constexpr, SCALED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The split-K partials [SPLITS, M, N] (int32, contiguous rows) added up, then the same epilogue as
+    unsplit: integer sums are exact in any order, so the output has the unsplit kernel's bits."""
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    p_ptrs = p_ptr + rm[:, None].to(tl.int64) * stride_pm + rn[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for s in range(0, SPLITS):
+        acc += tl.load(p_ptrs + s * stride_ps, mask=mask, other=0)
+    o_ptrs = o_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :]
+    _epilogue(acc, o_ptrs, mask, xs_ptr, ws_ptr, b_ptr, tl.where(rm < M, rm, 0), tl.where(rn < N, rn, 0),
+              HAS_BIAS, SCALED)
+
+
+# (M, N, K) -> tiles measured faster (benchmarks.gemm_tiles). ``SPLIT_K`` > 1 splits the K steps across that
+# many programs per output tile (int32 partials, then one summing kernel with the epilogue: same bits); the rule
+# never splits yet: a 5120-wide layer at decode launches 80 column tiles on 132 SMs, which splitting would fill,
+# but no device has timed it (the device session's tile sweep includes split candidates).
+TILES: dict[tuple[int, int, int], dict] = {}
 
 
 def _tiles(m: int, n: int, k: int, device: torch.device) -> dict:
@@ -192,11 +224,23 @@ def int8_matmul(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_sca
         return out
     if k == 0:
         return out.zero_() if bias is None else out.copy_(bias.expand(m, n))
-    cfg = _tiles(m, n, k, xq.device)
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+    cfg = dict(_tiles(m, n, k, xq.device))
+    steps = triton.cdiv(k, cfg["BLOCK_K"])
+    splits = max(1, min(cfg.pop("SPLIT_K", 1), steps))
+    per_split = triton.cdiv(steps, splits)
+    splits = triton.cdiv(steps, per_split)  # no split left without a K step
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), splits)
     xs, ws = x_scale.reshape(m).contiguous(), w_scale.reshape(n).contiguous()
-    _w8a8_kernel[grid](xq, wq, xs, ws, bias if bias is not None else xs, out, m, n, k,
-                       xq.stride(0), xq.stride(1), wq.stride(0), wq.stride(1), out.stride(0), out.stride(1),
-                       HAS_BIAS=bias is not None, SCALED=out_dtype != torch.int32,
-                       EVEN_K=k % cfg["BLOCK_K"] == 0, **cfg)
+    b = bias if bias is not None else xs
+    flags = dict(HAS_BIAS=bias is not None, SCALED=out_dtype != torch.int32)
+    dest = out if splits == 1 else torch.empty((splits, m, n), dtype=torch.int32, device=xq.device)
+    _w8a8_kernel[grid](xq, wq, xs, ws, b, dest, m, n, k, per_split,
+                       xq.stride(0), xq.stride(1), wq.stride(0), wq.stride(1), dest.stride(-2), dest.stride(-1),
+                       dest.stride(0) if splits > 1 else 0, EVEN_K=k % cfg["BLOCK_K"] == 0,
+                       **(flags if splits == 1 else dict(HAS_BIAS=False, SCALED=False)), **cfg)
+    if splits > 1:
+        bm, bn = 16, 64 if xq.device.type == "cuda" else 16
+        _split_k_sum_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
+            dest, xs, ws, b, out, m, n, splits, dest.stride(0), dest.stride(1), out.stride(0),
+            BLOCK_M=bm, BLOCK_N=bn, **flags)
     return out

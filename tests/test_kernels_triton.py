@@ -402,3 +402,25 @@ def test_importing_kernels_does_not_import_triton():
     code = "import sys, kernels, kernels.dispatch; assert 'triton' not in sys.modules, 'triton imported'"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=os.path.dirname(os.path.dirname(__file__)))
+
+
+@pytest.mark.parametrize("splits, k", [(2, 96), (3, 96), (4, 100), (8, 64)])
+def test_split_k_gives_the_unsplit_bits(splits, k):
+    """K split across programs (int32 partials, then one summing kernel with the epilogue): the exact integers
+    and, scaled, the unsplit kernel's bits; more splits than K steps fold into fewer."""
+    g = torch.Generator().manual_seed(splits * 100 + k)
+    m, n = 5, 40
+    xq, wq = _rand_int8(g, m, k), _rand_int8(g, n, k)
+    xs, ws, bias = torch.rand(m, 1, generator=g), torch.rand(n, generator=g), torch.randn(n, generator=g)
+    def run(dt):
+        return tg.int8_matmul(xq, xs, wq, ws, bias if dt != torch.int32 else None, out_dtype=dt)
+
+    dtypes = (torch.float32, torch.int32, torch.bfloat16)
+    plain = {dt: run(dt) for dt in dtypes}
+    _tg.TILES[(m, n, k)] = dict(_tg._tiles(m, n, k, torch.device("cpu")), SPLIT_K=splits)
+    try:
+        for dt in dtypes:
+            assert torch.equal(run(dt), plain[dt]), dt
+        assert torch.equal(plain[torch.int32].long(), xq.long() @ wq.long().T)
+    finally:
+        _tg.TILES.pop((m, n, k))
