@@ -119,8 +119,9 @@ def load(path: Path) -> ctypes.CDLL:
     lib.pdserve_int8_gemm_rows.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,  # cpu_gemm
                                            ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
     lib.pdserve_int8_gemm_rows.restype = ctypes.c_int
-    lib.pdserve_write_kv.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 4
-    lib.pdserve_write_kv.restype = None
+    if hasattr(lib, "pdserve_write_kv"):  # a revision's library built by benchmarks.c_kernels_vs may predate it
+        lib.pdserve_write_kv.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 4
+        lib.pdserve_write_kv.restype = None
     return lib
 
 
