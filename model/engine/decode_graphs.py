@@ -5,8 +5,8 @@ launches: on a GPU the host, not the device, sets the pace (the H200 profile in 
 of device work behind 90 ms of host time). A graph captures the whole forward once per bucket of
 batch sizes and replays it with one launch. What a replay reads lives in static buffers that each
 step overwrites: token ids, positions and block tables padded to the model's longest context (the
-KV slots and sequence lengths are computed from them inside the graph). Rows past the real batch point at one scratch block per KV group, so their
-writes land nowhere that matters and their logits are ignored.
+KV slots and sequence lengths are computed from them inside the graph). Rows past the real batch point
+at one scratch block per KV group, so their writes land nowhere that matters and their logits are ignored.
 
 ``capture=False`` runs the same padded static forward eagerly: the CPU tests check that path gives
 the eager engine's tokens, so only the capture itself is left to the GPU.
