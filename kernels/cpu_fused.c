@@ -110,7 +110,8 @@ int pdserve_rotate_quantize(const float *x, float *q, float *scale, int64_t m, i
 /* New K and V rows into the int8 pool (kernels.reference.write_kv in one call): each token's head quantized
  * as quantize_rows does it (scale = max|x| / 127, at least 1e-8 / 127; round half to even; clamp to +-127)
  * and stored at its flat slot. k, v: [n, hkv, d] float32; slots: [n]; pools [slots, hkv, d] int8 and
- * scales [slots, hkv] float32. A later row with the same slot overwrites an earlier one, as torch's. */
+ * scales [slots, hkv] float32. A later row with the same slot overwrites an earlier one, as torch's.
+ * Returns -1, writing nothing, if a slot lies outside [0, capacity). */
 static void quantize_row_int8(const float *x, int8_t *q, float *scale, int64_t d) {
     float amax = 0.0f;
     int nan = 0;
@@ -128,12 +129,15 @@ static void quantize_row_int8(const float *x, int8_t *q, float *scale, int64_t d
     }
 }
 
-void pdserve_write_kv(const float *k, const float *v, const int64_t *slots, int64_t n, int64_t hkv, int64_t d,
-                      int8_t *k_pool, int8_t *v_pool, float *k_scale, float *v_scale) {
+int pdserve_write_kv(const float *k, const float *v, const int64_t *slots, int64_t n, int64_t hkv, int64_t d,
+                     int8_t *k_pool, int8_t *v_pool, float *k_scale, float *v_scale, int64_t capacity) {
+    for (int64_t t = 0; t < n; ++t)
+        if (slots[t] < 0 || slots[t] >= capacity) return -1;  /* nothing written */
     for (int64_t t = 0; t < n; ++t)
         for (int64_t h = 0; h < hkv; ++h) {
             const int64_t row = slots[t] * hkv + h, src = (t * hkv + h) * d;
             quantize_row_int8(k + src, k_pool + row * d, k_scale + row, d);
             quantize_row_int8(v + src, v_pool + row * d, v_scale + row, d);
         }
+    return 0;
 }

@@ -120,8 +120,9 @@ def load(path: Path) -> ctypes.CDLL:
                                            ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
     lib.pdserve_int8_gemm_rows.restype = ctypes.c_int
     if hasattr(lib, "pdserve_write_kv"):  # a revision's library built by benchmarks.c_kernels_vs may predate it
-        lib.pdserve_write_kv.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 4
-        lib.pdserve_write_kv.restype = None
+        lib.pdserve_write_kv.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 4 + \
+            [ctypes.c_int64]
+        lib.pdserve_write_kv.restype = ctypes.c_int
     return lib
 
 
@@ -166,9 +167,9 @@ def write_kv_int8(k_pool: torch.Tensor, v_pool: torch.Tensor, k_scale: torch.Ten
     are ~16 torch ops a layer: at batch 1 more time than the arithmetic). Same bytes (tests/test_cpu_fused.py)."""
     n, hkv, d = k.shape
     capacity = k_pool.numel() // (hkv * d)
-    if n and not (0 <= int(slots.min()) and int(slots.max()) < capacity):  # C would write out of bounds
-        raise IndexError(f"KV slots out of the pool's range [0, {capacity})")
     k, v, slots = k.contiguous(), v.contiguous(), slots.to(torch.int64).contiguous()
-    with profiled("pdserve::write_kv_c"):
-        library().pdserve_write_kv(k.data_ptr(), v.data_ptr(), slots.data_ptr(), n, hkv, d, k_pool.data_ptr(),
-                                   v_pool.data_ptr(), k_scale.data_ptr(), v_scale.data_ptr())
+    with profiled("pdserve::write_kv_c"):  # C checks the slots' range first (no torch reductions a layer)
+        status = library().pdserve_write_kv(k.data_ptr(), v.data_ptr(), slots.data_ptr(), n, hkv, d, k_pool.data_ptr(),
+                                            v_pool.data_ptr(), k_scale.data_ptr(), v_scale.data_ptr(), capacity)
+    if status:
+        raise IndexError(f"KV slots out of the pool's range [0, {capacity})")

@@ -135,8 +135,9 @@ class Engine:
         sampling = [i for i, s in enumerate(batch) if s.completes]
         if self.graphs is not None and all(s.n == 1 for s in batch) and self.graphs.bucket(len(batch)):
             seqs = [s.seq for s in batch]
-            logits = self.graphs.run([(q.serial, q.layout) for q in seqs], [q.token_slice(s.start, 1)[0] for q, s in zip(seqs, batch)],
-                                     [s.start for s in batch], [q.tables for q in seqs])
+            tokens = [q.token_slice(s.start, 1)[0] for q, s in zip(seqs, batch)]
+            logits = self.graphs.run([(q.serial, q.layout) for q in seqs], tokens, [s.start for s in batch],
+                                     [q.tables for q in seqs])
             logits = logits[sampling]
         else:
             tokens = torch.tensor([t for s in batch for t in s.seq.token_slice(s.start, s.n)], dtype=torch.long)
