@@ -26,10 +26,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def build(sources: dict[str, bytes], folder: Path):
-    """Write ``sources`` into ``folder``, build them as ``kernels.cpu_fused`` builds its own, and load them."""
+    """Write ``sources`` (C files and the headers they include) into ``folder``, build them as
+    ``kernels.cpu_fused`` builds its own, and load them."""
     for name, text in sources.items():
         (folder / name).write_bytes(text)
-    cpu_fused.compile_library(cpu_fused.compiler(), [folder / n for n in sources], folder / "lib.so")
+    cpu_fused.compile_library(cpu_fused.compiler(), [folder / n for n in sources if n.endswith(".c")], folder / "lib.so")
     return cpu_fused.load(folder / "lib.so")
 
 
@@ -64,21 +65,27 @@ def cases(h: int = 9, hkv: int = 3, d: int = 64, bs: int = 64) -> dict:
     return out
 
 
+def _show(rev: str, path: str) -> bytes | None:
+    """A file at a git revision, or None where the revision has no such file (it predates it)."""
+    done = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=ROOT, capture_output=True)
+    return done.stdout if done.returncode == 0 else None
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--base", required=True, help="git revision whose C sources are the baseline")
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    names = [p.name for p in cpu_fused.SOURCES]
+    names = [p.name for p in cpu_fused.SOURCES + cpu_fused.HEADERS]
     with tempfile.TemporaryDirectory() as tmp:
         libs = {}
-        for label, read in (("base", lambda n: subprocess.run(["git", "show", f"{args.base}:kernels/{n}"], cwd=ROOT,
-                                                              check=True, capture_output=True).stdout),
+        for label, read in (("base", lambda n: _show(args.base, f"kernels/{n}")),
                             ("this tree", lambda n: (ROOT / "kernels" / n).read_bytes())):
             folder = Path(tmp) / label.replace(" ", "_")
             folder.mkdir()
-            libs[label] = build({n: read(n) for n in names}, folder)
+            files = {n: read(n) for n in names}
+            libs[label] = build({n: text for n, text in files.items() if text is not None}, folder)
         real = cpu_fused.library
         print(f"{machine()}; base {args.base}; thread time, medians of {args.rounds}\n")
         print(f"| case | {args.base} ms | this tree ms | speed-up | same bits |\n|---|---|---|---|---|")

@@ -1,12 +1,13 @@
-"""The CPU's two int8 GEMM routes side by side: ``torch._int_mm`` vs exact float32 GEMMs (kernels.cpu_gemm).
+"""The CPU's int8 GEMM routes side by side: ``torch._int_mm``, exact float32 GEMMs, and C (kernels.cpu_gemm).
 
     python -m benchmarks.int8_gemm_routes [--rounds 3] [--rows 1,8,32,512] [--json]
 
-Both routes give the same integers (tests/test_cpu_gemm.py); this measures what each costs on
+Every route gives the same integers (tests/test_cpu_gemm.py); this measures what each costs on
 this machine: the GEMM alone at SmolLM2's layer shapes, then engine steps of SmolLM2 int8
 (a prefill of 512 tokens, decode steps at batch 1 and 8 with 512 tokens of context) under each
-route. The routes alternate within every round (int, float, int, float, ...), so a drift of the
-machine's speed hits both; figures are medians over the rounds, with float/int ratios.
+route (``PDSERVE_INT8_GEMM``; "C" is the C rows route up to 8 rows, the C panels beyond). The
+routes alternate within every round, so a drift of the machine's speed hits all; figures are
+medians over the rounds, with float/int and C/float ratios. Without the C library the C column is absent.
 """
 from __future__ import annotations
 
@@ -22,11 +23,11 @@ import torch
 from benchmarks.common import machine
 from benchmarks.decode_steps import placed_engine, step_time
 from benchmarks.profile_steps import prefill_engine
-from kernels import cpu_gemm
+from kernels import cpu_fused, cpu_gemm
 
 SHAPES = {"qkv 576->960": (576, 960), "gate_up 576->3072": (576, 3072), "down 1536->576": (1536, 576),
           "lm_head 576->49152": (576, 49152)}
-ROUTES = ("int", "float")
+ROUTES = ("int", "float", "c") if cpu_fused.available() else ("int", "float")
 
 
 def _route(mode: str) -> None:
@@ -39,10 +40,17 @@ def gemm_ms(k: int, n: int, m: int, mode: str) -> float:
     g = torch.Generator().manual_seed(0)
     x = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g)
     w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
-    wt, wf = w.t(), cpu_gemm.float_weight(w)
+    wt, wf, xf, packed = w.t(), cpu_gemm.float_weight(w), x.float(), cpu_gemm.pack_weight(w)
 
     def fn() -> None:
-        torch._int_mm(x, wt) if mode == "int" else cpu_gemm.int_mm_via_float(x, wf)
+        if mode == "int":
+            torch._int_mm(x, wt)
+        elif mode == "float":
+            cpu_gemm.int_mm_via_float(xf, wf)
+        elif m <= cpu_gemm.C_MAX_ROWS:
+            cpu_gemm.int_mm_rows_c(xf, w)
+        else:
+            cpu_gemm.int_mm_panels_c(xf, packed, n)
 
     fn()
     reps = max(1, min(20, int(2e8 // (m * k * n))))
@@ -92,14 +100,18 @@ def main() -> None:
              for (what, m), t in times.items()]
     for row in table:
         row["float/int"] = row["float"] / row["int"]
+        if "c" in row:
+            row["C/float"] = row["c"] / row["float"]
     if args.json:
         print(json.dumps({"machine": machine(), "rounds": args.rounds, "table": table}, indent=1))
         return
+    with_c = "c" in ROUTES
     print(machine(), f"medians of {args.rounds} alternated rounds")
-    print("| what | rows (M) | torch._int_mm ms | float32 route ms | float / int |")
-    print("|---|---:|---:|---:|---:|")
+    print("| what | rows (M) | torch._int_mm ms | float32 route ms | float / int |" + (" C ms | C / float |" if with_c else ""))
+    print("|---|---:|---:|---:|---:|" + ("---:|---:|" if with_c else ""))
     for row in table:
-        print(f"| {row['what']} | {row['rows'] or ''} | {row['int']:.2f} | {row['float']:.2f} | {row['float/int']:.3f} |")
+        c = f" {row['c']:.2f} | {row['C/float']:.3f} |" if with_c else ""
+        print(f"| {row['what']} | {row['rows'] or ''} | {row['int']:.2f} | {row['float']:.2f} | {row['float/int']:.3f} |{c}")
 
 
 if __name__ == "__main__":

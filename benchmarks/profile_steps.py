@@ -24,7 +24,8 @@ from benchmarks.common import machine, random_prompts
 from benchmarks.decode_steps import placed_engine
 from model.engine import Engine, EngineConfig, SamplingParams
 
-GEMM_OPS = {"aten::mm", "aten::_int_mm", "aten::addmm", "pdserve::int8_gemm_c"}  # the C rows path: its scope
+GEMM_OPS = {"aten::mm", "aten::_int_mm", "aten::addmm", "pdserve::int8_gemm_c",  # the C routes: their scopes
+            "pdserve::int8_gemm_panels_c"}
 ATTENTION_OPS = {"aten::bmm", "pdserve::attention_c"}  # the C attention: its scope's self time (exp is a child op)
 
 

@@ -27,63 +27,8 @@
 #include <immintrin.h>
 #endif
 
-#define MAX_D 256
-#define MAX_GROUP 16
-#define MAX_THREADS 64
-#define PREFETCH 32  /* rows ahead */
-
-typedef struct {
-    const float *q, *in;  /* queries [n, h, d]; pv: e, laid out as the scores */
-    int64_t n, h, d, hkv;
-    const int64_t *offsets;  /* [n + 1]: query r's h score rows start at offsets[r], each of row_length(r) */
-    int64_t max_cols;  /* the longest score row */
-    const int64_t *qseq, *qpos;
-    int64_t window;
-    const int64_t *tables;  /* [sequences, tw] block ids */
-    int64_t tw, bs, nblocks;
-    const int8_t *pool;  /* [nblocks * bs, hkv, d] */
-    const float *pscale;  /* [nblocks * bs, hkv] */
-    float levels, c, pdiv;
-    float *out;  /* scores (packed rows, see offsets) or attention [n, h, d] */
-    int64_t begin, end;  /* this thread's (query, KV head) pairs, query-major */
-    const int8_t **rows;  /* scratch, one per column: a key's (or value's) row, its scale, its weight */
-    float *scales;
-    int32_t *weights;  /* pv: packed weights of every query head of a KV head, then one row's integers */
-    int status;  /* 0, -2 a block outside the pool, -3 more keys than columns or a bad position, -4 no memory */
-} Job;
-
-static int64_t first_visible(int64_t qpos, int64_t window) {  /* window 0: no window */
-    const int64_t f = window > 0 ? qpos - window + 1 : 0;
-    return f > 0 ? f : 0;
-}
-
-static int64_t row_length(const Job *a, int64_t r) { return (a->offsets[r + 1] - a->offsets[r]) / a->h; }
-
-static float *score_row(const Job *a, const float *base, int64_t r, int64_t hh) {
-    return (float *)base + a->offsets[r] + hh * row_length(a, r);
-}
-
-/* The rows (and scales) of KV head kh at query r's visible positions, through its block table:
- * 0, or the job's error status (-2 a block not held or outside the pool, -3 a bad position). */
-static int locate(const Job *a, int64_t r, int64_t kh, int64_t *count, const int8_t **rows, float *scales) {
-    const int64_t first = first_visible(a->qpos[r], a->window), s = a->qseq[r];
-    *count = a->qpos[r] - first + 1;
-    if (a->qpos[r] < 0 || *count > (a->offsets[r + 1] - a->offsets[r]) / a->h) return -3;
-    for (int64_t j = 0, b = first / a->bs, o = first % a->bs; j < *count; ++b, o = 0) {  /* block by block */
-        const int64_t blk = b < a->tw ? a->tables[s * a->tw + b] : -1;
-        if (blk < 0 || blk >= a->nblocks) return -2;
-        for (int64_t slot = blk * a->bs + o; o < a->bs && j < *count; ++o, ++slot, ++j) {
-            rows[j] = a->pool + (slot * a->hkv + kh) * a->d;
-            scales[j] = a->pscale[slot * a->hkv + kh];
-        }
-    }
-    return 0;
-}
-
-/* Keys and values lie where their blocks do, scattered: fetch a few rows ahead (the loop is latency-bound without). */
-static inline void prefetch_row(const int8_t *row, int64_t d) {
-    for (int64_t i = 0; i < d; i += 64) __builtin_prefetch(row + i);
-}
+#include "cpu_attention.h"
+#include "cpu_tile.h"
 
 /* sum(hi * k), sum(lo * k) over d int8 k: exact int32 sums. */
 static void dot_halves(const int16_t *hi, const int16_t *lo, const int8_t *k, int64_t d, int32_t *sh, int32_t *sl) {
@@ -142,48 +87,17 @@ static void scores4(const int16_t *hi, const int16_t *lo, const int8_t *const *r
 }
 #endif
 
-/* The largest of row[0..count), NaN if any is. Which of two equal zeros wins may differ from a
- * left-to-right scan; row - max then differs only in a zero's sign, which exp maps to 1 either way. */
-static float row_max(const float *row, int64_t count) {
-    float top = -INFINITY;
-    int nan = 0;
-    int64_t j = 0;
-#ifdef __AVX2__
-    __m256 vt = _mm256_set1_ps(-INFINITY), vn = _mm256_setzero_ps();
-    for (; j + 8 <= count; j += 8) {
-        const __m256 x = _mm256_loadu_ps(row + j);
-        vn = _mm256_or_ps(vn, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
-        vt = _mm256_max_ps(x, vt);  /* a NaN x keeps vt, as the scalar loop keeps top */
-    }
-    float lanes[8];
-    _mm256_storeu_ps(lanes, vt);
-    for (int m = 0; m < 8; ++m) top = lanes[m] > top ? lanes[m] : top;
-    nan = _mm256_movemask_ps(vn) != 0;
-#endif
-    for (; j < count; ++j) { nan |= isnan(row[j]); top = row[j] > top ? row[j] : top; }
-    return nan ? NAN : top;
-}
-
 static void scores_rows(Job *a) {
     const int64_t d = a->d, g = a->h / a->hkv;
     int16_t hi[MAX_GROUP][MAX_D], lo[MAX_GROUP][MAX_D];
     float qsc[MAX_GROUP], *srow[MAX_GROUP];  /* each head's score row: found once (a 64-bit division each) */
-    const int shift = ilogbf(a->levels) - 14 > 11 ? ilogbf(a->levels) - 14 : 11;  /* |hi| <= 2**14, lo < 2**15 */
+    const int shift = query_shift(a->levels);
     for (int64_t u = a->begin; u < a->end; ++u) {
         const int64_t r = u / a->hkv, kh = u % a->hkv;
         int64_t count;
         if ((a->status = locate(a, r, kh, &count, a->rows, a->scales))) return;
         for (int64_t gi = 0; gi < g; ++gi) {  /* each query head on its own integer grid */
-            const float *qr = a->q + (r * a->h + kh * g + gi) * d;
-            float amax = 0.0f;
-            for (int64_t i = 0; i < d; ++i) { float m = fabsf(qr[i]); amax = m > amax ? m : amax; }
-            const float scale = (amax < 1e-30f ? 1e-30f : amax) / a->levels;
-            qsc[gi] = scale * a->c;
-            for (int64_t i = 0; i < d; ++i) {
-                const int32_t nq = (int32_t)nearbyintf(qr[i] / scale);
-                hi[gi][i] = (int16_t)(nq >> shift);  /* floor: lo lands in [0, 2**shift) */
-                lo[gi][i] = (int16_t)(nq - (nq >> shift) * (1 << shift));
-            }
+            qsc[gi] = query_halves(a, a->q + (r * a->h + kh * g + gi) * d, shift, hi[gi], lo[gi]);
             float *row = srow[gi] = score_row(a, a->out, r, kh * g + gi);
             for (int64_t j = count; j < row_length(a, r); ++j) row[j] = -INFINITY;
         }
@@ -204,12 +118,7 @@ static void scores_rows(Job *a) {
                 srow[gi][j] = acc * qsc[gi] * a->scales[j];
             }
         }
-        for (int64_t gi = 0; gi < g; ++gi) {  /* minus the row's max (NaN if any is, as torch's amax) */
-            float *row = srow[gi];
-            const float top = row_max(row, count);
-            for (int64_t j = 0; j < count; ++j) row[j] = row[j] - top;
-            if (isnan(top)) for (int64_t j = count; j < row_length(a, r); ++j) row[j] = NAN;
-        }
+        for (int64_t gi = 0; gi < g; ++gi) minus_max(srow[gi], count, row_length(a, r));
     }
 }
 
@@ -291,53 +200,6 @@ static void weighted_sums(const int32_t *wh, const int32_t *wl, int64_t wstride,
     }
 }
 
-/* The softmax's sum in units of 2**-28 (integers summed in double: exact in any order), and in *pmax
- * the largest probability times its value scale (0 if none is larger; NaNs skipped, as the scalar loop). */
-static double softmax_sum(const float *e, const float *scales, int64_t count, float *pmax) {
-    double zs = 0.0;
-    float top = 0.0f;
-    int64_t j = 0;
-#ifdef __AVX2__
-    __m256d z0 = _mm256_setzero_pd(), z1 = _mm256_setzero_pd();
-    __m256 vt = _mm256_setzero_ps();
-    for (; j + 8 <= count; j += 8) {
-        const __m256 x = _mm256_loadu_ps(e + j);
-        const __m256 units = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(268435456.0f)),
-                                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);  /* nearbyintf */
-        z0 = _mm256_add_pd(z0, _mm256_cvtps_pd(_mm256_castps256_ps128(units)));
-        z1 = _mm256_add_pd(z1, _mm256_cvtps_pd(_mm256_extractf128_ps(units, 1)));
-        vt = _mm256_max_ps(_mm256_mul_ps(x, _mm256_loadu_ps(scales + j)), vt);
-    }
-    double zl[4];
-    float lanes[8];
-    _mm256_storeu_pd(zl, _mm256_add_pd(z0, z1));
-    zs = (zl[0] + zl[1]) + (zl[2] + zl[3]);
-    _mm256_storeu_ps(lanes, vt);
-    for (int m = 0; m < 8; ++m) top = lanes[m] > top ? lanes[m] : top;
-#endif
-    for (; j < count; ++j) {
-        zs += (double)nearbyintf(e[j] * 268435456.0f);
-        const float p = e[j] * scales[j];
-        top = p > top ? p : top;
-    }
-    *pmax = top;
-    return zs;
-}
-
-/* n[j] = round(e[j] * scales[j] / unit): each key's weight on the probability grid (IEEE division). */
-static void grid_weights(const float *e, const float *scales, int64_t count, float unit, int32_t *n) {
-    int64_t j = 0;
-#ifdef __AVX2__
-    for (; j + 8 <= count; j += 8) {
-        const __m256 w = _mm256_div_ps(_mm256_mul_ps(_mm256_loadu_ps(e + j), _mm256_loadu_ps(scales + j)),
-                                       _mm256_set1_ps(unit));
-        _mm256_storeu_si256((__m256i *)(n + j), _mm256_cvtps_epi32(_mm256_round_ps(
-            w, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
-    }
-#endif
-    for (; j < count; ++j) n[j] = (int32_t)nearbyintf(e[j] * scales[j] / unit);
-}
-
 static void pv_rows(Job *a) {
     const int64_t d = a->d, g = a->h / a->hkv, wstride = a->max_cols / 2 + 1;
     int64_t acc[4][MAX_D];
@@ -370,6 +232,10 @@ static void pv_rows(Job *a) {
 
 static void *run_job(void *arg) {
     Job *a = arg;
+    if (a->stride) {  /* cpu_attention_prefill.c: its own scratch */
+        if (a->in == NULL) pdserve_scores_tiled(a); else pdserve_pv_tiled(a);
+        return NULL;
+    }
     a->rows = malloc(sizeof(*a->rows) * (size_t)(a->max_cols + 1));
     a->scales = malloc(sizeof(float) * (size_t)(a->max_cols + 1));
     a->weights = malloc(sizeof(int32_t) * (size_t)(2 * MAX_GROUP * (a->max_cols / 2 + 1) + a->max_cols + 1));
@@ -382,20 +248,31 @@ static void *run_job(void *arg) {
     return NULL;
 }
 
+/* Whether cpu_attention_prefill.c takes this job: a few queries or more, all of one sequence (a prefill's), head
+ * dims in whole tiles; PDSERVE_CPU_ATTENTION_TILES=off keeps one query at a time (same bits; for A/Bs). */
+static int use_tiles(const Job *a) {
+    const char *mode = getenv("PDSERVE_CPU_ATTENTION_TILES");
+    if (a->n < TILED_MIN_QUERIES || a->d % TILE_COLS || (mode != NULL && strcmp(mode, "off") == 0)) return 0;
+    for (int64_t r = 1; r < a->n; ++r) if (a->qseq[r] != a->qseq[0]) return 0;
+    return 1;
+}
+
 /* Splits the (query, KV head) pairs over `threads` threads (this one included); returns the first error. */
 static int run(Job *proto, int64_t threads) {
     if (proto->d > MAX_D || (proto->in == NULL && (proto->levels > 536870912.0f || proto->levels < 1.0f)) || proto->h % proto->hkv || proto->h / proto->hkv > MAX_GROUP) return -1;
     if (threads < 1) threads = 1;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
-    const int64_t units = proto->n * proto->hkv;
+    const int tiled = use_tiles(proto);
+    const int64_t units = tiled ? (proto->n + QUERY_BLOCK - 1) / QUERY_BLOCK : proto->n * proto->hkv;
     if (threads > units) threads = units > 0 ? units : 1;
     Job jobs[MAX_THREADS];
     pthread_t ids[MAX_THREADS];
     int started[MAX_THREADS] = {0};
     for (int64_t t = 0; t < threads; ++t) {
         jobs[t] = *proto;
-        jobs[t].begin = units * t / threads;
+        jobs[t].begin = tiled ? t : units * t / threads;
         jobs[t].end = units * (t + 1) / threads;
+        jobs[t].stride = tiled ? threads : 0;
         jobs[t].status = 0;
     }
     for (int64_t t = 1; t < threads; ++t) started[t] = pthread_create(&ids[t], NULL, run_job, &jobs[t]) == 0;

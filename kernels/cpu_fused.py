@@ -1,7 +1,7 @@
 """The int8 linear's prologue (rotate + quantize per row) as one C call on CPU, where a compiler is.
 
 The same library holds the exact paged attention (``cpu_attention.c``, ``kernels.cpu_attention``) and
-the int8 GEMM of a few rows (``cpu_int8_gemm.c``, ``kernels.cpu_gemm``).
+the int8 GEMMs of a few rows and of many (``cpu_int8_gemm.c``, ``kernels.cpu_gemm``).
 
 At batch 1 the prologue is ~40 small torch ops (the Hadamard butterflies, then abs / amax / div /
 round / clamp), each a few microseconds of dispatch: several times the GEMV it feeds. The C
@@ -29,7 +29,9 @@ from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).with_name(name) for name in ("cpu_fused.c", "cpu_attention.c", "cpu_int8_gemm.c")]
+SOURCES = [Path(__file__).with_name(name) for name in ("cpu_fused.c", "cpu_attention.c", "cpu_attention_prefill.c",
+                                                               "cpu_int8_gemm.c")]
+HEADERS = [Path(__file__).with_name(name) for name in ("cpu_tile.h", "cpu_attention.h")]  # part of the build's name, not compiled
 FLAGS = ["-O3", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", "-fno-fast-math", "-std=c99"]
 
 
@@ -53,7 +55,7 @@ def _build(cc: str) -> Path:
     can hold several); written under a temporary name and renamed, so concurrent workers never load
     half a file."""
     flags = FLAGS + _machine_flags()
-    text = b"".join(source.read_bytes() for source in SOURCES)
+    text = b"".join(source.read_bytes() for source in SOURCES + HEADERS)
     key = hashlib.sha256(text + " ".join([cc, *flags, platform.machine()]).encode()).hexdigest()[:16]
     out = _cache_dir() / f"cpu_fused-{key}.so"
     if out.exists():
@@ -119,6 +121,10 @@ def load(path: Path) -> ctypes.CDLL:
     lib.pdserve_int8_gemm_rows.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,  # cpu_gemm
                                            ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
     lib.pdserve_int8_gemm_rows.restype = ctypes.c_int
+    if hasattr(lib, "pdserve_int8_gemm_packed"):  # cpu_gemm's panels route (a revision's library may predate it)
+        lib.pdserve_int8_gemm_packed.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                                                 ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
+        lib.pdserve_int8_gemm_packed.restype = ctypes.c_int
     if hasattr(lib, "pdserve_write_kv"):  # a revision's library built by benchmarks.c_kernels_vs may predate it
         lib.pdserve_write_kv.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 4 + \
             [ctypes.c_int64]

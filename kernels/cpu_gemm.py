@@ -1,24 +1,28 @@
-"""Exact int8 GEMM through float32 where the CPU's int8 path is slow, chosen by measurement.
+"""Exact int8 GEMMs on CPU by the fastest route this machine has, chosen by measurement.
 
 ``torch._int_mm`` on CPU is as fast as the machine's int8 units: with VNNI or AMX it beats
 float32, without them (AVX2 only) it runs ~20x slower than an fp32 GEMM of the same shape,
-and even with them it loses to fp32 at a single row. A float32 GEMM of int8 values can give
-the same integers: every product is exact (|q| <= 128, so |x*w| <= 2**14), and as long as
-no partial sum can pass 2**24 every addition is exact in any order, so the result is the
-integer sum whatever the BLAS kernel, blocking or batch. ``EXACT_K`` is the longest K for
-which that holds (1024 * 128 * 128 = 2**24); longer K goes in chunks whose exact partial
-results add in float64. So both paths give the same bits and batch invariance is untouched;
-only speed and memory differ (the float path holds a float32 copy of each int8 weight, 4x
-its bytes).
+and even with them it loses to fp32 at a single row. Three other routes give the same integers:
 
-At a few rows (decode) the float path reads 4 bytes a weight; where the C library is built
-(``kernels.cpu_fused``) ``int_mm_rows_c`` reads the int8 weight itself and gives the same integers
-(16-bit multiply-adds, int32 sums), 2-10x faster at up to 8 rows on an AVX2 machine.
+- **float**: a float32 GEMM of int8 values. Every product is exact (|q| <= 128, so |x*w| <= 2**14),
+  and as long as no partial sum can pass 2**24 every addition is exact in any order, so the result
+  is the integer sum whatever the BLAS kernel, blocking or batch. ``EXACT_K`` is the longest K for
+  which that holds (1024 * 128 * 128 = 2**24); longer K goes in chunks whose exact partial results
+  add in float64. It holds a float32 copy of each weight, 4x its bytes.
+- **C rows** (``int_mm_rows_c``, ``cpu_int8_gemm.c``): up to 8 rows (decode) reading the int8 weight
+  itself (16-bit multiply-adds, int32 sums), 2-10x faster than float at those rows on an AVX2 machine.
+- **C panels** (``int_mm_panels_c``): many rows (prefill, batched decode) against a packed copy of the
+  weight (``pack_weight``, the weight's own bytes), register tiles of 4 rows x 16 columns of 16-bit
+  multiply-adds: twice the products per instruction of an fp32 FMA.
 
-Which path runs is a per-process plan: ``PDSERVE_INT8_GEMM=int`` or ``=float`` forces one;
-``auto`` (the default) times them at start-up (first use, ~0.1-0.3 s) for a few row counts:
-the C rows path up to the largest probed count (<= ``C_MAX_ROWS``) at which it beats both others,
-the float path below the smallest count at which ``_int_mm`` wins, ``_int_mm`` from there.
+So every route gives the same bits and batch invariance is untouched; only speed and memory
+differ. Which route runs is a per-process plan: ``PDSERVE_INT8_GEMM=int``, ``=float`` or ``=c``
+forces one (``c``: rows then panels, where the C library is built); ``auto`` (the default) times
+them at start-up (first use, ~0.1-0.3 s) for a few row counts: the C rows route up to the largest
+probed count (<= ``C_MAX_ROWS``) at which it beats all others, then C panels below the smallest
+probed count at which they lose, the float route below the smallest count at which ``_int_mm``
+wins, ``_int_mm`` from there. A weight's float copy or packed copy is made on first use
+(``WeightForms``), so a process pays only for the routes its plan takes.
 """
 from __future__ import annotations
 
@@ -34,24 +38,36 @@ from kernels import cpu_fused  # the C library (the rows path); built on first u
 
 EXACT_K = 1024  # K per float32 chunk: every partial sum stays within 2**24, exact in float32
 PROBE_ROWS = (1, 16, 128)  # row counts the start-up measurement compares
-C_PROBE_ROWS = (1, 4, 8)  # ... and those at which the C rows path may run
+C_PROBE_ROWS = (1, 4, 8)  # ... and those at which the C rows route may run
+PANEL_PROBE_ROWS = (16, 128)  # ... and the C panels route
 C_MAX_ROWS = 8
+PANEL_COLS = 16  # columns per packed panel (cpu_int8_gemm.c's PANEL_COLS)
 PROBE_K, PROBE_N = 576, 576
 NEVER, ALWAYS = 0, 2**62
+ROUTES = ("C rows", "C panels", "float", "int")
 
 
 @dataclasses.dataclass(frozen=True)
 class GemmPlan:
-    """Rows (M) below ``float_below`` take the float32 path; the rest ``torch._int_mm``."""
+    """Rows (M) up to ``c_through`` take the C rows route, then below ``panels_below`` the C panels, then
+    below ``float_below`` the float32 route; the rest ``torch._int_mm``."""
 
     float_below: int
     source: str  # "env" or "measured"
-    timings_ms: dict[int, tuple[float, ...]] = dataclasses.field(default_factory=dict)  # M -> (int_mm, float[, C])
-    c_through: int = 0  # rows up to this take the C rows path (which wants the float path's inputs)
+    timings_ms: dict[int, dict[str, float]] = dataclasses.field(default_factory=dict)  # M -> route -> ms
+    c_through: int = 0
+    panels_below: int = NEVER
+
+    def route(self, rows: int) -> str:
+        if rows <= self.c_through:
+            return "C rows"
+        if rows < self.panels_below:
+            return "C panels"
+        return "float" if rows < self.float_below else "int"
 
     def use_float(self, rows: int) -> bool:
-        """Whether these rows take float inputs: the float path, or the C rows path."""
-        return rows < self.float_below or rows <= self.c_through
+        """Whether these rows take float inputs (the integers held in float32): every route but ``_int_mm``."""
+        return self.route(rows) != "int"
 
     def use_c_rows(self, rows: int) -> bool:
         return rows <= self.c_through
@@ -59,11 +75,47 @@ class GemmPlan:
     def describe(self) -> str:
         rule = {NEVER: "torch._int_mm always", ALWAYS: "float32 always"}.get(
             self.float_below, f"float32 below {self.float_below} rows, torch._int_mm from there")
+        if self.panels_below != NEVER:
+            rule = ("C panels always" if self.panels_below == ALWAYS
+                    else f"C panels below {self.panels_below} rows, then {rule}")
         if self.c_through:
             rule = f"C on int8 weights up to {self.c_through} rows, then {rule}"
-        probes = ", ".join(f"M={m}: " + " / ".join(f"{name} {t:.2f}" for name, t in zip(("int", "float", "C"), ts)) + " ms"
+        probes = ", ".join(f"M={m}: " + " / ".join(f"{name} {t:.2f}" for name, t in ts.items()) + " ms"
                            for m, ts in self.timings_ms.items())
         return f"int8 GEMM on CPU: {rule} ({self.source}{'; ' + probes if probes else ''})"
+
+
+class WeightForms:
+    """An int8 weight [N, K] and the copies the CPU routes multiply by, each made on first use: the float
+    copy costs 4x the weight's bytes, the packed one 1x, so a process pays only for the routes it takes."""
+
+    def __init__(self, wq: torch.Tensor):
+        self.wq = wq.contiguous()
+        self._float: torch.Tensor | None = None
+        self._packed: torch.Tensor | None = None
+
+    def as_float(self) -> torch.Tensor:
+        if self._float is None:
+            self._float = float_weight(self.wq)
+        return self._float
+
+    def packed(self) -> torch.Tensor:
+        if self._packed is None:
+            self._packed = pack_weight(self.wq)
+        return self._packed
+
+
+def exact_int_mm(xq: torch.Tensor, forms: WeightForms) -> torch.Tensor:
+    """``xq @ wq.T`` [M, N] as exact integers in a float tensor, by the plan's route for M rows; ``xq`` holds
+    the integers in float32 (``quantize_rows_float``) or int8."""
+    route = plan().route(xq.shape[0])
+    if route == "C rows":
+        return int_mm_rows_c(xq, forms.wq)
+    if route == "C panels":
+        return int_mm_panels_c(xq, forms.packed(), forms.wq.shape[0])
+    if route == "float":
+        return int_mm_via_float(xq, forms.as_float())
+    return torch._int_mm(xq.to(torch.int8), forms.wq.t())
 
 
 def float_weight(wq: torch.Tensor) -> torch.Tensor:
@@ -99,10 +151,42 @@ def int_mm_rows_c(xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
     threads = torch.get_num_threads() if m * n * k >= 2**22 else 1  # a thread's start costs ~a small GEMV
     with cpu_fused.profiled("pdserve::int8_gemm_c"):
         status = cpu_fused.library().pdserve_int8_gemm_rows(x.data_ptr(), m, k, wq.data_ptr(), n, out.data_ptr(), threads)
+    _c_status(status, "rows", m, k)
+    return out
+
+
+def _c_status(status: int, what: str, m: int, k: int) -> None:
     if status:
-        raise ValueError({-1: f"C int8 GEMM: {m} rows or K={k} out of its range",
-                          -4: "C int8 GEMM: out of memory",
-                          -5: "C int8 GEMM: the rows must hold integers in [-127, 127]"}.get(status, f"status {status}"))
+        raise ValueError({-1: f"C int8 GEMM ({what}): {m} rows or K={k} out of its range",
+                          -4: f"C int8 GEMM ({what}): out of memory",
+                          -5: f"C int8 GEMM ({what}): the rows must hold integers in [-127, 127]"}.get(
+                              status, f"C int8 GEMM ({what}): status {status}"))
+
+
+def pack_weight(wq: torch.Tensor) -> torch.Tensor:
+    """The int8 weight [N, K] laid out for ``int_mm_panels_c``: [ceil(N / 16), ceil(K / 2), 16, 2], panels of
+    16 output columns, each K pair of a column adjacent; zeros pad N to whole panels and K to even."""
+    n, k = wq.shape
+    kp, np_ = k + k % 2, -(-n // PANEL_COLS) * PANEL_COLS
+    padded = torch.zeros((np_, kp), dtype=torch.int8)
+    padded[:n, :k] = wq
+    return padded.view(np_ // PANEL_COLS, PANEL_COLS, kp // 2, 2).permute(0, 2, 1, 3).contiguous()
+
+
+def int_mm_panels_c(xq: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
+    """``xq @ wq.T`` [M, N] float32 for rows of integers in float32 ([M, K]) and ``pack_weight(wq)``: the same
+    integers as every other route, each rounded once to float32."""
+    m, k = xq.shape
+    kp = packed.shape[1] * 2
+    if packed.shape[0] * PANEL_COLS < n or kp != k + k % 2:
+        raise ValueError(f"C int8 GEMM (panels): a packed weight of {tuple(packed.shape)} for K={k}, N={n}")
+    x = xq.to(torch.float32).contiguous()
+    out = torch.empty((m, n), dtype=torch.float32)
+    threads = torch.get_num_threads() if m * n * k >= 2**22 else 1
+    with cpu_fused.profiled("pdserve::int8_gemm_panels_c"):
+        status = m and cpu_fused.library().pdserve_int8_gemm_packed(x.data_ptr(), m, k, packed.data_ptr(), n, kp,
+                                                                    out.data_ptr(), threads)
+    _c_status(status, "panels", m, k)
     return out
 
 
@@ -137,24 +221,28 @@ def measure() -> GemmPlan:
 def _probe() -> GemmPlan:
     gen = torch.Generator().manual_seed(0)
     w = torch.randint(-127, 128, (PROBE_N, PROBE_K), dtype=torch.int8, generator=gen)
-    wt, wf = w.t(), float_weight(w)
-    timings, float_below, c_through = {}, ALWAYS, 0
+    wt, forms = w.t(), WeightForms(w)
+    timings, float_below, c_through, panels_below = {}, ALWAYS, 0, NEVER
     c_built = cpu_fused.available()
-    for m in sorted(set(PROBE_ROWS) | (set(C_PROBE_ROWS) if c_built else set())):
+    panels_win = c_built  # the panels route runs below the first probed count where it loses
+    for m in sorted(set(PROBE_ROWS) | (set(C_PROBE_ROWS) | set(PANEL_PROBE_ROWS) if c_built else set())):
         x = torch.randint(-127, 128, (m, PROBE_K), dtype=torch.int8, generator=gen)
-        t_int = _best_ms(lambda: torch._int_mm(x, wt))
         xf = x.float()
-        t_float = _best_ms(lambda: int_mm_via_float(xf, wf))
-        timings[m] = (t_int, t_float)
+        t = timings[m] = {"int": _best_ms(lambda: torch._int_mm(x, wt)),
+                          "float": _best_ms(lambda: int_mm_via_float(xf, forms.as_float()))}
         if c_built and m in C_PROBE_ROWS and c_through == _previous(C_PROBE_ROWS, m):  # C won at every count below
-            t_c = _best_ms(lambda: int_mm_rows_c(xf, w))
-            timings[m] = (t_int, t_float, t_c)
-            if t_c < min(t_int, t_float):
+            t["C rows"] = _best_ms(lambda: int_mm_rows_c(xf, w))
+            if t["C rows"] < min(t["int"], t["float"]):
                 c_through = m
-        if t_int < t_float and m in PROBE_ROWS:
+        if panels_win and m in PANEL_PROBE_ROWS:
+            t["C panels"] = _best_ms(lambda: int_mm_panels_c(xf, forms.packed(), PROBE_N))
+            panels_win = t["C panels"] < min(t["int"], t["float"])
+            panels_below = ALWAYS if panels_win else (NEVER if m == PANEL_PROBE_ROWS[0] else m)
+        if t["int"] < t["float"] and m in PROBE_ROWS and float_below == ALWAYS:
             float_below = m
+        if float_below != ALWAYS and not panels_win:
             break
-    return GemmPlan(float_below, "measured", timings, c_through)
+    return GemmPlan(float_below, "measured", timings, c_through, panels_below)
 
 
 def _previous(rows: tuple[int, ...], m: int) -> int:
@@ -165,12 +253,16 @@ def _previous(rows: tuple[int, ...], m: int) -> int:
 
 @functools.cache
 def plan() -> GemmPlan:
-    """This process's plan: from ``PDSERVE_INT8_GEMM`` (int | float | auto), measured once for auto."""
+    """This process's plan: from ``PDSERVE_INT8_GEMM`` (int | float | c | auto), measured once for auto; ``c``
+    without the C library built is the float route."""
     mode = os.environ.get("PDSERVE_INT8_GEMM", "auto")
     if mode == "int":
         return GemmPlan(NEVER, "env")
     if mode == "float":
         return GemmPlan(ALWAYS, "env")
+    if mode == "c":
+        built = cpu_fused.available()
+        return GemmPlan(ALWAYS, "env", c_through=C_MAX_ROWS if built else 0, panels_below=ALWAYS if built else NEVER)
     if mode != "auto":
-        raise ValueError(f"PDSERVE_INT8_GEMM must be int, float or auto; got {mode!r}")
+        raise ValueError(f"PDSERVE_INT8_GEMM must be int, float, c or auto; got {mode!r}")
     return measure()

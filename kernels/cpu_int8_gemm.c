@@ -15,6 +15,8 @@
 #include <immintrin.h>
 #endif
 
+#include "cpu_tile.h"
+
 #define MAX_ROWS 16
 #define MAX_GEMM_THREADS 64
 
@@ -111,6 +113,78 @@ int pdserve_int8_gemm_rows(const float *x, int64_t m, int64_t k, const int8_t *w
     gemm_job(&jobs[0]);
     for (int64_t t = 1; t < threads; ++t) {
         if (started[t]) pthread_join(ids[t], NULL); else gemm_job(&jobs[t]);
+    }
+    free(xi);
+    return 0;
+}
+
+/* -- many rows: packed weights, register tiles (cpu_tile.h) ----------------------------------------------------
+ * At prefill a weight is reused by hundreds of rows, so the arithmetic, not the bytes, sets the time. AVX2 has
+ * no 8-bit dot product that is exact here (vpmaddubsw's pairs of |w| * x fit, but it needs a sign op per
+ * product vector), while vpmaddwd multiplies 16-bit pairs into int32 at the rate of an fp32 FMA with twice
+ * its products: x widened to int16 once per call, the weight packed once (kernels/cpu_gemm.py,
+ * ``pack_weight``) as panels of 16 columns, [ceil(N/16)][K/2][16][2] bytes. Exact int32 sums (K up to 2**16),
+ * each stored as float32 rounded once: the same bits as the rows path and the float route. */
+#define ROW_BLOCK 48  /* rows whose int16 copy (48 x K x 2 bytes) stays in L2 while every panel passes */
+
+typedef struct {
+    const int16_t *x;  /* [m, kp] */
+    const int8_t *wp;  /* packed */
+    float *out;  /* [m, n] */
+    int64_t m, kp, n, begin, end;  /* this thread's panels */
+} PanelJob;
+
+static void *panel_job(void *arg) {
+    const PanelJob *a = arg;
+    int32_t tile[TILE_ROWS][TILE_COLS];
+    for (int64_t r0 = 0; r0 < a->m; r0 += ROW_BLOCK) {
+        const int64_t r1 = r0 + ROW_BLOCK < a->m ? r0 + ROW_BLOCK : a->m;
+        for (int64_t j = a->begin; j < a->end; ++j) {
+            const int8_t *wp = a->wp + j * a->kp * TILE_COLS;
+            const int64_t cols = a->n - j * TILE_COLS < TILE_COLS ? a->n - j * TILE_COLS : TILE_COLS;
+            for (int64_t r = r0; r < r1; r += TILE_ROWS) {
+                const int R = (int)(r1 - r < TILE_ROWS ? r1 - r : TILE_ROWS);
+                tile_i32(a->x + r * a->kp, a->kp, wp, a->kp / 2, R, tile);
+                for (int i = 0; i < R; ++i) {
+                    float *o = a->out + (r + i) * a->n + j * TILE_COLS;
+                    for (int64_t c = 0; c < cols; ++c) o[c] = (float)tile[i][c];
+                }
+            }
+        }
+    }
+    return NULL;
+}
+
+/* out[r, j] = sum_i x[r, i] * w[j, i] for x holding integers in [-127, 127] as float32 [m, k] and w packed by
+ * ``pack_weight`` (K padded to kp, even; N to whole panels). Returns 0, -1 (K past 2**16 or kp not K rounded up to
+ * even), -4 (no memory), -5 (an x that is not such an integer). */
+int pdserve_int8_gemm_packed(const float *x, int64_t m, int64_t k, const int8_t *wp, int64_t n, int64_t kp, float *out,
+                             int64_t threads) {
+    if (m < 1 || k > 65536 || kp != k + (k & 1)) return -1;
+    int16_t *xi = malloc((size_t)(m * kp) * sizeof(int16_t));
+    if (xi == NULL) return -4;
+    for (int64_t r = 0; r < m; ++r) {
+        for (int64_t i = 0; i < k; ++i) {
+            const float v = x[r * k + i];
+            if (!(fabsf(v) <= 127.0f) || (float)(int16_t)v != v) { free(xi); return -5; }
+            xi[r * kp + i] = (int16_t)v;
+        }
+        if (kp > k) xi[r * kp + k] = 0;
+    }
+    const int64_t panels = (n + TILE_COLS - 1) / TILE_COLS;
+    if (threads < 1) threads = 1;
+    if (threads > MAX_GEMM_THREADS) threads = MAX_GEMM_THREADS;
+    if (threads > panels) threads = panels;
+    PanelJob jobs[MAX_GEMM_THREADS];
+    pthread_t ids[MAX_GEMM_THREADS];
+    int started[MAX_GEMM_THREADS] = {0};
+    for (int64_t t = 0; t < threads; ++t)
+        jobs[t] = (PanelJob){.x = xi, .wp = wp, .out = out, .m = m, .kp = kp, .n = n,
+                             .begin = panels * t / threads, .end = panels * (t + 1) / threads};
+    for (int64_t t = 1; t < threads; ++t) started[t] = pthread_create(&ids[t], NULL, panel_job, &jobs[t]) == 0;
+    panel_job(&jobs[0]);
+    for (int64_t t = 1; t < threads; ++t) {
+        if (started[t]) pthread_join(ids[t], NULL); else panel_job(&jobs[t]);
     }
     free(xi);
     return 0;

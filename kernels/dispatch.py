@@ -57,16 +57,16 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def int8_matmul(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
                 bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32,
-                wq_float: torch.Tensor | None = None) -> torch.Tensor:
-    """``wq_float``: the caller's ``cpu_gemm.float_weight(wq)``, passed where ``int8_gemm_in_float`` said so."""
+                forms: cpu_gemm.WeightForms | None = None) -> torch.Tensor:
+    """``forms``: the caller's ``cpu_gemm.WeightForms(wq)``, passed where ``int8_gemm_in_float`` said so."""
     if use_triton(xq):
         return _triton("gemm").int8_matmul(xq, x_scale, wq, w_scale, bias, out_dtype)
-    return reference.int8_matmul(xq, x_scale, wq, w_scale, bias, out_dtype, wq_float)
+    return reference.int8_matmul(xq, x_scale, wq, w_scale, bias, out_dtype, forms)
 
 
 def int8_gemm_in_float(x: torch.Tensor) -> bool:
-    """Whether the GEMM of these rows [M, K] runs as exact float32 GEMMs (``kernels.cpu_gemm``'s measured plan);
-    then the caller quantizes with ``quantize_rows_float`` and passes ``wq_float``."""
+    """Whether the GEMM of these rows [M, K] takes a CPU route with float inputs (``kernels.cpu_gemm``'s measured
+    plan: C or float32 GEMMs); then the caller quantizes with ``quantize_rows_float`` and passes ``WeightForms``."""
     return x.is_cpu and not use_triton(x) and cpu_gemm.plan().use_float(x.shape[0])
 
 

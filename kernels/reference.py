@@ -39,20 +39,18 @@ def int8_matmul(
     w_scale: torch.Tensor,  # [N] float32
     bias: torch.Tensor | None = None,
     out_dtype: torch.dtype = torch.float32,
-    wq_float: torch.Tensor | None = None,
+    forms: cpu_gemm.WeightForms | None = None,
 ) -> torch.Tensor:
     """``(xq @ wq.T)`` accumulated exactly in int32, then ``* x_scale * w_scale (+ bias)``.
 
     Integer accumulation makes the result independent of how rows are batched, so a
-    batched engine reproduces an unbatched one bit for bit. With ``wq_float``
-    (``cpu_gemm.float_weight(wq)``) the same integers come from float32 GEMMs, or at a few rows from
-    C reading ``wq`` itself (``kernels.cpu_gemm``'s plan): the same bits, faster where the CPU's int8
-    path is slow.
+    batched engine reproduces an unbatched one bit for bit. With ``forms``
+    (``cpu_gemm.WeightForms(wq)``, and ``xq`` its integers in float32) the same integers come from the
+    CPU route ``kernels.cpu_gemm``'s plan picks for M rows (C on the int8 weight, C on a packed copy,
+    float32 GEMMs): the same bits, faster where the CPU's int8 path is slow.
     """
-    if wq_float is not None and cpu_gemm.plan().use_c_rows(xq.shape[0]):
-        acc = cpu_gemm.int_mm_rows_c(xq, wq)
-    elif wq_float is not None:
-        acc = cpu_gemm.int_mm_via_float(xq, wq_float)
+    if forms is not None:
+        acc = cpu_gemm.exact_int_mm(xq, forms)
     elif xq.is_cpu or xq.shape[0] > 16:
         acc = torch._int_mm(xq, wq.t())
     else:

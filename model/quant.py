@@ -91,8 +91,8 @@ class QLinear(nn.Module):
         else:
             x = self._rotate(x)
             xq, xs = kernels.quantize_rows_float(x) if in_float else kernels.quantize_rows(x)
-        wf = self._int8_as_float() if in_float else None
-        return kernels.int8_matmul(xq, xs, self.weight_q, self.weight_scale, out_dtype=self.dtype, wq_float=wf)
+        forms = self._int8_forms() if in_float else None
+        return kernels.int8_matmul(xq, xs, self.weight_q, self.weight_scale, out_dtype=self.dtype, forms=forms)
 
     def _rotate(self, x: torch.Tensor) -> torch.Tensor:
         """Blockwise ``x @ H`` over the last dimension (H is symmetric, so W @ H rotates the columns alike)."""
@@ -111,10 +111,10 @@ class QLinear(nn.Module):
         return self._derive("dequantized", (self.weight_q, self.weight_scale), lambda: kernels.dequantize_rows(
             self.weight_q, self.weight_scale[:, None], self.dtype))
 
-    def _int8_as_float(self) -> torch.Tensor:
-        """The int8 weight's exact float32 copy (kernels.cpu_gemm), made on first use, so only processes
-        whose CPU plan takes the float route pay its memory."""
-        return self._derive("as_float", (self.weight_q,), lambda: kernels.int8_float_weight(self.weight_q))
+    def _int8_forms(self) -> kernels.Int8WeightForms:
+        """The int8 weight's copies for the CPU routes (kernels.cpu_gemm: float32, packed), each made on first
+        use, so a process pays the memory of only the routes its plan takes."""
+        return self._derive("cpu_forms", (self.weight_q,), lambda: kernels.Int8WeightForms(self.weight_q))
 
     def _smoothed(self) -> bool:
         """Whether ``inv_smooth`` is other than all ones (a multiply per call saved when not)."""

@@ -80,6 +80,31 @@ def test_query_slices_and_threads_do_not_change_a_bit(monkeypatch):
 
 
 @needs_cc
+@pytest.mark.parametrize("h, hkv, d, bs, start, t, window, threads", [
+    (9, 3, 64, 64, 0, 512, None, 2), (9, 3, 64, 16, 7, 93, None, 3), (4, 1, 16, 16, 300, 40, 33, 1),
+    (8, 8, 128, 16, 0, 4, None, 1), (16, 1, 32, 16, 5, 70, 17, 2), (4, 2, 256, 16, 0, 21, 9, 2)])
+def test_prefill_tiles_give_the_one_query_path_s_bits(monkeypatch, h, hkv, d, bs, start, t, window, threads):
+    """Many queries of one sequence take cpu_attention_prefill.c's tiles; one query at a time (the decode loops,
+    PDSERVE_CPU_ATTENTION_TILES=off) must give the same bits: odd spans, windows, starts inside a block, block
+    and thread splits that do not divide the queries, head groups of 1 to 16."""
+    blocks = -(-(start + t) // bs)
+    kp, vp, ks, vs = int8_pools(blocks + 1, bs, hkv, d, seed=t)
+    table = torch.randperm(blocks + 1, generator=torch.Generator().manual_seed(3))[:blocks]
+    q = queries(t, h, d, seed=h + t)
+    monkeypatch.setattr(cpu_attention, "THREADED_MACS", 0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        tiled = cpu_attention.paged_prefill_attention(q, kp, vp, ks, vs, table, start, window)
+        monkeypatch.setenv("PDSERVE_CPU_ATTENTION_TILES", "off")
+        alone = cpu_attention.paged_prefill_attention(q, kp, vp, ks, vs, table, start, window)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(tiled, alone)
+    assert torch.equal(tiled, reference.paged_prefill_attention(q, kp, vp, ks, vs, table, start, window))
+
+
+@needs_cc
 def test_a_position_outside_the_block_table_is_a_clear_error():
     kp, vp, ks, vs = int8_pools(8, 16, 1, 16, seed=5)
     q = queries(2, 4, 16, seed=6)
@@ -92,6 +117,8 @@ def test_a_position_outside_the_block_table_is_a_clear_error():
         cpu_attention.paged_decode_attention(q, kp, vp, ks, vs, torch.tensor([[0, 1]]), torch.tensor([20]))
     with pytest.raises(ValueError, match="sized for"):
         cpu_attention.paged_decode_attention(q[:1], kp, vp, ks, vs, tables[:1], torch.tensor([reference.MAX_KEYS + 1]))
+    with pytest.raises(ValueError, match="not in the block table"):  # a prefill's tiles gather through the table too
+        cpu_attention.paged_prefill_attention(queries(20, 4, 16, seed=9), kp, vp, ks, vs, torch.tensor([0, -1]), 10)
 
 
 @needs_cc

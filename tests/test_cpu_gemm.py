@@ -35,14 +35,24 @@ def test_a_single_float32_gemm_past_exact_k_would_round():
     assert float(cpu_gemm.int_mm_via_float(x, cpu_gemm.float_weight(w))[0, 0]) == float(exact[0, 0])
 
 
-def test_int8_matmul_gives_the_same_bits_by_either_route():
-    g = torch.Generator().manual_seed(0)
-    xq = torch.randint(-127, 128, (17, 1536), generator=g, dtype=torch.int8)
+@pytest.mark.parametrize("plan", [cpu_gemm.GemmPlan(cpu_gemm.ALWAYS, "test"),
+                                  cpu_gemm.GemmPlan(cpu_gemm.ALWAYS, "test", panels_below=cpu_gemm.ALWAYS),
+                                  cpu_gemm.GemmPlan(cpu_gemm.ALWAYS, "test", c_through=cpu_gemm.C_MAX_ROWS)],
+                         ids=["float", "C panels", "C rows"])
+@pytest.mark.parametrize("m", [1, 17])
+def test_int8_matmul_gives_the_same_bits_by_every_route(monkeypatch, plan, m):
+    if plan.route(m) == "C rows" and m > cpu_gemm.C_MAX_ROWS:
+        m = cpu_gemm.C_MAX_ROWS
+    monkeypatch.setattr(cpu_gemm, "plan", lambda: plan)
+    g = torch.Generator().manual_seed(m)
+    xq = torch.randint(-127, 128, (m, 1536), generator=g, dtype=torch.int8)
     wq = torch.randint(-127, 128, (40, 1536), generator=g, dtype=torch.int8)
-    xs, ws = torch.rand(17, 1, generator=g), torch.rand(40, generator=g)
+    xs, ws = torch.rand(m, 1, generator=g), torch.rand(40, generator=g)
     via_int = kernels.int8_matmul(xq, xs, wq, ws)
-    via_float = kernels.int8_matmul(xq, xs, wq, ws, wq_float=kernels.int8_float_weight(wq))
-    assert torch.equal(via_int, via_float)
+    forms = kernels.Int8WeightForms(wq)
+    assert torch.equal(via_int, kernels.int8_matmul(xq.float(), xs, wq, ws, forms=forms))
+    made = {"float": forms._float is not None, "packed": forms._packed is not None}
+    assert made == {"float": plan.route(m) == "float", "packed": plan.route(m) == "C panels"}  # only what it ran
 
 
 @pytest.mark.parametrize("mode, rows, expected", [("int", 1, False), ("float", 4096, True)])
@@ -68,12 +78,19 @@ def test_a_bad_plan_setting_is_refused_by_name(monkeypatch):
 
 def test_the_measured_plan_names_what_it_timed():
     plan = cpu_gemm.measure()
-    assert plan.source == "measured" and set(plan.timings_ms) <= set(cpu_gemm.PROBE_ROWS) | set(cpu_gemm.C_PROBE_ROWS)
-    assert all(len(ts) in (2, 3) and min(ts) > 0 for ts in plan.timings_ms.values())
+    probed = set(cpu_gemm.PROBE_ROWS) | set(cpu_gemm.C_PROBE_ROWS) | set(cpu_gemm.PANEL_PROBE_ROWS)
+    assert plan.source == "measured" and set(plan.timings_ms) <= probed
+    assert all({"int", "float"} <= set(ts) <= set(cpu_gemm.ROUTES) and min(ts.values()) > 0
+               for ts in plan.timings_ms.values())
     assert plan.float_below in (cpu_gemm.ALWAYS, *cpu_gemm.PROBE_ROWS)
     assert plan.c_through in (0, *cpu_gemm.C_PROBE_ROWS)
-    if plan.c_through:  # C won where it runs, against both other paths
-        assert all(ts[2] < min(ts[:2]) for m, ts in plan.timings_ms.items() if m <= plan.c_through)
+    assert plan.panels_below in (cpu_gemm.NEVER, cpu_gemm.ALWAYS, *cpu_gemm.PANEL_PROBE_ROWS[1:])
+    for m, ts in plan.timings_ms.items():  # each route runs only where it beat every route timed beside it
+        route = plan.route(m)
+        if route in ("C rows", "C panels"):
+            assert ts[route] == min(ts.values())
+        elif "C panels" in ts:
+            assert ts["C panels"] >= min(ts["int"], ts["float"])
     assert "int8 GEMM on CPU" in plan.describe()
 
 
@@ -92,6 +109,45 @@ def test_the_c_rows_route_gives_int_mm_s_integers_at_the_extremes(k, m):
     got = cpu_gemm.int_mm_rows_c(xq.float(), wq)
     assert torch.equal(got, torch._int_mm(xq, wq.t()).to(torch.float32))
     assert torch.equal(got, cpu_gemm.int_mm_via_float(xq.float(), cpu_gemm.float_weight(wq)).to(torch.float32))
+
+
+@pytest.mark.parametrize("k", [16, 33, 576, 1536, 3000])
+@pytest.mark.parametrize("m", [1, 5, 6, 13, 50])
+def test_the_c_panels_route_gives_int_mm_s_integers_at_the_extremes(k, m):
+    """Extreme rows against extreme weight rows fill every int32 lane; odd K pads the pairs, 37 weight rows end
+    in a partial panel, and rows not a multiple of the tile's 6 (or of the 48-row block) take the short tiles."""
+    g = torch.Generator().manual_seed(k * 100 + m)
+    xq = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8)
+    xq[0] = 127
+    xq[-1] = -127 if m > 1 else 127
+    wq = torch.cat([torch.full((1, k), -128, dtype=torch.int8), torch.full((1, k), 127, dtype=torch.int8),
+                    torch.randint(-128, 128, (35, k), generator=g, dtype=torch.int8)])
+    got = cpu_gemm.int_mm_panels_c(xq.float(), cpu_gemm.pack_weight(wq), wq.shape[0])
+    assert torch.equal(got, torch._int_mm(xq, wq.t()).to(torch.float32))
+
+
+def test_the_c_panels_route_splits_across_threads_alike():
+    g = torch.Generator().manual_seed(1)
+    xq = torch.randint(-127, 128, (100, 576), generator=g).float()
+    wq = torch.randint(-128, 128, (1000, 576), generator=g, dtype=torch.int8)
+    packed, before = cpu_gemm.pack_weight(wq), torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2, 3):  # 100 x 1000 x 576 is past the size where a call starts threads
+            torch.set_num_threads(threads)
+            outs.append(cpu_gemm.int_mm_panels_c(xq, packed, 1000))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    assert torch.equal(outs[0], torch._int_mm(xq.to(torch.int8), wq.t()).float())
+
+
+def test_the_c_panels_route_refuses_what_it_cannot_hold():
+    packed = cpu_gemm.pack_weight(torch.ones(4, 32, dtype=torch.int8))
+    for x, why in ((torch.full((2, 32), 0.5), "integers"), (torch.full((2, 32), -128.0), "integers"),
+                   (torch.full((2, 32), float("inf")), "integers"), (torch.ones(2, 34), "packed weight")):
+        with pytest.raises(ValueError, match=why):
+            cpu_gemm.int_mm_panels_c(x, packed, 4)
 
 
 def test_the_c_rows_route_refuses_what_it_cannot_hold():
@@ -114,6 +170,23 @@ def test_a_layer_gives_the_same_bits_through_the_c_rows_route(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(outs[0], outs[8]))
     plan = cpu_gemm.GemmPlan(16, "test", c_through=8)
     assert plan.use_c_rows(8) and not plan.use_c_rows(9) and plan.use_float(9) and not plan.use_float(16)
+    plan = cpu_gemm.GemmPlan(256, "test", c_through=4, panels_below=128)
+    assert [plan.route(m) for m in (4, 5, 127, 128, 255, 256)] == ["C rows", "C panels", "C panels", "float",
+                                                                   "float", "int"]
+
+
+def test_a_layer_gives_the_same_bits_through_the_c_panels_route(monkeypatch):
+    layer = QLinear(1536, 576, QuantConfig())
+    layer.load_float(torch.randn(576, 1536))
+    x = torch.randn(70, 1536)
+    outs = {}
+    for name, plan in (("float", cpu_gemm.GemmPlan(cpu_gemm.ALWAYS, "test")),
+                       ("panels", cpu_gemm.GemmPlan(cpu_gemm.ALWAYS, "test", panels_below=cpu_gemm.ALWAYS))):
+        monkeypatch.setattr(cpu_gemm, "plan", lambda plan=plan: plan)
+        outs[name] = layer(x)
+    assert torch.equal(outs["float"], outs["panels"])
+    layer.load_state_dict({**layer.state_dict(), "weight_q": -layer.weight_q})  # in place: the packed copy follows
+    assert torch.equal(layer(x), -outs["panels"])
 
 
 def test_a_layer_gives_the_same_bits_by_either_route_and_follows_its_weights(monkeypatch):
@@ -121,11 +194,11 @@ def test_a_layer_gives_the_same_bits_by_either_route_and_follows_its_weights(mon
     layer.load_float(torch.randn(64, 1536))
     x = torch.randn(9, 1536)
     outs = {}
-    for mode in ("int", "float"):
+    for mode in ("int", "float", "c"):
         monkeypatch.setenv("PDSERVE_INT8_GEMM", mode)
         cpu_gemm.plan.cache_clear()
         outs[mode] = layer(x)
-    assert torch.equal(outs["int"], outs["float"])
+    assert torch.equal(outs["int"], outs["float"]) and torch.equal(outs["int"], outs["c"])
     layer.load_state_dict({**layer.state_dict(), "weight_q": -layer.weight_q})  # in place: the float copy follows
     assert torch.equal(layer(x), -outs["float"])
     cpu_gemm.plan.cache_clear()

@@ -1,0 +1,184 @@
+/* What cpu_attention.c (one query at a time) and cpu_attention_prefill.c (a prefill's queries in tiles) share:
+ * the job, where a query's keys lie, a query's integer grid, and the softmax's exact halves. */
+#ifndef PDSERVE_CPU_ATTENTION_H
+#define PDSERVE_CPU_ATTENTION_H
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+#define MAX_D 256
+#define MAX_GROUP 16
+#define MAX_THREADS 64
+#define PREFETCH 32  /* rows ahead */
+#define QUERY_BLOCK 16  /* queries per tile block (cpu_attention_prefill.c) */
+#define TILED_MIN_QUERIES 4  /* fewer queries of one sequence go one at a time */
+
+typedef struct {
+    const float *q, *in;  /* queries [n, h, d]; pv: e, laid out as the scores */
+    int64_t n, h, d, hkv;
+    const int64_t *offsets;  /* [n + 1]: query r's h score rows start at offsets[r], each of row_length(r) */
+    int64_t max_cols;  /* the longest score row */
+    const int64_t *qseq, *qpos;
+    int64_t window;
+    const int64_t *tables;  /* [sequences, tw] block ids */
+    int64_t tw, bs, nblocks;
+    const int8_t *pool;  /* [nblocks * bs, hkv, d] */
+    const float *pscale;  /* [nblocks * bs, hkv] */
+    float levels, c, pdiv;
+    float *out;  /* scores (packed rows, see offsets) or attention [n, h, d] */
+    int64_t begin, end;  /* this thread's (query, KV head) pairs, query-major; tiled: see `stride` */
+    int64_t stride;  /* 0, or a tiled job (cpu_attention_prefill.c): query blocks begin, begin + stride, ... */
+    const int8_t **rows;  /* scratch, one per column: a key's (or value's) row, its scale, its weight */
+    float *scales;
+    int32_t *weights;  /* pv: packed weights of every query head of a KV head, then one row's integers */
+    int status;  /* 0, -2 a block outside the pool, -3 more keys than columns or a bad position, -4 no memory */
+} Job;
+
+static inline int64_t first_visible(int64_t qpos, int64_t window) {  /* window 0: no window */
+    const int64_t f = window > 0 ? qpos - window + 1 : 0;
+    return f > 0 ? f : 0;
+}
+
+static inline int64_t row_length(const Job *a, int64_t r) { return (a->offsets[r + 1] - a->offsets[r]) / a->h; }
+
+static inline float *score_row(const Job *a, const float *base, int64_t r, int64_t hh) {
+    return (float *)base + a->offsets[r] + hh * row_length(a, r);
+}
+
+/* The rows (and scales) of KV head kh at positions first..first+count-1 of sequence s (locate: query r's
+ * visible ones), through its block table: 0, or the job's error status (-2 a block not held or outside the
+ * pool, -3 a bad position). */
+static inline int locate_span(const Job *a, int64_t s, int64_t kh, int64_t first, int64_t count, const int8_t **rows,
+                              float *scales) {
+    for (int64_t j = 0, b = first / a->bs, o = first % a->bs; j < count; ++b, o = 0) {  /* block by block */
+        const int64_t blk = b < a->tw ? a->tables[s * a->tw + b] : -1;
+        if (blk < 0 || blk >= a->nblocks) return -2;
+        for (int64_t slot = blk * a->bs + o; o < a->bs && j < count; ++o, ++slot, ++j) {
+            rows[j] = a->pool + (slot * a->hkv + kh) * a->d;
+            scales[j] = a->pscale[slot * a->hkv + kh];
+        }
+    }
+    return 0;
+}
+
+/* Whether query r's position is valid and its visible keys fit its score rows (else -3). */
+static inline int query_fits(const Job *a, int64_t r) {
+    return a->qpos[r] >= 0 && a->qpos[r] - first_visible(a->qpos[r], a->window) + 1 <= row_length(a, r);
+}
+
+static inline int locate(const Job *a, int64_t r, int64_t kh, int64_t *count, const int8_t **rows, float *scales) {
+    const int64_t first = first_visible(a->qpos[r], a->window);
+    *count = a->qpos[r] - first + 1;
+    if (!query_fits(a, r)) return -3;
+    return locate_span(a, a->qseq[r], kh, first, *count, rows, scales);
+}
+
+/* Keys and values lie where their blocks do, scattered: fetch a few rows ahead (the loop is latency-bound without). */
+static inline void prefetch_row(const int8_t *row, int64_t d) {
+    for (int64_t i = 0; i < d; i += 64) __builtin_prefetch(row + i);
+}
+
+/* The largest of row[0..count), NaN if any is. Which of two equal zeros wins may differ from a
+ * left-to-right scan; row - max then differs only in a zero's sign, which exp maps to 1 either way. */
+static inline float row_max(const float *row, int64_t count) {
+    float top = -INFINITY;
+    int nan = 0;
+    int64_t j = 0;
+#ifdef __AVX2__
+    __m256 vt = _mm256_set1_ps(-INFINITY), vn = _mm256_setzero_ps();
+    for (; j + 8 <= count; j += 8) {
+        const __m256 x = _mm256_loadu_ps(row + j);
+        vn = _mm256_or_ps(vn, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+        vt = _mm256_max_ps(x, vt);  /* a NaN x keeps vt, as the scalar loop keeps top */
+    }
+    float lanes[8];
+    _mm256_storeu_ps(lanes, vt);
+    for (int m = 0; m < 8; ++m) top = lanes[m] > top ? lanes[m] : top;
+    nan = _mm256_movemask_ps(vn) != 0;
+#endif
+    for (; j < count; ++j) { nan |= isnan(row[j]); top = row[j] > top ? row[j] : top; }
+    return nan ? NAN : top;
+}
+
+/* Row minus its max over the first count columns (NaN everywhere if any is, as torch's amax); the padding
+ * past them was -inf. */
+static inline void minus_max(float *row, int64_t count, int64_t length) {
+    const float top = row_max(row, count);
+    for (int64_t j = 0; j < count; ++j) row[j] = row[j] - top;
+    if (isnan(top)) for (int64_t j = count; j < length; ++j) row[j] = NAN;
+}
+
+/* The split of q's grid integers: n = hi * 2**shift + lo with |hi| <= 2**14 and 0 <= lo < 2**15. */
+static inline int query_shift(float levels) { return ilogbf(levels) - 14 > 11 ? ilogbf(levels) - 14 : 11; }
+
+/* One query head's row qr [d] on its integer grid (levels over its largest |q|), split into int16 halves;
+ * returns the grid's scale times c (1/sqrt(d)). */
+static inline float query_halves(const Job *a, const float *qr, int shift, int16_t *hi, int16_t *lo) {
+    float amax = 0.0f;
+    for (int64_t i = 0; i < a->d; ++i) { float m = fabsf(qr[i]); amax = m > amax ? m : amax; }
+    const float scale = (amax < 1e-30f ? 1e-30f : amax) / a->levels;
+    for (int64_t i = 0; i < a->d; ++i) {
+        const int32_t nq = (int32_t)nearbyintf(qr[i] / scale);
+        hi[i] = (int16_t)(nq >> shift);  /* floor: lo lands in [0, 2**shift) */
+        lo[i] = (int16_t)(nq - (nq >> shift) * (1 << shift));
+    }
+    return scale * a->c;
+}
+
+/* The softmax's sum in units of 2**-28 (integers summed in double: exact in any order), and in *pmax
+ * the largest probability times its value scale (0 if none is larger; NaNs skipped, as the scalar loop). */
+static inline double softmax_sum(const float *e, const float *scales, int64_t count, float *pmax) {
+    double zs = 0.0;
+    float top = 0.0f;
+    int64_t j = 0;
+#ifdef __AVX2__
+    __m256d z0 = _mm256_setzero_pd(), z1 = _mm256_setzero_pd();
+    __m256 vt = _mm256_setzero_ps();
+    for (; j + 8 <= count; j += 8) {
+        const __m256 x = _mm256_loadu_ps(e + j);
+        const __m256 units = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(268435456.0f)),
+                                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);  /* nearbyintf */
+        z0 = _mm256_add_pd(z0, _mm256_cvtps_pd(_mm256_castps256_ps128(units)));
+        z1 = _mm256_add_pd(z1, _mm256_cvtps_pd(_mm256_extractf128_ps(units, 1)));
+        vt = _mm256_max_ps(_mm256_mul_ps(x, _mm256_loadu_ps(scales + j)), vt);
+    }
+    double zl[4];
+    float lanes[8];
+    _mm256_storeu_pd(zl, _mm256_add_pd(z0, z1));
+    zs = (zl[0] + zl[1]) + (zl[2] + zl[3]);
+    _mm256_storeu_ps(lanes, vt);
+    for (int m = 0; m < 8; ++m) top = lanes[m] > top ? lanes[m] : top;
+#endif
+    for (; j < count; ++j) {
+        zs += (double)nearbyintf(e[j] * 268435456.0f);
+        const float p = e[j] * scales[j];
+        top = p > top ? p : top;
+    }
+    *pmax = top;
+    return zs;
+}
+
+/* n[j] = round(e[j] * scales[j] / unit): each key's weight on the probability grid (IEEE division). */
+static inline void grid_weights(const float *e, const float *scales, int64_t count, float unit, int32_t *n) {
+    int64_t j = 0;
+#ifdef __AVX2__
+    for (; j + 8 <= count; j += 8) {
+        const __m256 w = _mm256_div_ps(_mm256_mul_ps(_mm256_loadu_ps(e + j), _mm256_loadu_ps(scales + j)),
+                                       _mm256_set1_ps(unit));
+        _mm256_storeu_si256((__m256i *)(n + j), _mm256_cvtps_epi32(_mm256_round_ps(
+            w, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
+    }
+#endif
+    for (; j < count; ++j) n[j] = (int32_t)nearbyintf(e[j] * scales[j] / unit);
+}
+
+/* cpu_attention_prefill.c: a job whose queries all read one sequence, in tiles (stride > 0). */
+void pdserve_scores_tiled(Job *a) __attribute__((visibility("hidden")));
+void pdserve_pv_tiled(Job *a) __attribute__((visibility("hidden")));
+
+#endif
