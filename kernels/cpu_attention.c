@@ -19,7 +19,6 @@
  * its row's columns past its last key are -inf. Built with -ffp-contract=off, without fast-math.
  */
 #include <math.h>
-#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -28,6 +27,7 @@
 #endif
 
 #include "cpu_attention.h"
+#include "cpu_threads.h"
 #include "cpu_tile.h"
 
 /* sum(hi * k), sum(lo * k) over d int8 k: exact int32 sums. */
@@ -266,8 +266,6 @@ static int run(Job *proto, int64_t threads) {
     const int64_t units = tiled ? (proto->n + QUERY_BLOCK - 1) / QUERY_BLOCK : proto->n * proto->hkv;
     if (threads > units) threads = units > 0 ? units : 1;
     Job jobs[MAX_THREADS];
-    pthread_t ids[MAX_THREADS];
-    int started[MAX_THREADS] = {0};
     for (int64_t t = 0; t < threads; ++t) {
         jobs[t] = *proto;
         jobs[t].begin = tiled ? t : units * t / threads;
@@ -275,11 +273,7 @@ static int run(Job *proto, int64_t threads) {
         jobs[t].stride = tiled ? threads : 0;
         jobs[t].status = 0;
     }
-    for (int64_t t = 1; t < threads; ++t) started[t] = pthread_create(&ids[t], NULL, run_job, &jobs[t]) == 0;
-    run_job(&jobs[0]);
-    for (int64_t t = 1; t < threads; ++t) {
-        if (started[t]) pthread_join(ids[t], NULL); else run_job(&jobs[t]);
-    }
+    run_jobs(run_job, jobs, sizeof(*jobs), threads);
     for (int64_t t = 0; t < threads; ++t) if (jobs[t].status) return jobs[t].status;
     return 0;
 }

@@ -31,8 +31,9 @@ import torch
 
 SOURCES = [Path(__file__).with_name(name) for name in ("cpu_fused.c", "cpu_attention.c", "cpu_attention_prefill.c",
                                                                "cpu_int8_gemm.c")]
-HEADERS = [Path(__file__).with_name(name) for name in ("cpu_tile.h", "cpu_attention.h")]  # part of the build's name, not compiled
+HEADERS = [Path(__file__).with_name(name) for name in ("cpu_tile.h", "cpu_attention.h", "cpu_threads.h")]  # part of the build's name, not compiled
 FLAGS = ["-O3", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", "-fno-fast-math", "-std=c99"]
+OPENMP = ["-fopenmp"]
 
 
 def _machine_flags() -> list[str]:
@@ -53,19 +54,26 @@ def _cache_dir() -> Path:
 def _build(cc: str) -> Path:
     """Compile to a file named by the source, flags, compiler and machine (a shared home directory
     can hold several); written under a temporary name and renamed, so concurrent workers never load
-    half a file."""
-    flags = FLAGS + _machine_flags()
+    half a file. With OpenMP where the compiler has it (``cpu_threads.h``: the kernels' threads are then
+    torch's), else with threads of their own."""
     text = b"".join(source.read_bytes() for source in SOURCES + HEADERS)
-    key = hashlib.sha256(text + " ".join([cc, *flags, platform.machine()]).encode()).hexdigest()[:16]
-    out = _cache_dir() / f"cpu_fused-{key}.so"
-    if out.exists():
+    for flags in (FLAGS + OPENMP + _machine_flags(), FLAGS + _machine_flags()):
+        key = hashlib.sha256(text + " ".join([cc, *flags, platform.machine()]).encode()).hexdigest()[:16]
+        out = _cache_dir() / f"cpu_fused-{key}.so"
+        if out.exists():
+            return out
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+            part = Path(tmp) / out.name
+            try:
+                compile_library(cc, SOURCES, part, flags)
+            except subprocess.CalledProcessError:
+                if OPENMP[0] in flags:
+                    continue  # no OpenMP here: build without it
+                raise
+            os.replace(part, out)
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        part = Path(tmp) / out.name
-        compile_library(cc, SOURCES, part, flags)
-        os.replace(part, out)
-    return out
+    raise AssertionError("unreachable")
 
 
 def compiler() -> str | None:
@@ -75,7 +83,7 @@ def compiler() -> str | None:
 def compile_library(cc: str, sources: list[Path], out: Path, flags: list[str] | None = None) -> None:
     """Build ``sources`` into the shared library ``out`` with this module's flags (also for
     ``benchmarks.c_kernels_vs``, which builds a git revision's sources alike)."""
-    flags = FLAGS + _machine_flags() if flags is None else flags
+    flags = FLAGS + OPENMP + _machine_flags() if flags is None else flags
     subprocess.run([cc, *flags, *map(str, sources), "-o", str(out), "-lm"], check=True, capture_output=True,
                    text=True, timeout=120)
 

@@ -8,13 +8,13 @@
  * float64 beyond 1024) integers are by the epilogue. K not a multiple of 32 takes a scalar loop.
  */
 #include <math.h>
-#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #ifdef __AVX2__
 #include <immintrin.h>
 #endif
 
+#include "cpu_threads.h"
 #include "cpu_tile.h"
 
 #define MAX_ROWS 16
@@ -104,16 +104,10 @@ int pdserve_int8_gemm_rows(const float *x, int64_t m, int64_t k, const int8_t *w
     if (threads > MAX_GEMM_THREADS) threads = MAX_GEMM_THREADS;
     if (threads > n) threads = n > 0 ? n : 1;
     GemmJob jobs[MAX_GEMM_THREADS];
-    pthread_t ids[MAX_GEMM_THREADS];
-    int started[MAX_GEMM_THREADS] = {0};
     for (int64_t t = 0; t < threads; ++t)
         jobs[t] = (GemmJob){.x = xi, .w = w, .out = out, .m = m, .k = k, .n = n,
                             .begin = n * t / threads, .end = n * (t + 1) / threads};
-    for (int64_t t = 1; t < threads; ++t) started[t] = pthread_create(&ids[t], NULL, gemm_job, &jobs[t]) == 0;
-    gemm_job(&jobs[0]);
-    for (int64_t t = 1; t < threads; ++t) {
-        if (started[t]) pthread_join(ids[t], NULL); else gemm_job(&jobs[t]);
-    }
+    run_jobs(gemm_job, jobs, sizeof(*jobs), threads);
     free(xi);
     return 0;
 }
@@ -176,16 +170,10 @@ int pdserve_int8_gemm_packed(const float *x, int64_t m, int64_t k, const int8_t 
     if (threads > MAX_GEMM_THREADS) threads = MAX_GEMM_THREADS;
     if (threads > panels) threads = panels;
     PanelJob jobs[MAX_GEMM_THREADS];
-    pthread_t ids[MAX_GEMM_THREADS];
-    int started[MAX_GEMM_THREADS] = {0};
     for (int64_t t = 0; t < threads; ++t)
         jobs[t] = (PanelJob){.x = xi, .wp = wp, .out = out, .m = m, .kp = kp, .n = n,
                              .begin = panels * t / threads, .end = panels * (t + 1) / threads};
-    for (int64_t t = 1; t < threads; ++t) started[t] = pthread_create(&ids[t], NULL, panel_job, &jobs[t]) == 0;
-    panel_job(&jobs[0]);
-    for (int64_t t = 1; t < threads; ++t) {
-        if (started[t]) pthread_join(ids[t], NULL); else panel_job(&jobs[t]);
-    }
+    run_jobs(panel_job, jobs, sizeof(*jobs), threads);
     free(xi);
     return 0;
 }
