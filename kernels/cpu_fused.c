@@ -141,3 +141,12 @@ int pdserve_write_kv(const float *k, const float *v, const int64_t *slots, int64
         }
     return 0;
 }
+
+/* 1 where built with OpenMP (cpu_threads.h: the kernels' threads are then the process's OpenMP threads). */
+int pdserve_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}

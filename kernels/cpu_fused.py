@@ -140,6 +140,12 @@ def load(path: Path) -> ctypes.CDLL:
     return lib
 
 
+def openmp() -> bool:
+    """Whether the library was built with OpenMP (its threads then torch's; ``cpu_threads.h``)."""
+    lib = library()
+    return lib is not None and hasattr(lib, "pdserve_openmp") and bool(lib.pdserve_openmp())
+
+
 def profiled(name: str):
     """A named scope for torch.profiler around a C call (which it cannot see), only while it runs."""
     running = getattr(torch.autograd.profiler, "_is_profiler_enabled", False)  # private: absent means no scopes

@@ -2,12 +2,13 @@
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import kernels
-from kernels import cpu_fused
+from kernels import cpu_fused, cpu_gemm
 from model.config import QuantConfig
 from model.quant import QLinear, hadamard_rotate
 
@@ -150,3 +151,37 @@ def test_an_engine_gives_the_same_tokens_with_the_c_kv_write(monkeypatch):
         if usable:
             assert calls  # the C write ran
     assert out[True] == out[False] and len(calls) > 0
+
+
+@pytest.mark.skipif(not cpu_fused.available() or sys.platform != "linux", reason="no C compiler, or not Linux")
+def test_the_c_kernels_threads_are_torch_s_openmp_threads():
+    """Built with OpenMP, the library must bind to the libgomp torch already loaded (same soname), not a second
+    runtime whose threads would compete with torch's spinning workers."""
+    assert cpu_fused.openmp()
+    maps = Path("/proc/self/maps").read_text().splitlines()
+    runtimes = {line.split()[-1] for line in maps if "libgomp" in line or "libomp" in line or "libiomp" in line}
+    assert len(runtimes) == 1, runtimes
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:  # a 2-thread call gives the 1-thread bits
+        x = torch.randint(-127, 128, (64, 576)).float()
+        w = torch.randint(-128, 128, (512, 576), dtype=torch.int8)
+        two = cpu_gemm.int_mm_panels_c(x, cpu_gemm.pack_weight(w), 512)
+        torch.set_num_threads(1)
+        assert torch.equal(two, cpu_gemm.int_mm_panels_c(x, cpu_gemm.pack_weight(w), 512))
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(not cpu_fused.available(), reason="no C compiler")
+def test_a_compiler_without_openmp_still_builds_the_library(monkeypatch, tmp_path):
+    monkeypatch.setenv("PDSERVE_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpu_fused, "OPENMP", ["-fno-such-openmp-flag"])  # the compiler refuses it
+    lib = cpu_fused.load(cpu_fused._build(cpu_fused.compiler()))
+    assert lib.pdserve_openmp() == 0  # the pthreads fallback
+    x = torch.randint(-127, 128, (9, 64)).float()
+    w = torch.randint(-128, 128, (40, 64), dtype=torch.int8)
+    out = torch.empty(9, 40)
+    packed = cpu_gemm.pack_weight(w)
+    assert lib.pdserve_int8_gemm_packed(x.data_ptr(), 9, 64, packed.data_ptr(), 40, 64, out.data_ptr(), 2) == 0
+    assert torch.equal(out, torch._int_mm(x.to(torch.int8), w.t()).float())
