@@ -100,11 +100,18 @@ static void rotate_quantize_row(const float *x, float *q, float *scale, int64_t 
 /* x, q: [m, k] row-major float32; scale: [m]. Returns 0, or -1 when out of memory. */
 int pdserve_rotate_quantize(const float *x, float *q, float *scale, int64_t m, int64_t k, int64_t block,
                             float norm) {
-    float *buf = malloc((size_t)k * sizeof(float));
-    if (buf == NULL) return -1;
-    for (int64_t r = 0; r < m; ++r) rotate_quantize_row(x + r * k, q + r * k, scale + r, k, block, norm, buf);
-    free(buf);
-    return 0;
+    int status = 0;
+#pragma omp parallel reduction(| : status) if (m * k >= 65536)  /* rows are independent: any split, same bits */
+    {
+        float *buf = malloc((size_t)k * sizeof(float));  /* each thread its own (every thread reaches the loop) */
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < m; ++r) {
+            if (buf == NULL) status = -1;
+            else rotate_quantize_row(x + r * k, q + r * k, scale + r, k, block, norm, buf);
+        }
+        free(buf);
+    }
+    return status ? -1 : 0;
 }
 
 /* New K and V rows into the int8 pool (kernels.reference.write_kv in one call): each token's head quantized

@@ -131,8 +131,12 @@ def load(path: Path) -> ctypes.CDLL:
     lib.pdserve_int8_gemm_rows.restype = ctypes.c_int
     if hasattr(lib, "pdserve_int8_gemm_packed"):  # cpu_gemm's panels route (a revision's library may predate it)
         lib.pdserve_int8_gemm_packed.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
-                                                 ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
+                                                 ctypes.c_int64, ctypes.c_int64] + [ctypes.c_void_p] * 3 + [ctypes.c_int64]
         lib.pdserve_int8_gemm_packed.restype = ctypes.c_int
+    if hasattr(lib, "pdserve_int8_gemm_rows_scaled"):
+        lib.pdserve_int8_gemm_rows_scaled.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                                                      ctypes.c_int64] + [ctypes.c_void_p] * 3 + [ctypes.c_int64]
+        lib.pdserve_int8_gemm_rows_scaled.restype = ctypes.c_int
     if hasattr(lib, "pdserve_write_kv"):  # a revision's library built by benchmarks.c_kernels_vs may predate it
         lib.pdserve_write_kv.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 4 + \
             [ctypes.c_int64]

@@ -105,17 +105,35 @@ class WeightForms:
         return self._packed
 
 
-def exact_int_mm(xq: torch.Tensor, forms: WeightForms) -> torch.Tensor:
-    """``xq @ wq.T`` [M, N] as exact integers in a float tensor, by the plan's route for M rows; ``xq`` holds
-    the integers in float32 (``quantize_rows_float``) or int8."""
+def exact_int8_matmul(xq: torch.Tensor, x_scale: torch.Tensor, forms: WeightForms,
+                      w_scale: torch.Tensor) -> torch.Tensor:
+    """``(xq @ wq.T) * x_scale * w_scale`` [M, N] float32 by the plan's route for M rows: the exact integers
+    rounded once to float32, then the two products as ``kernels.reference.int8_matmul`` rounds them (the C
+    routes in their epilogue, the others in two torch multiplies). ``xq`` holds the integers in float32
+    (``quantize_rows_float``) or int8; ``x_scale`` [M, 1], ``w_scale`` [N]."""
     route = plan().route(xq.shape[0])
     if route == "C rows":
-        return int_mm_rows_c(xq, forms.wq)
+        return int_mm_rows_c(xq, forms.wq, x_scale, w_scale)
     if route == "C panels":
-        return int_mm_panels_c(xq, forms.packed(), forms.wq.shape[0])
-    if route == "float":
-        return int_mm_via_float(xq, forms.as_float())
-    return torch._int_mm(xq.to(torch.int8), forms.wq.t())
+        return int_mm_panels_c(xq, forms.packed(), forms.wq.shape[0], x_scale, w_scale)
+    acc = int_mm_via_float(xq, forms.as_float()) if route == "float" else torch._int_mm(xq.to(torch.int8), forms.wq.t())
+    out = acc.to(torch.float32)
+    return out.mul_(x_scale).mul_(w_scale)
+
+
+def _scales(x_scale: torch.Tensor | None, w_scale: torch.Tensor | None, m: int, n: int) -> tuple:
+    """The scales as the C epilogue reads them: float32 [M] (or [M, 1]) and [N], contiguous; (None, None): none.
+    The caller holds them through the call and passes ``_address`` of each."""
+    if x_scale is None:
+        return None, None
+    x_scale, w_scale = x_scale.to(torch.float32).contiguous(), w_scale.to(torch.float32).contiguous()
+    if x_scale.numel() != m or w_scale.numel() != n:
+        raise ValueError(f"C int8 GEMM: scales of {x_scale.numel()} and {w_scale.numel()} for a {m} x {n} product")
+    return x_scale, w_scale
+
+
+def _address(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
 
 
 def float_weight(wq: torch.Tensor) -> torch.Tensor:
@@ -141,16 +159,24 @@ def int_mm_via_float(xq: torch.Tensor, wq_float: torch.Tensor) -> torch.Tensor:
     return acc
 
 
-def int_mm_rows_c(xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
+def int_mm_rows_c(xq: torch.Tensor, wq: torch.Tensor, x_scale: torch.Tensor | None = None,
+                  w_scale: torch.Tensor | None = None) -> torch.Tensor:
     """``xq @ wq.T`` [M, N] float32 for up to ``C_MAX_ROWS`` rows of integers in float32 ([M, K]) and the int8
-    weight [N, K]: the float path's integers, each rounded once to float32 (as its epilogue does)."""
+    weight [N, K]: the float path's integers, each rounded once to float32 (as its epilogue does); times
+    ``x_scale`` [M, 1] and ``w_scale`` [N] where given, rounded as ``exact_int8_matmul`` says."""
     m, k, n = xq.shape[0], xq.shape[1], wq.shape[0]
     x = xq.to(torch.float32).contiguous()
     wq = wq.contiguous()
     out = torch.empty((m, n), dtype=torch.float32)
     threads = torch.get_num_threads() if m * n * k >= 2**22 else 1  # a thread's start costs ~a small GEMV
+    lib = cpu_fused.library()
     with cpu_fused.profiled("pdserve::int8_gemm_c"):
-        status = cpu_fused.library().pdserve_int8_gemm_rows(x.data_ptr(), m, k, wq.data_ptr(), n, out.data_ptr(), threads)
+        if x_scale is None:  # the entry point every build has (benchmarks.c_kernels_vs loads older ones)
+            status = lib.pdserve_int8_gemm_rows(x.data_ptr(), m, k, wq.data_ptr(), n, out.data_ptr(), threads)
+        else:
+            xs, ws = _scales(x_scale, w_scale, m, n)
+            status = lib.pdserve_int8_gemm_rows_scaled(x.data_ptr(), m, k, wq.data_ptr(), n, _address(xs),
+                                                       _address(ws), out.data_ptr(), threads)
     _c_status(status, "rows", m, k)
     return out
 
@@ -173,9 +199,11 @@ def pack_weight(wq: torch.Tensor) -> torch.Tensor:
     return padded.view(np_ // PANEL_COLS, PANEL_COLS, kp // 2, 2).permute(0, 2, 1, 3).contiguous()
 
 
-def int_mm_panels_c(xq: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
+def int_mm_panels_c(xq: torch.Tensor, packed: torch.Tensor, n: int, x_scale: torch.Tensor | None = None,
+                    w_scale: torch.Tensor | None = None) -> torch.Tensor:
     """``xq @ wq.T`` [M, N] float32 for rows of integers in float32 ([M, K]) and ``pack_weight(wq)``: the same
-    integers as every other route, each rounded once to float32."""
+    integers as every other route, each rounded once to float32; times ``x_scale`` [M, 1] and ``w_scale`` [N]
+    where given, rounded as ``exact_int8_matmul`` says."""
     m, k = xq.shape
     kp = packed.shape[1] * 2
     if packed.shape[0] * PANEL_COLS < n or kp != k + k % 2:
@@ -183,9 +211,11 @@ def int_mm_panels_c(xq: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Ten
     x = xq.to(torch.float32).contiguous()
     out = torch.empty((m, n), dtype=torch.float32)
     threads = torch.get_num_threads() if m * n * k >= 2**22 else 1
+    xs, ws = _scales(x_scale, w_scale, m, n)
     with cpu_fused.profiled("pdserve::int8_gemm_panels_c"):
         status = m and cpu_fused.library().pdserve_int8_gemm_packed(x.data_ptr(), m, k, packed.data_ptr(), n, kp,
-                                                                    out.data_ptr(), threads)
+                                                                    _address(xs), _address(ws), out.data_ptr(),
+                                                                    threads)
     _c_status(status, "panels", m, k)
     return out
 

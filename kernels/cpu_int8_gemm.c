@@ -23,9 +23,33 @@
 typedef struct {
     const int8_t *x;  /* [m, k] */
     const int8_t *w;  /* [n, k] */
+    const float *xs, *ws;  /* [m], [n] scales (see scaled), or NULL */
     float *out;  /* [m, n] */
     int64_t m, k, n, begin, end;  /* this thread's weight rows */
 } GemmJob;
+
+/* The epilogue of kernels.reference.int8_matmul: the exact sum rounded once to float32, then times the row's
+ * scale, then times the column's, each product rounded (built without FMA contraction), as torch's two
+ * in-place multiplies do it: the same bits. Without scales, the sum alone. */
+static inline float scaled(int32_t acc, const float *xs, const float *ws, int64_t r, int64_t c) {
+    return xs == NULL ? (float)acc : ((float)acc * xs[r]) * ws[c];
+}
+
+/* x (integers in [-127, 127] held in float32) as int16, rows of kp (a zero past k when kp > k); 0 or -5 when
+ * any is not such an integer. Rows split over the OpenMP threads where there are many. */
+static int rows_to_int16(const float *x, int64_t m, int64_t k, int64_t kp, int16_t *out) {
+    int bad = 0;
+#pragma omp parallel for reduction(| : bad) if (m * k >= 65536) schedule(static)
+    for (int64_t r = 0; r < m; ++r) {
+        for (int64_t i = 0; i < k; ++i) {  /* no early exit: the loop vectorizes */
+            const float v = x[r * k + i];
+            bad |= !(fabsf(v) <= 127.0f) | ((float)(int32_t)(fabsf(v) <= 127.0f ? v : 0.0f) != v);
+            out[r * kp + i] = (int16_t)(fabsf(v) <= 127.0f ? v : 0.0f);
+        }
+        if (kp > k) out[r * kp + k] = 0;
+    }
+    return bad ? -5 : 0;
+}
 
 #ifdef __AVX2__
 /* 32 products x*w summed in pairs into 16-bit lanes, then into 8 int32 lanes. vpmaddubsw multiplies unsigned
@@ -55,7 +79,7 @@ static inline __attribute__((always_inline)) void rows_avx2(const GemmJob *a, co
             for (int r = 0; r < M; ++r)
                 acc[r] = _mm256_add_epi32(acc[r], dot32(_mm256_loadu_si256((const __m256i *)(a->x + r * a->k + i)), wv));
         }
-        for (int r = 0; r < M; ++r) a->out[r * a->n + j] = (float)hsum(acc[r]);
+        for (int r = 0; r < M; ++r) a->out[r * a->n + j] = scaled(hsum(acc[r]), a->xs, a->ws, r, j);
     }
 }
 #endif
@@ -82,17 +106,17 @@ static void *gemm_job(void *arg) {
         for (int64_t r = 0; r < a->m; ++r) {
             int32_t s = 0;
             for (int64_t i = 0; i < a->k; ++i) s += (int32_t)a->x[r * a->k + i] * w[i];
-            a->out[r * a->n + j] = (float)s;
+            a->out[r * a->n + j] = scaled(s, a->xs, a->ws, r, j);
         }
     }
     return NULL;
 }
 
 /* out[r, j] = sum_i x[r, i] * w[j, i] for x holding integers in [-127, 127] as float32 [m, k] and int8
- * w [n, k]. Returns 0, -1 (more than MAX_ROWS rows or K past 2**16), -4 (no memory), -5 (an x that is
- * not such an integer). */
-int pdserve_int8_gemm_rows(const float *x, int64_t m, int64_t k, const int8_t *w, int64_t n, float *out,
-                           int64_t threads) {
+ * w [n, k], times xs[r] and ws[j] where given (`scaled`). Returns 0, -1 (more than MAX_ROWS rows or K past
+ * 2**16), -4 (no memory), -5 (an x that is not such an integer). */
+int pdserve_int8_gemm_rows_scaled(const float *x, int64_t m, int64_t k, const int8_t *w, int64_t n, const float *xs,
+                                  const float *ws, float *out, int64_t threads) {
     if (m < 1 || m > MAX_ROWS || k > 65536) return -1;
     int8_t *xi = malloc((size_t)(m * k));
     if (xi == NULL) return -4;
@@ -105,11 +129,17 @@ int pdserve_int8_gemm_rows(const float *x, int64_t m, int64_t k, const int8_t *w
     if (threads > n) threads = n > 0 ? n : 1;
     GemmJob jobs[MAX_GEMM_THREADS];
     for (int64_t t = 0; t < threads; ++t)
-        jobs[t] = (GemmJob){.x = xi, .w = w, .out = out, .m = m, .k = k, .n = n,
+        jobs[t] = (GemmJob){.x = xi, .w = w, .xs = xs, .ws = ws, .out = out, .m = m, .k = k, .n = n,
                             .begin = n * t / threads, .end = n * (t + 1) / threads};
     run_jobs(gemm_job, jobs, sizeof(*jobs), threads);
     free(xi);
     return 0;
+}
+
+/* The sums alone (the same entry point as before the scaled one; benchmarks.c_kernels_vs calls it in older builds). */
+int pdserve_int8_gemm_rows(const float *x, int64_t m, int64_t k, const int8_t *w, int64_t n, float *out,
+                           int64_t threads) {
+    return pdserve_int8_gemm_rows_scaled(x, m, k, w, n, NULL, NULL, out, threads);
 }
 
 /* -- many rows: packed weights, register tiles (cpu_tile.h) ----------------------------------------------------
@@ -124,6 +154,7 @@ int pdserve_int8_gemm_rows(const float *x, int64_t m, int64_t k, const int8_t *w
 typedef struct {
     const int16_t *x;  /* [m, kp] */
     const int8_t *wp;  /* packed */
+    const float *xs, *ws;  /* [m], [n] scales (see scaled), or NULL */
     float *out;  /* [m, n] */
     int64_t m, kp, n, begin, end;  /* this thread's panels */
 } PanelJob;
@@ -141,7 +172,8 @@ static void *panel_job(void *arg) {
                 tile_i32(a->x + r * a->kp, a->kp, wp, a->kp / 2, R, tile);
                 for (int i = 0; i < R; ++i) {
                     float *o = a->out + (r + i) * a->n + j * TILE_COLS;
-                    for (int64_t c = 0; c < cols; ++c) o[c] = (float)tile[i][c];
+                    for (int64_t c = 0; c < cols; ++c)
+                        o[c] = scaled(tile[i][c], a->xs, a->ws, r + i, j * TILE_COLS + c);
                 }
             }
         }
@@ -150,28 +182,22 @@ static void *panel_job(void *arg) {
 }
 
 /* out[r, j] = sum_i x[r, i] * w[j, i] for x holding integers in [-127, 127] as float32 [m, k] and w packed by
- * ``pack_weight`` (K padded to kp, even; N to whole panels). Returns 0, -1 (K past 2**16 or kp not K rounded up to
- * even), -4 (no memory), -5 (an x that is not such an integer). */
-int pdserve_int8_gemm_packed(const float *x, int64_t m, int64_t k, const int8_t *wp, int64_t n, int64_t kp, float *out,
-                             int64_t threads) {
+ * ``pack_weight`` (K padded to kp, even; N to whole panels), times xs[r] and ws[j] where given (`scaled`).
+ * Returns 0, -1 (K past 2**16 or kp not K rounded up to even), -4 (no memory), -5 (an x that is not such an
+ * integer). */
+int pdserve_int8_gemm_packed(const float *x, int64_t m, int64_t k, const int8_t *wp, int64_t n, int64_t kp,
+                             const float *xs, const float *ws, float *out, int64_t threads) {
     if (m < 1 || k > 65536 || kp != k + (k & 1)) return -1;
     int16_t *xi = malloc((size_t)(m * kp) * sizeof(int16_t));
     if (xi == NULL) return -4;
-    for (int64_t r = 0; r < m; ++r) {
-        for (int64_t i = 0; i < k; ++i) {
-            const float v = x[r * k + i];
-            if (!(fabsf(v) <= 127.0f) || (float)(int16_t)v != v) { free(xi); return -5; }
-            xi[r * kp + i] = (int16_t)v;
-        }
-        if (kp > k) xi[r * kp + k] = 0;
-    }
+    if (rows_to_int16(x, m, k, kp, xi)) { free(xi); return -5; }
     const int64_t panels = (n + TILE_COLS - 1) / TILE_COLS;
     if (threads < 1) threads = 1;
     if (threads > MAX_GEMM_THREADS) threads = MAX_GEMM_THREADS;
     if (threads > panels) threads = panels;
     PanelJob jobs[MAX_GEMM_THREADS];
     for (int64_t t = 0; t < threads; ++t)
-        jobs[t] = (PanelJob){.x = xi, .wp = wp, .out = out, .m = m, .kp = kp, .n = n,
+        jobs[t] = (PanelJob){.x = xi, .wp = wp, .xs = xs, .ws = ws, .out = out, .m = m, .kp = kp, .n = n,
                              .begin = panels * t / threads, .end = panels * (t + 1) / threads};
     run_jobs(panel_job, jobs, sizeof(*jobs), threads);
     free(xi);

@@ -50,13 +50,11 @@ def int8_matmul(
     float32 GEMMs): the same bits, faster where the CPU's int8 path is slow.
     """
     if forms is not None:
-        acc = cpu_gemm.exact_int_mm(xq, forms)
-    elif xq.is_cpu or xq.shape[0] > 16:
-        acc = torch._int_mm(xq, wq.t())
+        out = cpu_gemm.exact_int8_matmul(xq, x_scale, forms, w_scale)  # the C routes scale in their epilogue
     else:
-        acc = _int_mm_small(xq, wq)
-    out = acc.to(torch.float32)  # a fresh tensor (or acc itself, ours): scaled in place, the same bits as
-    out.mul_(x_scale).mul_(w_scale)  # acc * x_scale * w_scale without two more [M, N] allocations
+        acc = torch._int_mm(xq, wq.t()) if xq.is_cpu or xq.shape[0] > 16 else _int_mm_small(xq, wq)
+        out = acc.to(torch.float32)  # a fresh tensor (or acc itself, ours): scaled in place, the same bits as
+        out.mul_(x_scale).mul_(w_scale)  # acc * x_scale * w_scale without two more [M, N] allocations
     if bias is not None:
         out.add_(bias)
     return out.to(out_dtype)
