@@ -9,6 +9,9 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #include <string.h>
 #ifdef __AVX2__
 #include <immintrin.h>
@@ -149,10 +152,11 @@ int pdserve_write_kv(const float *k, const float *v, const int64_t *slots, int64
     return 0;
 }
 
-/* 1 where built with OpenMP (cpu_threads.h: the kernels' threads are then the process's OpenMP threads). */
+/* Where built with OpenMP (cpu_threads.h), its runtime's thread count for a parallel region here (so a test can
+ * see it is torch's: torch.set_num_threads sets it); 0 without OpenMP. */
 int pdserve_openmp(void) {
 #ifdef _OPENMP
-    return 1;
+    return omp_get_max_threads();
 #else
     return 0;
 #endif
