@@ -101,18 +101,29 @@ static void rotate_quantize_row(const float *x, float *q, float *scale, int64_t 
 }
 
 /* x, q: [m, k] row-major float32; scale: [m]. Returns 0, or -1 when out of memory. */
+/* Rows [r0, r1) with a buffer of their own: 0, or -1 without memory. A plain function (not the body of the
+ * parallel region below): inlined into OpenMP's outlined region the loop ran ~20% slower on one thread. */
+__attribute__((noinline)) static int rotate_quantize_range(const float *x, float *q, float *scale, int64_t r0, int64_t r1, int64_t k,
+                                 int64_t block, float norm) {
+    if (r0 >= r1) return 0;
+    float *buf = malloc((size_t)k * sizeof(float));
+    if (buf == NULL) return -1;
+    for (int64_t r = r0; r < r1; ++r) rotate_quantize_row(x + r * k, q + r * k, scale + r, k, block, norm, buf);
+    free(buf);
+    return 0;
+}
+
 int pdserve_rotate_quantize(const float *x, float *q, float *scale, int64_t m, int64_t k, int64_t block,
                             float norm) {
     int status = 0;
 #pragma omp parallel reduction(| : status) if (m * k >= 65536)  /* rows are independent: any split, same bits */
     {
-        float *buf = malloc((size_t)k * sizeof(float));  /* each thread its own (every thread reaches the loop) */
-#pragma omp for schedule(static)
-        for (int64_t r = 0; r < m; ++r) {
-            if (buf == NULL) status = -1;
-            else rotate_quantize_row(x + r * k, q + r * k, scale + r, k, block, norm, buf);
-        }
-        free(buf);
+        int64_t t = 0, nt = 1;
+#ifdef _OPENMP
+        t = omp_get_thread_num();
+        nt = omp_get_num_threads();
+#endif
+        status |= rotate_quantize_range(x, q, scale, m * t / nt, m * (t + 1) / nt, k, block, norm);
     }
     return status ? -1 : 0;
 }

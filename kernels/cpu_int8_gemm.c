@@ -1,11 +1,13 @@
-/* The int8 GEMM of a few rows, reading the int8 weight itself (kernels/cpu_int8_gemm.py).
+/* The CPU's C int8 GEMMs (kernels/cpu_gemm.py): a few rows reading the int8 weight itself, and many rows
+ * against a packed copy (further down).
  *
  * The float route (kernels/cpu_gemm.py) multiplies by a float32 copy of each int8 weight: at one or
  * a few rows a step reads 4 bytes a weight, and decode at batch 1 is bound by those bytes. Here the
  * weight is read as int8 and the same integers come out: |x| <= 127, |w| <= 128, byte products summed in
  * pairs (vpmaddubsw, which cannot saturate here), then into int32 lanes (K up to 2**16 cannot overflow
  * them), one exact int32 per output, stored as float32 rounded once, as the float route's (float32, or
- * float64 beyond 1024) integers are by the epilogue. K not a multiple of 32 takes a scalar loop.
+ * float64 beyond 1024) integers are by the epilogue, then scaled as the reference scales (`scaled`).
+ * K not a multiple of 32 takes a scalar loop.
  */
 #include <math.h>
 #include <stdint.h>
