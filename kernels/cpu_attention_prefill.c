@@ -30,13 +30,16 @@ static int thread_span(const Job *a, int64_t *k0, int64_t *k1) {
     return 0;
 }
 
-/* Rows of KV head kh at positions k0..k0+span-1 and their scales; 0 or the status. */
-static int gather(Job *a, int64_t kh, int64_t k0, int64_t span, const int8_t ***rows, float **scales) {
-    *rows = malloc(sizeof(**rows) * (size_t)span);
-    *scales = malloc(sizeof(float) * (size_t)(span + TILE_COLS));  /* zero scales past the span: padded keys */
-    if (*rows == NULL || *scales == NULL) return -4;
-    memset(*scales, 0, sizeof(float) * (size_t)(span + TILE_COLS));
-    return locate_span(a, a->qseq[0], kh, k0, span, *rows, *scales);
+/* The queries of block b (QUERY_BLOCK, fewer in the last). */
+static int64_t block_queries(const Job *a, int64_t b) {
+    return a->n - b * QUERY_BLOCK < QUERY_BLOCK ? a->n - b * QUERY_BLOCK : QUERY_BLOCK;
+}
+
+/* Rows of KV head kh at positions k0..k0+span-1 and their scales (zero past the span, for padded keys): 0 or the
+ * status. */
+static int gather(const Job *a, int64_t kh, int64_t k0, int64_t span, const int8_t **rows, float *scales) {
+    memset(scales + span, 0, sizeof(float) * TILE_COLS);
+    return locate_span(a, a->qseq[0], kh, k0, span, rows, scales);
 }
 
 /* Keys as panels of 16: [panels][d/2][16][2], key 16t + c's dims 2p, 2p+1 at ((t * d/2 + p) * 16 + c) * 2. */
@@ -66,8 +69,9 @@ static void scale_scores(const int32_t *hi, const int32_t *lo, int shift, float 
 #ifdef __AVX2__
     const __m256d unit = _mm256_set1_pd((double)(1 << shift));
     for (int c = 0; c < TILE_COLS; c += 4) {
-        const __m256d x = _mm256_add_pd(_mm256_mul_pd(_mm256_cvtepi32_pd(_mm_loadu_si128((const __m128i *)(hi + c))), unit),
-                                        _mm256_cvtepi32_pd(_mm_loadu_si128((const __m128i *)(lo + c))));
+        const __m256d h = _mm256_cvtepi32_pd(_mm_loadu_si128((const __m128i *)(hi + c)));
+        const __m256d l = _mm256_cvtepi32_pd(_mm_loadu_si128((const __m128i *)(lo + c)));
+        const __m256d x = _mm256_add_pd(_mm256_mul_pd(h, unit), l);
         _mm_storeu_ps(out + c, _mm_mul_ps(_mm_mul_ps(_mm256_cvtpd_ps(x), _mm_set1_ps(qsc)), _mm_loadu_ps(ks + c)));
     }
 #else
@@ -128,20 +132,14 @@ void pdserve_scores_tiled(Job *a) {
     int8_t *keys = malloc((size_t)(panels * TILE_COLS * d));
     int16_t *x = malloc(sizeof(int16_t) * (size_t)(2 * QUERY_BLOCK * g * d));
     float *qsc = malloc(sizeof(float) * (size_t)(QUERY_BLOCK * g));
-    const int8_t **rows = NULL;
-    float *ks = NULL;
-    if (keys == NULL || x == NULL || qsc == NULL) a->status = -4;
+    float *ks = malloc(sizeof(float) * (size_t)(span + TILE_COLS));
+    const int8_t **rows = malloc(sizeof(*rows) * (size_t)span);
+    if (keys == NULL || x == NULL || qsc == NULL || ks == NULL || rows == NULL) a->status = -4;
     for (int64_t kh = 0; kh < a->hkv && !a->status; ++kh) {
-        if ((a->status = gather(a, kh, k0, span, &rows, &ks))) break;
+        if ((a->status = gather(a, kh, k0, span, rows, ks))) break;
         pack_keys(rows, span, d, keys);
-        for (int64_t b = a->begin; b * QUERY_BLOCK < a->n; b += a->stride) {
-            const int64_t q0 = b * QUERY_BLOCK, nb = a->n - q0 < QUERY_BLOCK ? a->n - q0 : QUERY_BLOCK;
-            score_block(a, kh, q0, nb, k0, keys, ks, x, qsc);
-        }
-        free(rows);
-        free(ks);
-        rows = NULL;
-        ks = NULL;
+        for (int64_t b = a->begin; b * QUERY_BLOCK < a->n; b += a->stride)
+            score_block(a, kh, b * QUERY_BLOCK, block_queries(a, b), k0, keys, ks, x, qsc);
     }
     free(rows);
     free(ks);
@@ -209,20 +207,14 @@ void pdserve_pv_tiled(Job *a) {
     int16_t *x = malloc(sizeof(int16_t) * (size_t)(2 * QUERY_BLOCK * g * lp));
     int32_t *n = malloc(sizeof(int32_t) * (size_t)(span + 8));
     int64_t (*acc)[MAX_D] = malloc(sizeof(*acc) * (size_t)(2 * QUERY_BLOCK * g));
-    const int8_t **rows = NULL;
-    float *vs = NULL;
-    if (values == NULL || x == NULL || n == NULL || acc == NULL) a->status = -4;
+    float *vs = malloc(sizeof(float) * (size_t)(span + TILE_COLS));
+    const int8_t **rows = malloc(sizeof(*rows) * (size_t)span);
+    if (values == NULL || x == NULL || n == NULL || acc == NULL || vs == NULL || rows == NULL) a->status = -4;
     for (int64_t kh = 0; kh < a->hkv && !a->status; ++kh) {
-        if ((a->status = gather(a, kh, k0, span, &rows, &vs))) break;
+        if ((a->status = gather(a, kh, k0, span, rows, vs))) break;
         pack_values(rows, span, d, lp / 2, values);
-        for (int64_t b = a->begin; b * QUERY_BLOCK < a->n; b += a->stride) {
-            const int64_t q0 = b * QUERY_BLOCK, nb = a->n - q0 < QUERY_BLOCK ? a->n - q0 : QUERY_BLOCK;
-            value_block(a, kh, q0, nb, k0, lp, values, vs, x, n, acc);
-        }
-        free(rows);
-        free(vs);
-        rows = NULL;
-        vs = NULL;
+        for (int64_t b = a->begin; b * QUERY_BLOCK < a->n; b += a->stride)
+            value_block(a, kh, b * QUERY_BLOCK, block_queries(a, b), k0, lp, values, vs, x, n, acc);
     }
     free(rows);
     free(vs);
