@@ -11,9 +11,10 @@
 #include <immintrin.h>
 #endif
 
+#include "cpu_threads.h"
+
 #define MAX_D 256
 #define MAX_GROUP 16
-#define MAX_THREADS 64
 #define PREFETCH 32  /* rows ahead */
 #define QUERY_BLOCK 16  /* queries per tile block (cpu_attention_prefill.c) */
 #define TILED_MIN_QUERIES 4  /* fewer queries of one sequence go one at a time */

@@ -10,7 +10,7 @@ and even with them it loses to fp32 at a single row. Three other routes give the
   which that holds (1024 * 128 * 128 = 2**24); longer K goes in chunks whose exact partial results
   add in float64. It holds a float32 copy of each weight, 4x its bytes.
 - **C rows** (``int_mm_rows_c``, ``cpu_int8_gemm.c``): up to 8 rows (decode) reading the int8 weight
-  itself (16-bit multiply-adds, int32 sums), 2-10x faster than float at those rows on an AVX2 machine.
+  itself (byte products summed in pairs by ``vpmaddubsw``, then int32 sums), 2-10x faster than float at those rows on an AVX2 machine.
 - **C panels** (``int_mm_panels_c``): many rows (prefill, batched decode) against a packed copy of the
   weight (``pack_weight``, the weight's own bytes), register tiles of 4 rows x 16 columns of 16-bit
   multiply-adds: twice the products per instruction of an fp32 FMA.

@@ -20,7 +20,6 @@
 #include "cpu_tile.h"
 
 #define MAX_ROWS 16
-#define MAX_GEMM_THREADS 64
 
 typedef struct {
     const int8_t *x;  /* [m, k] */
@@ -127,9 +126,9 @@ int pdserve_int8_gemm_rows_scaled(const float *x, int64_t m, int64_t k, const in
         xi[i] = (int8_t)x[i];
     }
     if (threads < 1) threads = 1;
-    if (threads > MAX_GEMM_THREADS) threads = MAX_GEMM_THREADS;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
     if (threads > n) threads = n > 0 ? n : 1;
-    GemmJob jobs[MAX_GEMM_THREADS];
+    GemmJob jobs[MAX_THREADS];
     for (int64_t t = 0; t < threads; ++t)
         jobs[t] = (GemmJob){.x = xi, .w = w, .xs = xs, .ws = ws, .out = out, .m = m, .k = k, .n = n,
                             .begin = n * t / threads, .end = n * (t + 1) / threads};
@@ -195,9 +194,9 @@ int pdserve_int8_gemm_packed(const float *x, int64_t m, int64_t k, const int8_t 
     if (rows_to_int16(x, m, k, kp, xi)) { free(xi); return -5; }
     const int64_t panels = (n + TILE_COLS - 1) / TILE_COLS;
     if (threads < 1) threads = 1;
-    if (threads > MAX_GEMM_THREADS) threads = MAX_GEMM_THREADS;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
     if (threads > panels) threads = panels;
-    PanelJob jobs[MAX_GEMM_THREADS];
+    PanelJob jobs[MAX_THREADS];
     for (int64_t t = 0; t < threads; ++t)
         jobs[t] = (PanelJob){.x = xi, .wp = wp, .xs = xs, .ws = ws, .out = out, .m = m, .kp = kp, .n = n,
                              .begin = panels * t / threads, .end = panels * (t + 1) / threads};

@@ -10,6 +10,8 @@
 
 #include <stddef.h>
 #include <stdint.h>
+
+#define MAX_THREADS 64  /* jobs a call splits into at most (callers clamp their thread count to it) */
 #ifndef _OPENMP
 #include <pthread.h>
 #endif
@@ -19,12 +21,13 @@ static inline void run_jobs(void *(*fn)(void *), void *jobs, size_t size, int64_
 #pragma omp parallel for num_threads((int)n) schedule(static, 1)
     for (int64_t t = 0; t < n; ++t) fn((char *)jobs + t * size);
 #else
-    pthread_t ids[64];
-    int started[64] = {0};
-    for (int64_t t = 1; t < n && t < 64; ++t) started[t] = pthread_create(&ids[t], NULL, fn, (char *)jobs + t * size) == 0;
+    pthread_t ids[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
+    for (int64_t t = 1; t < n && t < MAX_THREADS; ++t)
+        started[t] = pthread_create(&ids[t], NULL, fn, (char *)jobs + t * size) == 0;
     fn(jobs);
     for (int64_t t = 1; t < n; ++t) {
-        if (t < 64 && started[t]) pthread_join(ids[t], NULL); else fn((char *)jobs + t * size);
+        if (t < MAX_THREADS && started[t]) pthread_join(ids[t], NULL); else fn((char *)jobs + t * size);
     }
 #endif
 }
