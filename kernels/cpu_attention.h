@@ -106,12 +106,70 @@ static inline float row_max(const float *row, int64_t count) {
     return nan ? NAN : top;
 }
 
-/* Row minus its max over the first count columns (NaN everywhere if any is, as torch's amax); the padding
- * past them was -inf. */
-static inline void minus_max(float *row, int64_t count, int64_t length) {
+/* kernels.reference.exp_nonpositive, op for op (each one IEEE rounding: built without FMA contraction), so the
+ * same bits on every machine: exp of x <= 0 (larger read as 0), 0 below EXP_LOW and at -inf, NaN at NaN. */
+#define EXP_LOW -87.0f
+#define EXP_LOG2E 0x1.715476p+0f
+#define EXP_LN2_HI 0x1.63p-1f
+#define EXP_LN2_LO -0x1.bd0106p-13f
+#define EXP_P0 0x1.a0d2cep-13f
+#define EXP_P1 0x1.6e879cp-10f
+#define EXP_P2 0x1.111210p-7f
+#define EXP_P3 0x1.555382p-5f
+#define EXP_P4 0x1.555554p-3f
+#define EXP_P5 0x1p-1f
+
+static inline float exp_nonpositive(float x) {
+    if (isnan(x)) return x;
+    if (x < EXP_LOW) return 0.0f;
+    if (x > 0.0f) x = 0.0f;
+    const float n = nearbyintf(x * EXP_LOG2E);
+    const float r = (x - n * EXP_LN2_HI) - n * EXP_LN2_LO;
+    float p = EXP_P0;
+    p = p * r + EXP_P1;
+    p = p * r + EXP_P2;
+    p = p * r + EXP_P3;
+    p = p * r + EXP_P4;
+    p = p * r + EXP_P5;
+    p = (p * (r * r) + r) + 1.0f;
+    const int32_t bits = ((int32_t)n + 127) << 23;  /* 2**n, n in [-126, 0] */
+    float two_n;
+    memcpy(&two_n, &bits, 4);
+    return p * two_n;
+}
+
+#ifdef __AVX2__
+static inline __m256 exp_nonpositive8(__m256 x) {
+    const __m256 dead = _mm256_cmp_ps(x, _mm256_set1_ps(EXP_LOW), _CMP_LT_OQ);  /* false at NaN */
+    x = _mm256_min_ps(_mm256_setzero_ps(), _mm256_max_ps(_mm256_set1_ps(EXP_LOW), x));  /* a NaN x stays NaN */
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(EXP_LOG2E)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);  /* nearbyintf */
+    const __m256 r = _mm256_sub_ps(_mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(EXP_LN2_HI))),
+                                   _mm256_mul_ps(n, _mm256_set1_ps(EXP_LN2_LO)));
+    __m256 p = _mm256_set1_ps(EXP_P0);
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(EXP_P1));
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(EXP_P2));
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(EXP_P3));
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(EXP_P4));
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(EXP_P5));
+    p = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(p, _mm256_mul_ps(r, r)), r), _mm256_set1_ps(1.0f));
+    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(dead, _mm256_mul_ps(p, _mm256_castsi256_ps(bits)));  /* NaN * anything: NaN */
+}
+#endif
+
+/* The softmax's numerators in place: exp(row - its max) over the first count columns (NaN everywhere if any
+ * is NaN, as torch's amax then exp); the padding past them (-inf) becomes 0. */
+static inline void softmax_numerators(float *row, int64_t count, int64_t length) {
     const float top = row_max(row, count);
-    for (int64_t j = 0; j < count; ++j) row[j] = row[j] - top;
-    if (isnan(top)) for (int64_t j = count; j < length; ++j) row[j] = NAN;
+    int64_t j = 0;
+#ifdef __AVX2__
+    const __m256 vt = _mm256_set1_ps(top);
+    for (; j + 8 <= count; j += 8)
+        _mm256_storeu_ps(row + j, exp_nonpositive8(_mm256_sub_ps(_mm256_loadu_ps(row + j), vt)));
+#endif
+    for (; j < count; ++j) row[j] = exp_nonpositive(row[j] - top);
+    for (j = count; j < length; ++j) row[j] = isnan(top) ? NAN : 0.0f;
 }
 
 /* The split of q's grid integers: n = hi * 2**shift + lo with |hi| <= 2**14 and 0 <= lo < 2**15. */

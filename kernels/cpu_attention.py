@@ -1,10 +1,11 @@
-"""Exact attention over int8 paged KV as two C calls around torch's exp (``cpu_attention.c``).
+"""Exact attention over int8 paged KV as two C calls (``cpu_attention.c``).
 
 The torch reference (``kernels.reference.paged_decode_attention``) gathers every block a batch
 reads, widens it to float32 and runs ~100 ops per layer; at batch 32 the widening copy alone was
 a quarter of a decode step. The C loops read keys and values where they lie in the pool and
 compute the same exact integer sums, so the bits are the reference's (tests/test_cpu_attention.py
-compares them) and batch invariance holds. exp stays torch's vectorised one, for the same bits.
+compares them) and batch invariance holds. exp is the reference's ``exp_nonpositive``, op for op in C:
+the same bits on every machine, where torch's (MKL's) differ by instruction set.
 Built with the fused prologue into one library (``kernels.cpu_fused``; ``PDSERVE_CPU_FUSED=off``
 turns both off, ``PDSERVE_CPU_ATTENTION=off`` this one only).
 """
@@ -17,7 +18,7 @@ import os
 import torch
 
 from kernels import cpu_fused
-from kernels.reference import DECODE_SLICE_BYTES, MAX_KEYS, QMAX, probability_divisor, query_levels
+from kernels.reference import DECODE_SLICE_BYTES, MAX_KEYS, QMAX, exp_nonpositive, probability_divisor, query_levels
 
 MIN_HEAD_DIM, MAX_HEAD_DIM, MAX_GROUP = 8, 256, 16  # q's grid fits the C loops' int16 halves; their buffers
 COLUMN_ALIGN = 16  # score rows padded with -inf to whole vectors
@@ -60,8 +61,8 @@ def paged_prefill_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch
 
 
 def _attend(q, k_pool, v_pool, k_scale, v_scale, tables, qseq, qpos, window) -> torch.Tensor:
-    """Scores (minus each row's max) in C, torch's exp, probabilities x V in C; the score rows are
-    packed: each query's hold only the keys it sees (``pdserve_attn_layout``)."""
+    """The softmax's numerators (exp of the scores minus each row's max) in C, then probabilities x V in C;
+    the rows are packed: each query's hold only the keys it sees (``pdserve_attn_layout``)."""
     n, h, d = q.shape
     hkv = k_pool.shape[-2]
     lib = cpu_fused.library()
@@ -83,10 +84,12 @@ def _attend(q, k_pool, v_pool, k_scale, v_scale, tables, qseq, qpos, window) -> 
     scores = torch.empty(total, dtype=torch.float32)
     out = torch.empty((n, h, d), dtype=torch.float32)
     with cpu_fused.profiled("pdserve::attention_c"):
-        _check(lib.pdserve_attn_scores(q.data_ptr(), *common, k_pool.data_ptr(), k_scale.data_ptr(), hkv,
-                                       query_levels(d, QMAX), 1.0 / math.sqrt(d), *layout, scores.data_ptr(), threads))
-        e = scores.exp_()  # torch's exp: 1 at each row's max, 0 past its keys
-        _check(lib.pdserve_attn_pv(e.data_ptr(), *common, v_pool.data_ptr(), v_scale.data_ptr(), hkv,
+        weights = getattr(lib, "pdserve_attn_weights", None) or lib.pdserve_attn_scores  # an older revision's
+        _check(weights(q.data_ptr(), *common, k_pool.data_ptr(), k_scale.data_ptr(), hkv,
+                       query_levels(d, QMAX), 1.0 / math.sqrt(d), *layout, scores.data_ptr(), threads))
+        if not hasattr(lib, "pdserve_attn_weights"):  # benchmarks.c_kernels_vs's base library: the exp in torch
+            scores.copy_(exp_nonpositive(scores))
+        _check(lib.pdserve_attn_pv(scores.data_ptr(), *common, v_pool.data_ptr(), v_scale.data_ptr(), hkv,
                                    probability_divisor(QMAX), *layout, out.data_ptr(), threads))
     return out
 

@@ -119,7 +119,7 @@ static void score_block(Job *a, int64_t kh, int64_t q0, int64_t nb, int64_t k0, 
     }
     for (int64_t u = 0; u < units; ++u) {
         const int64_t r = q0 + u / g;
-        minus_max(score_row(a, a->out, r, kh * g + u % g), a->qpos[r] - first_visible(a->qpos[r], a->window) + 1,
+        softmax_numerators(score_row(a, a->out, r, kh * g + u % g), a->qpos[r] - first_visible(a->qpos[r], a->window) + 1,
                   row_length(a, r));
     }
 }

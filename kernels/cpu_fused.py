@@ -117,13 +117,19 @@ def load(path: Path) -> ctypes.CDLL:
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                    ctypes.c_float]
     fn.restype = ctypes.c_int
-    for name in ("pdserve_attn_scores", "pdserve_attn_pv"):  # kernels.cpu_attention
+    # kernels.cpu_attention (a revision's library may hold pdserve_attn_scores, the weights before their exp)
+    for name in ("pdserve_attn_weights", "pdserve_attn_scores", "pdserve_attn_pv"):
+        if not hasattr(lib, name):
+            continue
         fn = getattr(lib, name)
         fn.argtypes = [ctypes.c_void_p, *[ctypes.c_int64] * 3, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                        ctypes.c_void_p, *[ctypes.c_int64] * 3, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                       *[ctypes.c_float] * (2 if name == "pdserve_attn_scores" else 1), ctypes.c_void_p,
+                       *[ctypes.c_float] * (1 if name == "pdserve_attn_pv" else 2), ctypes.c_void_p,
                        ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
         fn.restype = ctypes.c_int
+    if hasattr(lib, "pdserve_exp_nonpositive"):
+        lib.pdserve_exp_nonpositive.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+        lib.pdserve_exp_nonpositive.restype = None
     lib.pdserve_attn_layout.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                                         ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64)]
     lib.pdserve_attn_layout.restype = ctypes.c_int64

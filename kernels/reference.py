@@ -79,6 +79,38 @@ FLOAT_K_LEVELS, FLOAT_V_LEVELS = 2**20, 2**18  # grids of float (not int8) K/V r
 _TINY = 1e-30
 
 
+# -- exp with the same bits on every machine --------------------------------------------------------------
+# torch's CPU exp is MKL's (VML), whose last bits depend on the instruction set MKL dispatches to: AVX-512,
+# AVX2 and SSE4.2 machines get different ones (~4% of values differ by an ulp). An int8 model turns one
+# ulp into another rounding of an activation, so on SmolLM2 the same prompts gave different greedy
+# tokens on an AVX-512 and an AVX2 machine (93.7% vs 95.0% top-1 agreement with fp32 over the same
+# 363 positions). This exp is a fixed sequence of float32 operations, each one IEEE rounding (no FMA),
+# which the C attention (cpu_attention.h, ``exp_nonpositive``) repeats op for op: the same bits on any
+# CPU, in torch or in C. Cephes' expf: n = round(x / ln 2), r = x - n ln 2 in two parts (Cody-Waite),
+# a degree-7 polynomial, times 2**n. Within 1.4 ulp of the true exp on [-87, 0].
+EXP_LOW = -87.0  # below this exp(x) < 2**-125: taken as 0 (a softmax weight that small never counts)
+# float32 values, written exactly (cpu_attention.h holds the same as hex floats)
+_LOG2E, _LN2_HI, _LN2_LO = 1.4426950216293335, 0.693359375, -0.00021219444170128554
+_EXP_POLY = (0.00019875691214110702, 0.001398199936375022, 0.008333452045917511, 0.04166579619050026,
+             0.1666666567325592, 0.5)
+
+
+def exp_nonpositive(x: torch.Tensor) -> torch.Tensor:
+    """exp of float32 ``x <= 0`` (larger x read as 0) with the same bits on every machine: 0 below
+    ``EXP_LOW`` and at -inf, NaN at NaN, exactly 1 at 0."""
+    x = x.float()
+    dead = x < EXP_LOW
+    x = x.clamp(EXP_LOW, 0.0)
+    n = torch.round(x * _LOG2E)
+    r = (x - n * _LN2_HI) - n * _LN2_LO
+    p = torch.full_like(r, _EXP_POLY[0])
+    for c in _EXP_POLY[1:]:
+        p = p * r + c
+    p = (p * (r * r) + r) + 1.0
+    two_n = ((n.to(torch.int32) + 127) << 23).view(torch.float32)  # 2**n, n in [-126, 0]: exact
+    return (p * two_n).masked_fill_(dead, 0.0)
+
+
 def _grid(x: torch.Tensor, levels: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``x ~= n * scale`` per row (last dim), ``n`` integer-valued in [-levels, levels]; float32 scale [..., 1]."""
     x = x.float()
@@ -125,12 +157,12 @@ def _exact_attention(q: torch.Tensor, k: torch.Tensor, k_scale: torch.Tensor, k_
     q [..., R, D]; k, v [..., L, D] integer-valued (|k| <= k_max, |v| <= v_max); k_scale,
     v_scale [..., 1, L]; allowed [..., R, L] (broadcastable). The max is exact anyway; the
     softmax's sum (float64) and the probability-weighted sum of V (``_exact_pv``) run on
-    integer grids. exp is torch's vectorised one, which computes every element alike.
+    integer grids. exp is ``exp_nonpositive``: the same bits on every machine.
     """
     if k.shape[-2] > MAX_KEYS:
         raise ValueError(f"attention over {k.shape[-2]} keys; the exact sums are sized for {MAX_KEYS}")
     scores = (_exact_scores(q, k, k_max) * k_scale).masked_fill(~allowed, float("-inf"))
-    e = torch.exp(scores - scores.amax(-1, keepdim=True))  # 1 at each row's max, 0 where masked
+    e = exp_nonpositive(scores - scores.amax(-1, keepdim=True))  # 1 at each row's max, 0 where masked
     z = torch.round(e * 2.0**28).sum(-1, keepdim=True, dtype=torch.float64)  # in units of 2**-28
     p = e * v_scale  # >= 0
     p_unit = p.amax(-1, keepdim=True) / probability_divisor(v_max)

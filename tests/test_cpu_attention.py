@@ -1,4 +1,5 @@
 """The C attention over int8 paged KV (kernels/cpu_attention.c) gives the torch reference's bits exactly."""
+import math
 import shutil
 
 import pytest
@@ -148,3 +149,35 @@ def test_the_revision_a_b_builds_both_libraries_and_compares_their_bits(capsys):
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("| prefill", "| decode", "| prol"))]
     assert len(rows) == 11 and all(row.endswith("| True |") for row in rows), rows
     assert cpu_fused.library() is not None  # the process's own library is back
+
+
+def _exp_inputs() -> torch.Tensor:
+    """Every kind of input the softmax's exp meets, and more: zeros of both signs, -inf, NaN, +inf (read as 0),
+    both sides of EXP_LOW, ties of the 2**n rounding, subnormal-sized x, and a million values in [-100, 0]."""
+    low = reference.EXP_LOW
+    edges = [0.0, -0.0, -math.inf, math.inf, 1.0, low, math.nextafter(low, -math.inf),
+             math.nextafter(low, 0.0), -1e-40, -1e-7, -100.0] + [-(k + 0.5) * math.log(2) for k in range(126)]
+    g = torch.Generator().manual_seed(7)
+    return torch.cat([torch.tensor(edges, dtype=torch.float32), -torch.rand(2**20, generator=g) * 100,
+                      torch.tensor([math.nan, -1.0])])  # NaN near the end: in a vector or in the tail, by length
+
+
+@needs_cc
+@pytest.mark.parametrize("tail", [0, 3, 7])  # the C loop's vectors, then its scalar tail
+def test_the_c_exp_gives_the_reference_s_bits(tail):
+    x = _exp_inputs()[tail:]
+    y = x.clone()
+    cpu_fused.library().pdserve_exp_nonpositive(y.data_ptr(), y.numel())
+    ref = reference.exp_nonpositive(x)
+    assert torch.equal(y.isnan(), ref.isnan()) and ref.isnan().sum() == 1
+    assert torch.equal(y.view(torch.int32)[~ref.isnan()], ref.view(torch.int32)[~ref.isnan()])
+
+
+def test_the_reference_exp_is_exp_within_two_ulp():
+    x = _exp_inputs()
+    e = reference.exp_nonpositive(x)
+    live = (x >= reference.EXP_LOW) & (x <= 0)
+    truth = torch.exp(x[live].double())
+    assert float(((e[live].double() - truth).abs() / truth).max()) <= 2 * 2.0**-24
+    assert e[x == 0].eq(1.0).all() and e[x < reference.EXP_LOW].eq(0.0).all() and e[x > 0].eq(1.0).all()
+    assert e[x.isnan()].isnan().all() and not e[~x.isnan()].isnan().any()

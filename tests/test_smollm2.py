@@ -66,6 +66,32 @@ def test_int8_agrees_with_fp32_on_the_prompt_set(smollm2_fp32, smollm2_int8):
     assert result.kl < 0.02, str(result)
 
 
+def test_int8_logits_are_the_same_bits_whatever_instructions_mkl_picks():
+    """MKL picks its code by instruction set (AVX-512, AVX2, SSE4.2), and its exp's last bits differ between
+    them; through int8 rounding one ulp became other greedy tokens on another machine. The int8 model's CPU
+    path must give the same bits whichever MKL runs (MKL_ENABLE_INSTRUCTIONS stands in for another machine)."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+
+    code = ("import hashlib, torch\n"
+            "from model.loader import load\nfrom model.quality import full_logits\nfrom model.texts import EVAL\n"
+            "m = load('smollm2-135m')\n"
+            "ids = m.tokenizer.encode(EVAL[0])[:96]\n"
+            "print(hashlib.sha256(full_logits(m.model, ids).numpy().tobytes()).hexdigest())\n")
+    digests = set()
+    for isa in (None, "SSE4_2"):
+        env = {k: v for k, v in os.environ.items() if k != "MKL_ENABLE_INSTRUCTIONS"}
+        if isa:
+            env["MKL_ENABLE_INSTRUCTIONS"] = isa
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        digests.add(done.stdout.split()[-1])
+    assert len(digests) == 1, digests
+    assert hashlib.sha256(b"").hexdigest() not in digests
+
+
 def test_int8_model_holds_int8_weights_and_kv(smollm2_int8):
     from model.kv_cache import ContiguousKVCache
 
