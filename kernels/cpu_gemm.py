@@ -18,7 +18,8 @@ and even with them it loses to fp32 at a single row. Three other routes give the
 So every route gives the same bits and batch invariance is untouched; only speed and memory
 differ. Which route runs is a per-process plan: ``PDSERVE_INT8_GEMM=int``, ``=float`` or ``=c``
 forces one (``c``: rows then panels, where the C library is built); ``auto`` (the default) times
-them at start-up (first use, ~0.1-0.3 s) for a few row counts: the C rows route up to the largest
+them at start-up (first use, ~0.3-1 s) for a few row counts (at most ``C_MAX_ROWS`` rows over 16 MiB of
+weights, as a decode step reads them from memory, not from a cache): the C rows route up to the largest
 probed count (<= ``C_MAX_ROWS``) at which it beats all others, then C panels below the smallest
 probed count at which they lose, the float route below the smallest count at which ``_int_mm``
 wins, ``_int_mm`` from there. A weight's float copy or packed copy is made on first use
@@ -42,7 +43,8 @@ C_PROBE_ROWS = (1, 4, 8)  # ... and those at which the C rows route may run
 PANEL_PROBE_ROWS = (16, 128)  # ... and the C panels route
 C_MAX_ROWS = 8
 PANEL_COLS = 16  # columns per packed panel (cpu_tile.h's TILE_COLS)
-PROBE_K, PROBE_N = 576, 576
+PROBE_K, PROBE_N = 576, 576  # many rows: one weight
+STREAM_SHAPE, STREAM_BYTES = (1536, 576), 16 * 2**20  # up to C_MAX_ROWS: int8 weights of this shape, this many bytes
 NEVER, ALWAYS = 0, 2**62
 ROUTES = ("C rows", "C panels", "float", "int")
 
@@ -73,7 +75,7 @@ class GemmPlan:
         return rows <= self.c_through
 
     def describe(self) -> str:
-        rule = {NEVER: "torch._int_mm always", ALWAYS: "float32 always"}.get(
+        rule = {NEVER: "torch._int_mm always", 1: "torch._int_mm always", ALWAYS: "float32 always"}.get(
             self.float_below, f"float32 below {self.float_below} rows, torch._int_mm from there")
         if self.panels_below != NEVER:
             rule = ("C panels always" if self.panels_below == ALWAYS
@@ -250,22 +252,31 @@ def measure() -> GemmPlan:
 
 def _probe() -> GemmPlan:
     gen = torch.Generator().manual_seed(0)
-    w = torch.randint(-127, 128, (PROBE_N, PROBE_K), dtype=torch.int8, generator=gen)
-    wt, forms = w.t(), WeightForms(w)
+    one = [WeightForms(torch.randint(-127, 128, (PROBE_N, PROBE_K), dtype=torch.int8, generator=gen))]
+    stream = [WeightForms(torch.randint(-127, 128, STREAM_SHAPE, dtype=torch.int8, generator=gen))
+              for _ in range(-(-STREAM_BYTES // (STREAM_SHAPE[0] * STREAM_SHAPE[1])))]
     timings, float_below, c_through, panels_below = {}, ALWAYS, 0, NEVER
     c_built = cpu_fused.available()
     panels_win = c_built  # the panels route runs below the first probed count where it loses
     for m in sorted(set(PROBE_ROWS) | (set(C_PROBE_ROWS) | set(PANEL_PROBE_ROWS) if c_built else set())):
-        x = torch.randint(-127, 128, (m, PROBE_K), dtype=torch.int8, generator=gen)
+        k = STREAM_SHAPE[1] if m <= C_MAX_ROWS else PROBE_K
+        x = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=gen)
         xf = x.float()
-        t = timings[m] = {"int": _best_ms(lambda: torch._int_mm(x, wt)),
-                          "float": _best_ms(lambda: int_mm_via_float(xf, forms.as_float()))}
+        # a few rows (decode) read each weight once per step, from memory: the routes' bytes per weight (1 or 4)
+        # count, so they pass over weights larger than the caches; many rows reuse each weight (one, cached)
+        forms, reps = (stream, 2) if m <= C_MAX_ROWS else (one, 5)
+
+        def each(fn):
+            return _best_ms(lambda: [fn(f) for f in forms], reps)
+
+        t = timings[m] = {"int": each(lambda f: torch._int_mm(x, f.wq.t())),
+                          "float": each(lambda f: int_mm_via_float(xf, f.as_float()))}
         if c_built and m in C_PROBE_ROWS and c_through == _previous(C_PROBE_ROWS, m):  # C won at every count below
-            t["C rows"] = _best_ms(lambda: int_mm_rows_c(xf, w))
+            t["C rows"] = each(lambda f: int_mm_rows_c(xf, f.wq))
             if t["C rows"] < min(t["int"], t["float"]):
                 c_through = m
         if panels_win and m in PANEL_PROBE_ROWS:
-            t["C panels"] = _best_ms(lambda: int_mm_panels_c(xf, forms.packed(), PROBE_N))
+            t["C panels"] = each(lambda f: int_mm_panels_c(xf, f.packed(), PROBE_N))
             panels_win = t["C panels"] < min(t["int"], t["float"])
             panels_below = ALWAYS if panels_win else (NEVER if m == PANEL_PROBE_ROWS[0] else m)
         if t["int"] < t["float"] and m in PROBE_ROWS and float_below == ALWAYS:
