@@ -26,7 +26,7 @@ from model.engine import Engine, EngineConfig, SamplingParams
 
 GEMM_OPS = {"aten::mm", "aten::_int_mm", "aten::addmm", "pdserve::int8_gemm_c",  # the C routes: their scopes
             "pdserve::int8_gemm_panels_c"}
-ATTENTION_OPS = {"aten::bmm", "pdserve::attention_c"}  # the C attention: its scope's self time (exp is a child op)
+ATTENTION_OPS = {"aten::bmm", "pdserve::attention_c"}  # the C attention: its scope's self time
 
 
 def prefill_engine(model, batch: int, context: int) -> Engine:

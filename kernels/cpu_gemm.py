@@ -118,9 +118,25 @@ def exact_int8_matmul(xq: torch.Tensor, x_scale: torch.Tensor, forms: WeightForm
         return int_mm_rows_c(xq, forms.wq, x_scale, w_scale)
     if route == "C panels":
         return int_mm_panels_c(xq, forms.packed(), forms.wq.shape[0], x_scale, w_scale)
+    if route == "int" and cpu_fused.available():
+        return int32_scaled_c(torch._int_mm(xq.to(torch.int8), forms.wq.t()), x_scale, w_scale)
     acc = int_mm_via_float(xq, forms.as_float()) if route == "float" else torch._int_mm(xq.to(torch.int8), forms.wq.t())
     out = acc.to(torch.float32)
     return out.mul_(x_scale).mul_(w_scale)
+
+
+def int32_scaled_c(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """``acc.float() * x_scale * w_scale`` for int32 sums [M, N], rounded as those two torch multiplies round it,
+    in one C pass over ``acc``'s own memory (returned as float32; torch took three passes and a new tensor)."""
+    acc = acc.contiguous()
+    m, n = acc.shape
+    xs, ws = _scales(x_scale, w_scale, m, n)
+    threads = torch.get_num_threads() if m * n >= 2**16 else 1
+    with cpu_fused.profiled("pdserve::int32_scaled_c"):
+        status = cpu_fused.library().pdserve_int32_scaled(acc.data_ptr(), m, n, xs.data_ptr(), ws.data_ptr(),
+                                                          acc.data_ptr(), threads)
+    _c_status(status, "epilogue", m, n)
+    return acc.view(torch.float32)
 
 
 def _scales(x_scale: torch.Tensor | None, w_scale: torch.Tensor | None, m: int, n: int) -> tuple:

@@ -143,6 +143,17 @@ int pdserve_int8_gemm_rows(const float *x, int64_t m, int64_t k, const int8_t *w
     return pdserve_int8_gemm_rows_scaled(x, m, k, w, n, NULL, NULL, out, threads);
 }
 
+/* The epilogue of torch._int_mm's route (kernels/cpu_gemm.py): out[r, c] = scaled(acc[r, c]) in one pass, rows
+ * over the threads; out may be acc itself (each element is read before it is written). */
+int pdserve_int32_scaled(const int32_t *acc, int64_t m, int64_t n, const float *xs, const float *ws, float *out,
+                         int64_t threads) {
+    if (m < 0 || n < 0 || xs == NULL || ws == NULL) return -1;
+#pragma omp parallel for num_threads(threads > 0 ? threads : 1) if (m * n >= 65536) schedule(static)
+    for (int64_t r = 0; r < m; ++r)
+        for (int64_t c = 0; c < n; ++c) out[r * n + c] = scaled(acc[r * n + c], xs, ws, r, c);
+    return 0;
+}
+
 /* -- many rows: packed weights, register tiles (cpu_tile.h) ----------------------------------------------------
  * At prefill a weight is reused by hundreds of rows, so the arithmetic, not the bytes, sets the time. AVX2 has
  * no 8-bit dot product that is exact here (vpmaddubsw's pairs of |w| * x fit, but it needs a sign op per

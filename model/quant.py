@@ -91,7 +91,7 @@ class QLinear(nn.Module):
         else:
             x = self._rotate(x)
             xq, xs = kernels.quantize_rows_float(x) if in_float else kernels.quantize_rows(x)
-        forms = self._int8_forms() if in_float else None
+        forms = self._int8_forms() if x.is_cpu else None  # the CPU routes, and the C epilogue of torch._int_mm's
         return kernels.int8_matmul(xq, xs, self.weight_q, self.weight_scale, out_dtype=self.dtype, forms=forms)
 
     def _rotate(self, x: torch.Tensor) -> torch.Tensor:

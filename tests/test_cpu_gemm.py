@@ -37,8 +37,9 @@ def test_a_single_float32_gemm_past_exact_k_would_round():
 
 @pytest.mark.parametrize("plan", [cpu_gemm.GemmPlan(cpu_gemm.ALWAYS, "test"),
                                   cpu_gemm.GemmPlan(cpu_gemm.ALWAYS, "test", panels_below=cpu_gemm.ALWAYS),
-                                  cpu_gemm.GemmPlan(cpu_gemm.ALWAYS, "test", c_through=cpu_gemm.C_MAX_ROWS)],
-                         ids=["float", "C panels", "C rows"])
+                                  cpu_gemm.GemmPlan(cpu_gemm.ALWAYS, "test", c_through=cpu_gemm.C_MAX_ROWS),
+                                  cpu_gemm.GemmPlan(cpu_gemm.NEVER, "test")],
+                         ids=["float", "C panels", "C rows", "int, C epilogue"])
 @pytest.mark.parametrize("m", [1, 17])
 def test_int8_matmul_gives_the_same_bits_by_every_route(monkeypatch, plan, m):
     if plan.route(m) == "C rows" and m > cpu_gemm.C_MAX_ROWS:
