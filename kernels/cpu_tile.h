@@ -22,7 +22,11 @@
 #endif
 
 #define TILE_COLS 16
-#define TILE_ROWS 4  /* 4 x 16 measured 1.2-1.35x faster than 6 x 16, whose 12 accumulators spill */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define TILE_ROWS 8  /* AVX-512: one register per row, of 32 */
+#else
+#define TILE_ROWS 4  /* AVX2: 4 x 16 measured 1.2-1.35x faster than 6 x 16, whose 12 accumulators spill */
+#endif
 
 #ifdef __AVX2__
 #define TILE_ROW(i)                                                                                       \
@@ -69,12 +73,14 @@ static inline __attribute__((always_inline)) void tile_avx2(const int16_t *x, in
 
 static inline __attribute__((always_inline)) void tile_avx512(const int16_t *x, int64_t xstride, const int8_t *panel,
                                                               int64_t pairs, const int R, int32_t out[][TILE_COLS]) {
-    __m512i c0 = _mm512_setzero_si512(), c1 = c0, c2 = c0, c3 = c0;
+    __m512i c0 = _mm512_setzero_si512(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0;
     for (int64_t p = 0; p < pairs; ++p) {
         const __m512i w = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(panel + p * 2 * TILE_COLS)));
         TILE_ROW512(0) TILE_ROW512(1) TILE_ROW512(2) TILE_ROW512(3)
+        TILE_ROW512(4) TILE_ROW512(5) TILE_ROW512(6) TILE_ROW512(7)
     }
     TILE_STORE512(0) TILE_STORE512(1) TILE_STORE512(2) TILE_STORE512(3)
+    TILE_STORE512(4) TILE_STORE512(5) TILE_STORE512(6) TILE_STORE512(7)
 }
 #undef TILE_ROW512
 #undef TILE_STORE512
@@ -88,6 +94,12 @@ static inline void tile_i32(const int16_t *x, int64_t xstride, const int8_t *pan
                             int32_t out[][TILE_COLS]) {
 #ifdef TILE_KERNEL
     switch (R) {  /* the row count a constant in each copy: the accumulators stay in registers */
+#if TILE_ROWS == 8
+        case 8: TILE_KERNEL(x, xstride, panel, pairs, 8, out); return;
+        case 7: TILE_KERNEL(x, xstride, panel, pairs, 7, out); return;
+        case 6: TILE_KERNEL(x, xstride, panel, pairs, 6, out); return;
+        case 5: TILE_KERNEL(x, xstride, panel, pairs, 5, out); return;
+#endif
         case 4: TILE_KERNEL(x, xstride, panel, pairs, 4, out); return;
         case 3: TILE_KERNEL(x, xstride, panel, pairs, 3, out); return;
         case 2: TILE_KERNEL(x, xstride, panel, pairs, 2, out); return;

@@ -186,3 +186,28 @@ def test_a_compiler_without_openmp_still_builds_the_library(monkeypatch, tmp_pat
     packed = cpu_gemm.pack_weight(w)
     assert lib.pdserve_int8_gemm_packed(x.data_ptr(), 9, 64, packed.data_ptr(), 40, 64, 0, 0, out.data_ptr(), 2) == 0
     assert torch.equal(out, torch._int_mm(x.to(torch.int8), w.t()).float())
+
+
+@needs_cc
+@pytest.mark.skipif("-mavx512vnni" not in cpu_fused._machine_flags(), reason="no AVX-512 VNNI: one build only")
+def test_the_avx512_and_avx2_builds_give_the_same_bits(tmp_path, monkeypatch):
+    """Where the CPU has AVX-512 VNNI the library's tiles run on it (8 x 16, vpdpwssd), elsewhere on AVX2 (4 x 16):
+    the tiled prefill attention and the panels GEMM give the same bits from both builds."""
+    from kernels import cpu_attention, reference
+
+    g = torch.Generator().manual_seed(3)
+    k, v = torch.randn(4 * 64, 3, 64, generator=g), torch.randn(4 * 64, 3, 64, generator=g)
+    (kq, ks), (vq, vs) = reference.quantize_rows(k), reference.quantize_rows(v)
+    pools = (kq.view(4, 64, 3, 64), vq.view(4, 64, 3, 64), ks.view(4, 64, 3, 1), vs.view(4, 64, 3, 1))
+    q = torch.randn(203, 9, 64, generator=g) * 3
+    x = torch.randint(-127, 128, (45, 576), generator=g).float()
+    w = torch.randint(-128, 128, (100, 576), generator=g, dtype=torch.int8)
+    outs = []
+    for name, machine in (("avx2", ["-mavx2"]), ("avx512", cpu_fused._machine_flags())):
+        path = tmp_path / f"{name}.so"
+        cpu_fused.compile_library(cpu_fused.compiler(), cpu_fused.SOURCES, path, cpu_fused.FLAGS + cpu_fused.OPENMP + machine)
+        monkeypatch.setattr(cpu_fused, "library", lambda lib=cpu_fused.load(path): lib)
+        outs.append((cpu_attention.paged_prefill_attention(q, *pools, torch.arange(4), 40),
+                     cpu_gemm.int_mm_panels_c(x, cpu_gemm.pack_weight(w), 100)))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    assert torch.equal(outs[1][1], torch._int_mm(x.to(torch.int8), w.t()).float())
