@@ -85,8 +85,48 @@ static inline __attribute__((always_inline)) void rows_avx2(const GemmJob *a, co
 }
 #endif
 
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+/* The same sums on AVX-512 VNNI, 64 bytes at a time: vpdpbusd multiplies unsigned by signed bytes and adds each
+ * four products into an int32 lane (no 16-bit step, so nothing to saturate): |w| (-128 reads as 128 unsigned)
+ * times x with w's sign (|x| <= 127, so negating it is exact). */
+static inline __attribute__((always_inline)) void rows_avx512(const GemmJob *a, const int M) {
+    const __m512i zero = _mm512_setzero_si512();
+    for (int64_t j = a->begin; j < a->end; ++j) {
+        __m512i acc[MAX_ROWS];
+        for (int r = 0; r < M; ++r) acc[r] = zero;
+        const int8_t *w = a->w + j * a->k;
+        for (int64_t i = 0; i < a->k; i += 64) {
+            const __m512i wv = _mm512_loadu_si512((const void *)(w + i));
+            _mm_prefetch((const char *)(w + 2 * a->k + i), _MM_HINT_T0);
+            const __m512i wa = _mm512_abs_epi8(wv);
+            const __mmask64 negative = _mm512_movepi8_mask(wv);
+            for (int r = 0; r < M; ++r) {
+                const __m512i xv = _mm512_loadu_si512((const void *)(a->x + r * a->k + i));
+                acc[r] = _mm512_dpbusd_epi32(acc[r], wa, _mm512_mask_sub_epi8(xv, negative, zero, xv));
+            }
+        }
+        for (int r = 0; r < M; ++r) a->out[r * a->n + j] = scaled(_mm512_reduce_add_epi32(acc[r]), a->xs, a->ws, r, j);
+    }
+}
+#endif
+
 static void *gemm_job(void *arg) {
     const GemmJob *a = arg;
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+    if (a->k % 64 == 0) {
+        switch (a->m) {
+            case 1: rows_avx512(a, 1); return NULL;
+            case 2: rows_avx512(a, 2); return NULL;
+            case 3: rows_avx512(a, 3); return NULL;
+            case 4: rows_avx512(a, 4); return NULL;
+            case 5: rows_avx512(a, 5); return NULL;
+            case 6: rows_avx512(a, 6); return NULL;
+            case 7: rows_avx512(a, 7); return NULL;
+            case 8: rows_avx512(a, 8); return NULL;
+            default: rows_avx512(a, (int)a->m); return NULL;
+        }
+    }
+#endif
 #ifdef __AVX2__
     if (a->k % 32 == 0) {  /* the row counts known at each call: the accumulators stay in registers */
         switch (a->m) {

@@ -191,8 +191,8 @@ def test_a_compiler_without_openmp_still_builds_the_library(monkeypatch, tmp_pat
 @needs_cc
 @pytest.mark.skipif("-mavx512vnni" not in cpu_fused._machine_flags(), reason="no AVX-512 VNNI: one build only")
 def test_the_avx512_and_avx2_builds_give_the_same_bits(tmp_path, monkeypatch):
-    """Where the CPU has AVX-512 VNNI the library's tiles run on it (8 x 16, vpdpwssd), elsewhere on AVX2 (4 x 16):
-    the tiled prefill attention and the panels GEMM give the same bits from both builds."""
+    """Where the CPU has AVX-512 VNNI the library's tiles (8 x 16, vpdpwssd) and few-row GEMMs (vpdpbusd) run on
+    it, elsewhere on AVX2: the tiled prefill attention and both GEMM routes give the same bits from both builds."""
     from kernels import cpu_attention, reference
 
     g = torch.Generator().manual_seed(3)
@@ -208,6 +208,7 @@ def test_the_avx512_and_avx2_builds_give_the_same_bits(tmp_path, monkeypatch):
         cpu_fused.compile_library(cpu_fused.compiler(), cpu_fused.SOURCES, path, cpu_fused.FLAGS + cpu_fused.OPENMP + machine)
         monkeypatch.setattr(cpu_fused, "library", lambda lib=cpu_fused.load(path): lib)
         outs.append((cpu_attention.paged_prefill_attention(q, *pools, torch.arange(4), 40),
-                     cpu_gemm.int_mm_panels_c(x, cpu_gemm.pack_weight(w), 100)))
-    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+                     cpu_gemm.int_mm_panels_c(x, cpu_gemm.pack_weight(w), 100), cpu_gemm.int_mm_rows_c(x[:5], w)))
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
     assert torch.equal(outs[1][1], torch._int_mm(x.to(torch.int8), w.t()).float())
+    assert torch.equal(outs[1][2], outs[1][1][:5])

@@ -99,11 +99,11 @@ def test_the_measured_plan_names_what_it_timed():
     assert "int8 GEMM on CPU" in plan.describe()
 
 
-@pytest.mark.parametrize("k", [16, 40, 576, 1536, 3000])
+@pytest.mark.parametrize("k", [16, 40, 96, 576, 1536, 3000])
 @pytest.mark.parametrize("m", [1, 3, 8, 16])
 def test_the_c_rows_route_gives_int_mm_s_integers_at_the_extremes(k, m):
     """All-127 rows against all-(-128) and all-127 weights make every int32 lane as large as it can be;
-    K = 40 takes the scalar loop, the rest the 16-bit multiply-adds."""
+    K = 40 takes the scalar loop, 96 the AVX2 loop, multiples of 64 the AVX-512 VNNI one where it is built."""
     g = torch.Generator().manual_seed(k * 100 + m)
     xq = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8)
     xq[0] = 127
