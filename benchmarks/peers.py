@@ -155,7 +155,7 @@ def smollm2_hf_dir() -> Path:
 def _vllm_preload(python: str) -> list[str]:
     """The libraries vLLM's CPU guide asks to preload for its best speed, where present: tcmalloc (Debian's
     libtcmalloc-minimal4) and Intel's OpenMP (the intel-openmp wheel vLLM installs in its venv)."""
-    found = [p for p in glob.glob("/usr/lib/*-linux-gnu/libtcmalloc_minimal.so.4")][:1]
+    found = glob.glob("/usr/lib/*-linux-gnu/libtcmalloc_minimal.so.4")[:1]
     venv = Path(python).parent.parent  # the venv's bin/python may be a link to the base interpreter
     found += [str(p) for p in (venv / "lib" / "libiomp5.so",) if p.exists()]
     return found
