@@ -110,37 +110,27 @@ static inline __attribute__((always_inline)) void rows_avx512(const GemmJob *a, 
 }
 #endif
 
+/* The row counts known at each call (a copy of the kernel per count): the accumulators stay in registers. */
+#define ROWS_BY_COUNT(kernel)                                                                             \
+    switch (a->m) {                                                                                       \
+        case 1: kernel(a, 1); return NULL;                                                                \
+        case 2: kernel(a, 2); return NULL;                                                                \
+        case 3: kernel(a, 3); return NULL;                                                                \
+        case 4: kernel(a, 4); return NULL;                                                                \
+        case 5: kernel(a, 5); return NULL;                                                                \
+        case 6: kernel(a, 6); return NULL;                                                                \
+        case 7: kernel(a, 7); return NULL;                                                                \
+        case 8: kernel(a, 8); return NULL;                                                                \
+        default: kernel(a, (int)a->m); return NULL;                                                       \
+    }
+
 static void *gemm_job(void *arg) {
     const GemmJob *a = arg;
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-    if (a->k % 64 == 0) {
-        switch (a->m) {
-            case 1: rows_avx512(a, 1); return NULL;
-            case 2: rows_avx512(a, 2); return NULL;
-            case 3: rows_avx512(a, 3); return NULL;
-            case 4: rows_avx512(a, 4); return NULL;
-            case 5: rows_avx512(a, 5); return NULL;
-            case 6: rows_avx512(a, 6); return NULL;
-            case 7: rows_avx512(a, 7); return NULL;
-            case 8: rows_avx512(a, 8); return NULL;
-            default: rows_avx512(a, (int)a->m); return NULL;
-        }
-    }
+    if (a->k % 64 == 0) ROWS_BY_COUNT(rows_avx512)
 #endif
 #ifdef __AVX2__
-    if (a->k % 32 == 0) {  /* the row counts known at each call: the accumulators stay in registers */
-        switch (a->m) {
-            case 1: rows_avx2(a, 1); return NULL;
-            case 2: rows_avx2(a, 2); return NULL;
-            case 3: rows_avx2(a, 3); return NULL;
-            case 4: rows_avx2(a, 4); return NULL;
-            case 5: rows_avx2(a, 5); return NULL;
-            case 6: rows_avx2(a, 6); return NULL;
-            case 7: rows_avx2(a, 7); return NULL;
-            case 8: rows_avx2(a, 8); return NULL;
-            default: rows_avx2(a, (int)a->m); return NULL;
-        }
-    }
+    if (a->k % 32 == 0) ROWS_BY_COUNT(rows_avx2)
 #endif
     for (int64_t j = a->begin; j < a->end; ++j) {
         const int8_t *w = a->w + j * a->k;
