@@ -37,13 +37,13 @@ FLAGS = ["-O3", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", "-fno-fast-
 OPENMP = ["-fopenmp"]
 
 
-AVX512_VNNI = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")  # cpuinfo's names: cpu_tile.h's 512-bit tiles
+AVX512_VNNI = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")  # cpuinfo's names: what the 512-bit kernels use
 
 
 def _machine_flags() -> list[str]:
     """-mavx2 where the CPU has it (x86-64 Linux): 8-wide loops and a vector round; with AVX-512 VNNI too,
-    its flags (cpu_tile.h's tiles on 16-bit dot products). Part of the build's name, so machines of other
-    kinds sharing a home directory each build their own."""
+    its flags (cpu_tile.h's tiles on vpdpwssd, the few-row GEMM on vpdpbusd; ``PDSERVE_CPU_AVX512=off`` keeps
+    AVX2). Part of the build's name, so machines of other kinds sharing a home directory each build their own."""
     try:
         cpu = Path("/proc/cpuinfo").read_text()
     except OSError:

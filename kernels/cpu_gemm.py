@@ -285,7 +285,10 @@ def _probe() -> GemmPlan:
         def each(fn):
             return _best_ms(lambda: [fn(f) for f in forms], reps)
 
-        t = timings[m] = {"int": each(lambda f: torch._int_mm(x, f.wq.t())),
+        # without fast int8 units _int_mm is ~20x slower than the others, and slower the more rows: once it lost
+        # 4x over the weights at one row it is not timed again there (~1 s of start-up on such a machine)
+        hopeless = m <= C_MAX_ROWS and 1 in timings and timings[1]["int"] > 4 * min(timings[1].values())
+        t = timings[m] = {"int": math.inf if hopeless else each(lambda f: torch._int_mm(x, f.wq.t())),
                           "float": each(lambda f: int_mm_via_float(xf, f.as_float()))}
         if c_built and m in C_PROBE_ROWS and c_through == _previous(C_PROBE_ROWS, m):  # C won at every count below
             t["C rows"] = each(lambda f: int_mm_rows_c(xf, f.wq))

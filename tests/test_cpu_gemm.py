@@ -87,6 +87,9 @@ def test_the_measured_plan_names_what_it_timed():
     assert plan.source == "measured" and set(plan.timings_ms) <= probed
     assert all({"int", "float"} <= set(ts) <= set(cpu_gemm.ROUTES) and min(ts.values()) > 0
                for ts in plan.timings_ms.values())
+    untimed = [m for m, ts in plan.timings_ms.items() if ts["int"] == float("inf")]  # _int_mm hopeless at 1 row
+    assert all(1 < m <= cpu_gemm.C_MAX_ROWS for m in untimed)
+    assert not untimed or plan.timings_ms[1]["int"] > 4 * min(plan.timings_ms[1].values())
     assert plan.float_below in (cpu_gemm.ALWAYS, *cpu_gemm.PROBE_ROWS)
     assert plan.c_through in (0, *cpu_gemm.C_PROBE_ROWS)
     assert plan.panels_below in (cpu_gemm.NEVER, cpu_gemm.ALWAYS, *cpu_gemm.PANEL_PROBE_ROWS[1:])
