@@ -128,12 +128,12 @@ def llama_cpp_runner():
 
 def smollm2_hf_dir() -> Path:
     """SmolLM2's GGUF as a transformers checkpoint (fp32 safetensors and tokenizer), for engines that do not read
-    GGUF: the weights transformers' runner dequantizes, written once (~0.5 GB) under ~/.cache/pdserve."""
+    GGUF: the weights transformers' runner dequantizes, written once (~0.5 GB) under ``$PDSERVE_CACHE`` (~/.cache/pdserve)."""
     import safetensors.torch
     import transformers
 
     gguf = _smollm2_path()
-    out = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pdserve" / f"{gguf.stem}-hf"
+    out = Path(os.environ.get("PDSERVE_CACHE", Path.home() / ".cache" / "pdserve")) / f"{gguf.stem}-hf"
     if not (out / "config.json").exists():
         tmp = out.with_name(out.name + ".partial")
         kw = {"gguf_file": gguf.name}
