@@ -71,7 +71,7 @@ def test_int8_logits_are_the_same_bits_whichever_instruction_set_mkl_and_aten_pi
     them; through int8 rounding one ulp became other greedy tokens on another machine. The int8 model's CPU
     path must give the same bits whichever MKL runs and whichever of ATen's vectorized builds (AVX-512, AVX2)
     torch picks: MKL_ENABLE_INSTRUCTIONS and ATEN_CPU_CAPABILITY stand in for other x86 machines. (ATen's
-    unvectorized build, ``default``, sums in another order: not covered, nor are other architectures.)"""
+    unvectorized build, ``default``, gave other bits: not covered, nor are other architectures.)"""
     import hashlib
     import os
     import subprocess
