@@ -118,9 +118,9 @@ def exact_int8_matmul(xq: torch.Tensor, x_scale: torch.Tensor, forms: WeightForm
         return int_mm_rows_c(xq, forms.wq, x_scale, w_scale)
     if route == "C panels":
         return int_mm_panels_c(xq, forms.packed(), forms.wq.shape[0], x_scale, w_scale)
-    if route == "int" and cpu_fused.available():
-        return int32_scaled_c(torch._int_mm(xq.to(torch.int8), forms.wq.t()), x_scale, w_scale)
     acc = int_mm_via_float(xq, forms.as_float()) if route == "float" else torch._int_mm(xq.to(torch.int8), forms.wq.t())
+    if route == "int" and cpu_fused.available():
+        return int32_scaled_c(acc, x_scale, w_scale)
     out = acc.to(torch.float32)
     return out.mul_(x_scale).mul_(w_scale)
 
@@ -275,12 +275,11 @@ def _probe() -> GemmPlan:
     c_built = cpu_fused.available()
     panels_win = c_built  # the panels route runs below the first probed count where it loses
     for m in sorted(set(PROBE_ROWS) | (set(C_PROBE_ROWS) | set(PANEL_PROBE_ROWS) if c_built else set())):
-        k = STREAM_SHAPE[1] if m <= C_MAX_ROWS else PROBE_K
-        x = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=gen)
-        xf = x.float()
         # a few rows (decode) read each weight once per step, from memory: the routes' bytes per weight (1 or 4)
         # count, so they pass over weights larger than the caches; many rows reuse each weight (one, cached)
         forms, reps = (stream, 2) if m <= C_MAX_ROWS else (one, 5)
+        x = torch.randint(-127, 128, (m, forms[0].wq.shape[1]), dtype=torch.int8, generator=gen)
+        xf = x.float()
 
         def each(fn):
             return _best_ms(lambda: [fn(f) for f in forms], reps)
