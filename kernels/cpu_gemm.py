@@ -186,7 +186,7 @@ def int_mm_rows_c(xq: torch.Tensor, wq: torch.Tensor, x_scale: torch.Tensor | No
     x = xq.to(torch.float32).contiguous()
     wq = wq.contiguous()
     out = torch.empty((m, n), dtype=torch.float32)
-    threads = torch.get_num_threads() if m * n * k >= 2**22 else 1  # a thread's start costs ~a small GEMV
+    threads = _rows_threads(m, n, k)
     lib = cpu_fused.library()
     with cpu_fused.profiled("pdserve::int8_gemm_c"):
         if x_scale is None:  # the entry point every build has (benchmarks.c_kernels_vs loads older ones)
@@ -197,6 +197,19 @@ def int_mm_rows_c(xq: torch.Tensor, wq: torch.Tensor, x_scale: torch.Tensor | No
                                                        _address(ws), out.data_ptr(), threads)
     _c_status(status, "rows", m, k)
     return out
+
+
+THREADED_WEIGHT_BYTES = 2**16  # OpenMP's threads: a few-row GEMM reading this much weight gains from a second
+
+
+def _rows_threads(m: int, n: int, k: int) -> int:
+    """Threads for the C rows GEMM. It is bound by reading the weight (n * k bytes), so with OpenMP's waiting
+    threads (a few microseconds to wake) every weight from 64 KiB up splits across them: 1.6-1.9x at one row
+    for SmolLM2's layers (BENCHMARKS.md), where the old rule (m * n * k >= 2**22) kept decode at batch 1 on
+    one thread. Threads of our own (no OpenMP) cost a start per call, so there only large products split."""
+    if cpu_fused.openmp():
+        return torch.get_num_threads() if n * k >= THREADED_WEIGHT_BYTES else 1
+    return torch.get_num_threads() if m * n * k >= 2**22 else 1
 
 
 def _c_status(status: int, what: str, m: int, k: int) -> None:
@@ -273,6 +286,7 @@ def _probe() -> GemmPlan:
               for _ in range(-(-STREAM_BYTES // (STREAM_SHAPE[0] * STREAM_SHAPE[1])))]
     timings, float_below, c_through, panels_below = {}, ALWAYS, 0, NEVER
     c_built = cpu_fused.available()
+    int_exact = int_mm_is_exact(gen)
     panels_win = c_built  # the panels route runs below the first probed count where it loses
     for m in sorted(set(PROBE_ROWS) | (set(C_PROBE_ROWS) | set(PANEL_PROBE_ROWS) if c_built else set())):
         # a few rows (decode) read each weight once per step, from memory: the routes' bytes per weight (1 or 4)
@@ -286,7 +300,8 @@ def _probe() -> GemmPlan:
 
         # without fast int8 units _int_mm is ~20x slower than the others, and slower the more rows: once it lost
         # 4x over the weights at one row it is not timed again there (~1 s of start-up on such a machine)
-        hopeless = m <= C_MAX_ROWS and 1 in timings and timings[1]["int"] > 4 * min(timings[1].values())
+        lost = m <= C_MAX_ROWS and 1 in timings and timings[1]["int"] > 4 * min(timings[1].values())
+        hopeless = lost or not int_exact
         t = timings[m] = {"int": math.inf if hopeless else each(lambda f: torch._int_mm(x, f.wq.t())),
                           "float": each(lambda f: int_mm_via_float(xf, f.as_float()))}
         if c_built and m in C_PROBE_ROWS and c_through == _previous(C_PROBE_ROWS, m):  # C won at every count below
@@ -301,7 +316,20 @@ def _probe() -> GemmPlan:
             float_below = m
         if float_below != ALWAYS and not panels_win:
             break
-    return GemmPlan(float_below, "measured", timings, c_through, panels_below)
+    source = "measured" if int_exact else "measured; torch._int_mm's sums are not exact here, so it never runs"
+    return GemmPlan(float_below, source, timings, c_through, panels_below)
+
+
+def int_mm_is_exact(gen: torch.Generator) -> bool:
+    """Whether ``torch._int_mm`` gives the exact integer sums on this machine. oneDNN's int8 kernels for CPUs
+    without VNNI sum byte products in pairs into saturating int16 (inputs shifted to unsigned bytes): sums off by
+    up to ~10**5. Seen with ``ONEDNN_MAX_CPU_ISA=AVX2`` on a VNNI machine, where torch still hands ``_int_mm`` to
+    oneDNN; a route that breaks the int8 GEMM's exactness must never be picked, however fast."""
+    x = torch.randint(-127, 128, (17, 576), dtype=torch.int8, generator=gen)
+    w = torch.randint(-127, 128, (64, 576), dtype=torch.int8, generator=gen)
+    x[0], w[0] = 127, -127  # the extremes: 576 products of -16129
+    exact = int_mm_via_float(x, float_weight(w)).to(torch.int32)
+    return torch.equal(torch._int_mm(x, w.t()), exact)
 
 
 def _previous(rows: tuple[int, ...], m: int) -> int:

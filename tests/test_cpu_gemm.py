@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import kernels
-from kernels import cpu_gemm
+from kernels import cpu_fused, cpu_gemm
 from model.config import QuantConfig
 from model.quant import QLinear
 
@@ -263,3 +263,35 @@ def test_the_few_row_probe_passes_over_more_weights_than_a_cache_holds(monkeypat
     assert seen and min(seen) == 1
     for m, weights in seen.items():
         assert len(weights) * rows * cols >= cpu_gemm.STREAM_BYTES if m <= cpu_gemm.C_MAX_ROWS else len(weights) == 1
+
+
+def test_a_torch_int_mm_that_is_not_exact_is_never_planned(monkeypatch):
+    """oneDNN's int8 kernels without VNNI saturate int16 pair sums (seen under ONEDNN_MAX_CPU_ISA=AVX2 on a VNNI
+    machine: sums off by ~10**5); the probe must notice and keep every row count off that route."""
+    real = torch._int_mm
+    monkeypatch.setattr(torch, "_int_mm", lambda a, b: real(a, b).clamp(-2**14, 2**14))  # a saturating stand-in
+    assert not cpu_gemm.int_mm_is_exact(torch.Generator().manual_seed(0))
+    plan = cpu_gemm._probe()
+    assert all(plan.route(m) != "int" for m in (1, 4, 8, 16, 128, 4096)) and "not exact" in plan.describe()
+    monkeypatch.setattr(torch, "_int_mm", real)
+    assert cpu_gemm.int_mm_is_exact(torch.Generator().manual_seed(0))
+
+
+def test_the_rows_route_splits_decode_s_weights_across_threads_alike(monkeypatch):
+    """The C rows GEMM is bound by reading the weight, so with OpenMP every weight of 64 KiB or more splits across
+    the threads at any row count (one row included); the split is by output column, so the bits stay."""
+    if not cpu_fused.available():
+        pytest.skip("no C library here")
+    x = torch.randint(-127, 128, (1, 576), generator=torch.Generator().manual_seed(1)).float()
+    wq = torch.randint(-127, 128, (960, 576), dtype=torch.int8, generator=torch.Generator().manual_seed(2))
+    if cpu_fused.openmp():
+        assert cpu_gemm._rows_threads(1, 960, 576) == torch.get_num_threads()
+        assert cpu_gemm._rows_threads(1, 64, 64) == 1
+    outs = []
+    before = torch.get_num_threads()
+    for threads in (1, 2, 3):
+        torch.set_num_threads(threads)
+        outs.append(cpu_gemm.int_mm_rows_c(x, wq))
+    torch.set_num_threads(before)
+    assert all(torch.equal(o, outs[0]) for o in outs)
+    assert torch.equal(outs[0], x @ wq.t().float())
