@@ -135,6 +135,11 @@ def load(path: Path) -> ctypes.CDLL:
                        *[ctypes.c_float] * (1 if name == "pdserve_attn_pv" else 2), ctypes.c_void_p,
                        ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
         fn.restype = ctypes.c_int
+    if hasattr(lib, "pdserve_int8_linear_rows"):  # cpu_gemm's rows route with the prologue in the same call
+        lib.pdserve_int8_linear_rows.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                                                 ctypes.c_float, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                                                 ctypes.c_void_p, ctypes.c_int64]
+        lib.pdserve_int8_linear_rows.restype = ctypes.c_int
     if hasattr(lib, "pdserve_int32_scaled"):  # cpu_gemm's epilogue of torch._int_mm
         lib.pdserve_int32_scaled.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64] + [ctypes.c_void_p] * 3 + [
             ctypes.c_int64]

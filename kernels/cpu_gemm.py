@@ -199,6 +199,25 @@ def int_mm_rows_c(xq: torch.Tensor, wq: torch.Tensor, x_scale: torch.Tensor | No
     return out
 
 
+def linear_rows_c(x: torch.Tensor, block: int, wq: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """``int_mm_rows_c(*rotate_quantize_rows_float(x, block), ...)`` with both scales, in one C call: float32 rows
+    [M, K] (M <= ``C_MAX_ROWS``) to [M, N], the same bits as the prologue and the rows GEMM called apart
+    (tests/test_cpu_gemm.py). At batch 1 a decode step makes ~120 such calls, and the second crossing from
+    Python with its tensors cost more than the prologue's arithmetic."""
+    m, k, n = x.shape[0], x.shape[1], wq.shape[0]
+    if x.dtype != torch.float32 or k % block or m > C_MAX_ROWS or wq.shape[1] != k:
+        raise ValueError(f"C int8 linear (rows): float32 rows [M <= {C_MAX_ROWS}, K] with K a multiple of {block} "
+                         f"for a weight of {tuple(wq.shape)}; got {x.dtype} {tuple(x.shape)}")
+    x, wq, ws = x.contiguous(), wq.contiguous(), w_scale.to(torch.float32).contiguous()
+    out = torch.empty((m, n), dtype=torch.float32)
+    with cpu_fused.profiled("pdserve::int8_linear_c"):
+        status = m and cpu_fused.library().pdserve_int8_linear_rows(
+            x.data_ptr(), m, k, block, block ** -0.5, wq.data_ptr(), n, ws.data_ptr(), out.data_ptr(),
+            _rows_threads(m, n, k))
+    _c_status(status, "linear rows", m, k)
+    return out
+
+
 THREADED_WEIGHT_BYTES = 2**16  # OpenMP's threads: a few-row GEMM reading this much weight gains from a second
 
 

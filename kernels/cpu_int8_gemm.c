@@ -167,6 +167,25 @@ int pdserve_int8_gemm_rows_scaled(const float *x, int64_t m, int64_t k, const in
     return 0;
 }
 
+int pdserve_rotate_quantize(const float *x, float *q, float *scale, int64_t m, int64_t k, int64_t block,
+                            float norm);  /* cpu_fused.c */
+
+/* The int8 linear of a few rows (decode) in one call from Python: each row rotated and quantized as
+ * pdserve_rotate_quantize does it, then the rows GEMM with both scales: those two calls' bits, without the
+ * second crossing and the intermediate tensors (at batch 1 the crossings cost more than the prologue's
+ * arithmetic). Returns the rows GEMM's codes; -4 also when the prologue's scratch could not be had. */
+int pdserve_int8_linear_rows(const float *x, int64_t m, int64_t k, int64_t block, float norm, const int8_t *w,
+                             int64_t n, const float *ws, float *out, int64_t threads) {
+    if (m < 1 || m > MAX_ROWS || k > 65536) return -1;
+    float *q = malloc((size_t)(m * k + m) * sizeof(float));
+    if (q == NULL) return -4;
+    float *xs = q + m * k;
+    int status = pdserve_rotate_quantize(x, q, xs, m, k, block, norm) ? -4
+                 : pdserve_int8_gemm_rows_scaled(q, m, k, w, n, xs, ws, out, threads);
+    free(q);
+    return status;
+}
+
 /* The sums alone (the same entry point as before the scaled one; benchmarks.c_kernels_vs calls it in older builds). */
 int pdserve_int8_gemm_rows(const float *x, int64_t m, int64_t k, const int8_t *w, int64_t n, float *out,
                            int64_t threads) {

@@ -83,6 +83,16 @@ def fused_prologue(x: torch.Tensor) -> bool:
     return x.is_cpu and cpu_fused.available()
 
 
+def fused_linear(x: torch.Tensor) -> bool:
+    """Whether a rotated int8 linear of these float32 rows runs as one C call (prologue and rows GEMM:
+    ``cpu_gemm.linear_rows_c``): CPU rows the measured plan sends to the C rows route, the library built."""
+    return (x.is_cpu and x.dtype == torch.float32 and not use_triton(x) and cpu_fused.available()
+            and hasattr(cpu_fused.library(), "pdserve_int8_linear_rows") and cpu_gemm.plan().use_c_rows(x.shape[0]))
+
+
+int8_linear_rows = cpu_gemm.linear_rows_c
+
+
 def rotate_quantize_rows(x: torch.Tensor, block: int, in_float: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``quantize_rows(hadamard_rotate(x, block))`` where ``fused_prologue(x)``: int8 codes, or on the CPU's
     float GEMM route (``in_float``) the same integers held in float32."""

@@ -85,6 +85,9 @@ class QLinear(nn.Module):
         """Rotate, quantize per row, exact int8 GEMM, rescale. The first two are one fused call where
         ``kernels.fused_prologue`` says (a C loop on CPU, a Triton kernel on GPU: the torch ops' bits,
         a fraction of the calls and memory passes)."""
+        if self.rotation_block is not None and kernels.fused_linear(x):  # few rows: prologue and GEMM in one C call
+            return kernels.int8_linear_rows(x, self.rotation_block, self.weight_q, self.weight_scale).to(
+                self.dtype)
         in_float = kernels.int8_gemm_in_float(x)
         if self.rotation_block is not None and kernels.fused_prologue(x):
             xq, xs = kernels.rotate_quantize_rows(x, self.rotation_block, in_float)

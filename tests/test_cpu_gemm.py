@@ -169,8 +169,8 @@ def test_the_c_rows_route_refuses_what_it_cannot_hold():
 def test_a_layer_gives_the_same_bits_through_the_c_rows_route(monkeypatch):
     layer = QLinear(576, 1536, QuantConfig())
     layer.load_float(torch.randn(1536, 576))
-    outs, rows_in_c, c_rows = {}, [], cpu_gemm.int_mm_rows_c
-    monkeypatch.setattr(cpu_gemm, "int_mm_rows_c", lambda xq, wq, *s: rows_in_c.append(xq.shape[0]) or c_rows(xq, wq, *s))
+    outs, rows_in_c, c_linear = {}, [], kernels.int8_linear_rows
+    monkeypatch.setattr(kernels, "int8_linear_rows", lambda x, *a: rows_in_c.append(x.shape[0]) or c_linear(x, *a))
     for c_through in (0, 8):
         monkeypatch.setattr(cpu_gemm, "plan", lambda: cpu_gemm.GemmPlan(cpu_gemm.ALWAYS, "test", c_through=c_through))
         outs[c_through] = [layer(torch.randn(m, 576, generator=torch.Generator().manual_seed(m))) for m in (1, 5, 8, 9)]
@@ -295,3 +295,28 @@ def test_the_rows_route_splits_decode_s_weights_across_threads_alike(monkeypatch
     torch.set_num_threads(before)
     assert all(torch.equal(o, outs[0]) for o in outs)
     assert torch.equal(outs[0], x @ wq.t().float())
+
+
+@pytest.mark.parametrize("m, k, block", [(1, 576, 64), (4, 1536, 512), (8, 192, 64), (3, 48, 16)])
+def test_the_one_call_linear_gives_the_prologue_and_rows_gemm_s_bits(m, k, block):
+    """The C rows route with its prologue in the same call: the two calls' bits apart, on any thread count."""
+    if not cpu_fused.available():
+        pytest.skip("no C library here")
+    gen = torch.Generator().manual_seed(m * k)
+    x = torch.randn(m, k, generator=gen) * torch.logspace(-2, 2, k)  # wide channels: scales and rounding matter
+    x[0, :3] = torch.tensor([0.0, 1e-30, -3e4])
+    wq = torch.randint(-127, 128, (200, k), dtype=torch.int8, generator=gen)
+    ws = torch.rand(200, generator=gen) + 1e-3
+    q, xs = kernels.rotate_quantize_rows_float(x, block)
+    apart = cpu_gemm.int_mm_rows_c(q, wq, xs, ws)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            assert torch.equal(kernels.int8_linear_rows(x, block, wq, ws), apart)
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="C int8 linear"):
+        kernels.int8_linear_rows(x[:, :k - 1], block, wq[:, :k - 1], ws)
+    with pytest.raises(ValueError, match="C int8 linear"):
+        kernels.int8_linear_rows(torch.randn(cpu_gemm.C_MAX_ROWS + 1, k), block, wq, ws)
