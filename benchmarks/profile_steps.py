@@ -25,7 +25,7 @@ from benchmarks.decode_steps import placed_engine
 from model.engine import Engine, EngineConfig, SamplingParams
 
 GEMM_OPS = {"aten::mm", "aten::_int_mm", "aten::addmm", "pdserve::int8_gemm_c",  # the C routes: their scopes
-            "pdserve::int8_gemm_panels_c"}
+            "pdserve::int8_gemm_panels_c", "pdserve::int8_linear_c"}  # the last with its prologue (few rows)
 ATTENTION_OPS = {"aten::bmm", "pdserve::attention_c"}  # the C attention: its scope's self time
 
 

@@ -163,6 +163,34 @@ int pdserve_write_kv(const float *k, const float *v, const int64_t *slots, int64
     return 0;
 }
 
+/* RoPE in place on the first `heads` heads (d floats each) of n rows of `stride` floats (model/transformer.py's
+ * RopeAt on a Q/K/V projection's output): x[i] * cos[i] + x[(i + d/2) % d] * ssin[i], the two products and the
+ * sum each rounded once as torch's mul, roll, mul and add do it: the same bits. cos, ssin: [n, d]. Returns -1
+ * for a head wider than its buffer. */
+int pdserve_rope_heads(float *rows, int64_t n, int64_t stride, int64_t heads, int64_t d, const float *cos,
+                       const float *ssin) {
+    float buf[512];
+    if (d > 512 || d % 2) return -1;
+    for (int64_t t = 0; t < n; ++t)
+        for (int64_t h = 0; h < heads; ++h) {
+            float *x = rows + t * stride + h * d;
+            const float *c = cos + t * d, *s = ssin + t * d;
+            memcpy(buf, x, (size_t)d * sizeof(float));
+            for (int64_t i = 0; i < d; ++i) x[i] = buf[i] * c[i] + buf[(i + d / 2) % d] * s[i];
+        }
+    return 0;
+}
+
+/* RMSNorm after its mean of squares (model/transformer.py): out[r, i] = w[i] * (x[r, i] * (1 / sqrt(ms[r] + eps))),
+ * each op rounded once as torch's add, rsqrt (a division of 1 by a square root), mul and mul round it: the same
+ * bits. x, out: [m, k]; ms: [m]; w: [k]. */
+void pdserve_rms_scale(const float *x, const float *ms, const float *w, float eps, float *out, int64_t m, int64_t k) {
+    for (int64_t r = 0; r < m; ++r) {
+        const float inv = 1.0f / sqrtf(ms[r] + eps);
+        for (int64_t i = 0; i < k; ++i) out[r * k + i] = w[i] * (x[r * k + i] * inv);
+    }
+}
+
 /* Where built with OpenMP (cpu_threads.h), its runtime's thread count for a parallel region here (so a test can
  * see it is torch's: torch.set_num_threads sets it); 0 without OpenMP. */
 int pdserve_openmp(void) {

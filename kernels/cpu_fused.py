@@ -140,6 +140,11 @@ def load(path: Path) -> ctypes.CDLL:
                                                  ctypes.c_float, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
                                                  ctypes.c_void_p, ctypes.c_int64]
         lib.pdserve_int8_linear_rows.restype = ctypes.c_int
+    if hasattr(lib, "pdserve_rope_heads"):  # model/transformer.py's RoPE and RMSNorm, their torch ops' bits
+        lib.pdserve_rope_heads.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 2
+        lib.pdserve_rope_heads.restype = ctypes.c_int
+        lib.pdserve_rms_scale.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_float, ctypes.c_void_p] + [ctypes.c_int64] * 2
+        lib.pdserve_rms_scale.restype = None
     if hasattr(lib, "pdserve_int32_scaled"):  # cpu_gemm's epilogue of torch._int_mm
         lib.pdserve_int32_scaled.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64] + [ctypes.c_void_p] * 3 + [
             ctypes.c_int64]
@@ -201,6 +206,32 @@ def rotate_quantize_rows_float(x: torch.Tensor, block: int) -> tuple[torch.Tenso
     if status:
         raise MemoryError("fused prologue: out of memory for one row's buffer")
     return q, scale
+
+
+def small_ops_usable(*tensors: torch.Tensor) -> bool:
+    """Whether ``rope_heads_`` and ``rms_scale`` take these: float32 CPU tensors, contiguous, the library built."""
+    return (all(t.dtype == torch.float32 and t.is_cpu and t.is_contiguous() for t in tensors) and available()
+            and hasattr(library(), "pdserve_rope_heads"))
+
+
+def rope_heads_(rows: torch.Tensor, heads: int, cos: torch.Tensor, signed_sin: torch.Tensor) -> None:
+    """RoPE in place on the first ``heads`` heads of each row [N, W] (``model.transformer.RopeAt``'s bits; cos and
+    signed_sin [N, D]): at batch 1 the torch ops are ~8 calls per head group, more time than their arithmetic."""
+    n, d = rows.shape[0], cos.shape[-1]
+    with profiled("pdserve::rope_c"):
+        status = n and library().pdserve_rope_heads(rows.data_ptr(), n, rows.stride(0), heads, d, cos.data_ptr(),
+                                                    signed_sin.data_ptr())
+    if status:
+        raise ValueError(f"C RoPE: a head of {d} values (even, at most 512)")
+
+
+def rms_scale(x: torch.Tensor, mean_square: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``weight * (x * torch.rsqrt(mean_square + eps))`` for rows [M, K] in one C call, torch's bits."""
+    out = torch.empty_like(x)
+    with profiled("pdserve::rms_scale_c"):
+        library().pdserve_rms_scale(x.data_ptr(), mean_square.data_ptr(), weight.data_ptr(), eps, out.data_ptr(),
+                                    x.shape[0], x.shape[1])
+    return out
 
 
 def write_kv_usable(k_pool: torch.Tensor, k_scale: torch.Tensor | None, k: torch.Tensor) -> bool:

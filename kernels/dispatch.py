@@ -102,6 +102,17 @@ def rotate_quantize_rows(x: torch.Tensor, block: int, in_float: bool = False) ->
     return (q if in_float else q.to(torch.int8)), scale
 
 
+def small_ops_in_c(*tensors: torch.Tensor) -> bool:
+    """Whether the model's RoPE and RMSNorm tail run as C calls on these (``rope_heads_``, ``rms_scale``): float32
+    contiguous CPU tensors, the library built. They give the torch ops' bits; at batch 1 the ops' dispatch, not
+    their arithmetic, is their cost."""
+    return not use_triton(tensors[0]) and cpu_fused.small_ops_usable(*tensors)
+
+
+rope_heads_ = cpu_fused.rope_heads_
+rms_scale = cpu_fused.rms_scale
+
+
 def write_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, k_scale: torch.Tensor | None,
              v_scale: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
     if k_scale is not None and use_triton(k):  # float pools (reference runs) stay on torch

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+import kernels
 from model.config import ModelConfig
 from model.kv_cache import KVBackend
 from model.quant import QEmbedding, QLinear, compute_dtype
@@ -21,7 +22,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        mean_square = xf.pow(2).mean(-1, keepdim=True)
+        if xf.dim() == 2 and kernels.small_ops_in_c(xf, mean_square, self.weight):  # the four ops below, one call
+            return kernels.rms_scale(xf, mean_square, self.weight, self.eps)
+        xf = xf * torch.rsqrt(mean_square + self.eps)
         return self.weight * xf.to(self.weight.dtype)
 
 
@@ -57,6 +61,15 @@ class RopeAt:
         xf = x.float()
         return (xf * self.cos + xf.roll(x.shape[-1] // 2, -1) * self.signed_sin).to(x.dtype)
 
+    def rotate_heads_(self, rows: torch.Tensor, heads: int) -> None:
+        """This rotation in place on the first ``heads`` heads of each row [N, W] (a fused projection's Q, then K):
+        one C call where ``kernels.small_ops_in_c``, the same bits as ``self`` on those heads."""
+        if kernels.small_ops_in_c(rows, self.cos, self.signed_sin):
+            kernels.rope_heads_(rows, heads, self.cos, self.signed_sin)
+            return
+        part = rows[:, :heads * self.cos.shape[-1]].view(rows.shape[0], heads, -1)
+        part.copy_(self(part))
+
 
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int):
@@ -77,10 +90,11 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: RopeAt, kv: KVBackend) -> torch.Tensor:
         n = x.shape[0]
         qkv = self.qkv_proj(x)
-        q = rope(qkv[:, :self.q_width].reshape(n, self.n_heads, self.head_dim))
+        rope.rotate_heads_(qkv, self.n_heads + (self.n_kv_heads if self.produces_kv else 0))  # Q's heads, then K's
+        q = qkv[:, :self.q_width].reshape(n, self.n_heads, self.head_dim)
         if self.produces_kv:
             k, v = qkv[:, self.q_width:].reshape(n, 2, self.n_kv_heads, self.head_dim).unbind(1)
-            kv.store(self.group, rope(k), v)
+            kv.store(self.group, k, v)
         out = kv.attend(self.group, q, self.window)
         return self.o_proj(out.reshape(n, self.n_heads * self.head_dim))
 

@@ -59,6 +59,7 @@ def test_an_int8_linear_gives_the_same_bits_with_and_without_the_fused_prologue(
     layer = QLinear(576, 960, QuantConfig())
     layer.load_float(torch.randn(960, 576) * 0.05)
     x = awkward_rows(7, 576, seed=3)
+    monkeypatch.setattr(kernels, "fused_linear", lambda t: False)  # not the rows route's one call (its own test)
     assert kernels.fused_prologue(x)
     fused = layer(x)
     calls = []
@@ -212,3 +213,52 @@ def test_the_avx512_and_avx2_builds_give_the_same_bits(tmp_path, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(*outs))
     assert torch.equal(outs[1][1], torch._int_mm(x.to(torch.int8), w.t()).float())
     assert torch.equal(outs[1][2], outs[1][1][:5])
+
+
+@needs_cc
+@pytest.mark.parametrize("n, heads, extra, d", [(1, 12, 3, 64), (5, 9, 0, 64), (3, 2, 5, 16), (2, 1, 1, 128)])
+def test_the_c_rope_gives_the_torch_ops_bits_in_place(n, heads, extra, d):
+    from model.transformer import Rotary
+
+    rows = awkward_rows(n, (heads + extra) * d, seed=n * d + heads)
+    positions = torch.randint(0, 4000, (n,), generator=torch.Generator().manual_seed(heads))
+    at = Rotary(d, 100000.0, 4096).at(positions)
+    expected = rows.clone()
+    expected[:, :heads * d] = at(rows[:, :heads * d].reshape(n, heads, d)).reshape(n, -1)
+    assert kernels.small_ops_in_c(rows, at.cos, at.signed_sin)
+    at.rotate_heads_(rows, heads)
+    assert torch.equal(rows, expected)  # the heads rotated as torch rotates them, the rest untouched
+
+
+@needs_cc
+@pytest.mark.parametrize("m, k", [(1, 576), (7, 576), (4, 48)])
+def test_the_c_rms_norm_tail_gives_the_torch_ops_bits(m, k):
+    from model.transformer import RMSNorm
+
+    norm = RMSNorm(k, 1e-5, torch.float32)
+    norm.weight.copy_(torch.randn(k, generator=torch.Generator().manual_seed(k)) * 3)
+    x = awkward_rows(m, k, seed=m + k)
+    ms = x.pow(2).mean(-1, keepdim=True)
+    assert kernels.small_ops_in_c(x, ms, norm.weight)
+    expected = norm.weight * (x * torch.rsqrt(ms + norm.eps))
+    assert torch.equal(norm(x), expected)
+    assert torch.equal(kernels.rms_scale(x, ms, norm.weight, norm.eps), expected)
+
+
+@needs_cc
+def test_a_model_gives_the_same_logits_with_and_without_the_c_rope_and_norm(monkeypatch):
+    from model.kv_cache import ContiguousKVCache
+    from model.loader import load
+
+    model = load("skv-tiny").model
+    tokens = torch.arange(3, 45)
+    logits = []
+    for in_c in (True, False):
+        if not in_c:
+            monkeypatch.setattr(kernels, "small_ops_in_c", lambda *t: False)
+        cache = ContiguousKVCache(model.config, max_len=64)
+        with torch.inference_mode():
+            whole = model(tokens[:40], cache.extend(40))
+            steps = [model(tokens[i:i + 1], cache.extend(1)) for i in range(40, 42)]
+        logits.append(torch.cat([whole, *steps]))
+    assert torch.equal(logits[0], logits[1])
