@@ -1,7 +1,8 @@
 """The int8 linear's prologue (rotate + quantize per row) as one C call on CPU, where a compiler is.
 
-The same library holds the exact paged attention (``cpu_attention.c``, ``kernels.cpu_attention``) and
-the int8 GEMMs of a few rows and of many (``cpu_int8_gemm.c``, ``kernels.cpu_gemm``).
+The same library holds the exact paged attention (``cpu_attention.c``, ``kernels.cpu_attention``), the int8
+GEMMs of a few rows and of many (``cpu_int8_gemm.c``, ``kernels.cpu_gemm``), the KV write, and the model's RoPE
+and RMSNorm tail (``rope_heads_``, ``rms_scale``: the torch ops' bits, one call instead of several).
 
 At batch 1 the prologue is ~40 small torch ops (the Hadamard butterflies, then abs / amax / div /
 round / clamp), each a few microseconds of dispatch: several times the GEMV it feeds. The C

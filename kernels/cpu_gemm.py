@@ -22,8 +22,9 @@ them at start-up (first use, ~0.3-1 s) for a few row counts (at most ``C_MAX_ROW
 weights, as a decode step reads them from memory, not from a cache): the C rows route up to the largest
 probed count (<= ``C_MAX_ROWS``) at which it beats all others, then C panels below the smallest
 probed count at which they lose, the float route below the smallest count at which ``_int_mm``
-wins, ``_int_mm`` from there. A weight's float copy or packed copy is made on first use
-(``WeightForms``), so a process pays only for the routes its plan takes.
+wins, ``_int_mm`` from there; never ``_int_mm`` where its sums are not exact (``int_mm_is_exact``). A weight's
+float copy or packed copy is made on first use (``WeightForms``), so a process pays only for the routes its
+plan takes. ``linear_rows_c`` is the C rows route with the linear's prologue in the same call (decode).
 """
 from __future__ import annotations
 
