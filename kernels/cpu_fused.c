@@ -169,15 +169,17 @@ int pdserve_write_kv(const float *k, const float *v, const int64_t *slots, int64
  * for a head wider than its buffer. */
 int pdserve_rope_heads(float *rows, int64_t n, int64_t stride, int64_t heads, int64_t d, const float *cos,
                        const float *ssin) {
-    float buf[512];
     if (d > 512 || d % 2) return -1;
-    for (int64_t t = 0; t < n; ++t)
+#pragma omp parallel for if (n * heads * d >= 65536) schedule(static)  /* rows are independent: any split */
+    for (int64_t t = 0; t < n; ++t) {
+        float buf[512];
         for (int64_t h = 0; h < heads; ++h) {
             float *x = rows + t * stride + h * d;
             const float *c = cos + t * d, *s = ssin + t * d;
             memcpy(buf, x, (size_t)d * sizeof(float));
             for (int64_t i = 0; i < d; ++i) x[i] = buf[i] * c[i] + buf[(i + d / 2) % d] * s[i];
         }
+    }
     return 0;
 }
 
@@ -185,6 +187,7 @@ int pdserve_rope_heads(float *rows, int64_t n, int64_t stride, int64_t heads, in
  * each op rounded once as torch's add, rsqrt (a division of 1 by a square root), mul and mul round it: the same
  * bits. x, out: [m, k]; ms: [m]; w: [k]. */
 void pdserve_rms_scale(const float *x, const float *ms, const float *w, float eps, float *out, int64_t m, int64_t k) {
+#pragma omp parallel for if (m * k >= 65536) schedule(static)
     for (int64_t r = 0; r < m; ++r) {
         const float inv = 1.0f / sqrtf(ms[r] + eps);
         for (int64_t i = 0; i < k; ++i) out[r * k + i] = w[i] * (x[r * k + i] * inv);

@@ -216,7 +216,8 @@ def test_the_avx512_and_avx2_builds_give_the_same_bits(tmp_path, monkeypatch):
 
 
 @needs_cc
-@pytest.mark.parametrize("n, heads, extra, d", [(1, 12, 3, 64), (5, 9, 0, 64), (3, 2, 5, 16), (2, 1, 1, 128)])
+@pytest.mark.parametrize("n, heads, extra, d", [(1, 12, 3, 64), (5, 9, 0, 64), (3, 2, 5, 16), (2, 1, 1, 128),
+                                                (300, 12, 3, 64)])  # the last split over the threads
 def test_the_c_rope_gives_the_torch_ops_bits_in_place(n, heads, extra, d):
     from model.transformer import Rotary
 
@@ -231,7 +232,7 @@ def test_the_c_rope_gives_the_torch_ops_bits_in_place(n, heads, extra, d):
 
 
 @needs_cc
-@pytest.mark.parametrize("m, k", [(1, 576), (7, 576), (4, 48)])
+@pytest.mark.parametrize("m, k", [(1, 576), (7, 576), (4, 48), (200, 576)])  # the last split over the threads
 def test_the_c_rms_norm_tail_gives_the_torch_ops_bits(m, k):
     from model.transformer import RMSNorm
 
