@@ -103,18 +103,26 @@ static void rotate_quantize_row(const float *x, float *q, float *scale, int64_t 
 /* x, q: [m, k] row-major float32; scale: [m]. Returns 0, or -1 when out of memory. */
 /* Rows [r0, r1) with a buffer of their own: 0, or -1 without memory. A plain function (not the body of the
  * parallel region below): inlined into OpenMP's outlined region the loop ran ~20% slower on one thread. */
-__attribute__((noinline)) static int rotate_quantize_range(const float *x, float *q, float *scale, int64_t r0, int64_t r1, int64_t k,
-                                 int64_t block, float norm) {
+/* With q8 (not NULL) the integers go to q8 as int8 (q unused): each row's float integers pass through a buffer of
+ * the thread's, not through memory, and torch's q.to(torch.int8) pass is saved. A NaN row's codes are whatever
+ * the conversion gives; its scale is NaN, so its products are NaN either way. */
+__attribute__((noinline)) static int rotate_quantize_range(const float *x, float *q, int8_t *q8, float *scale, int64_t r0,
+                                                          int64_t r1, int64_t k, int64_t block, float norm) {
     if (r0 >= r1) return 0;
-    float *buf = malloc((size_t)k * sizeof(float));
+    float *buf = malloc((size_t)k * 2 * sizeof(float));
     if (buf == NULL) return -1;
-    for (int64_t r = r0; r < r1; ++r) rotate_quantize_row(x + r * k, q + r * k, scale + r, k, block, norm, buf);
+    for (int64_t r = r0; r < r1; ++r) {
+        float *row = q8 == NULL ? q + r * k : buf + k;
+        rotate_quantize_row(x + r * k, row, scale + r, k, block, norm, buf);
+        if (q8 != NULL)
+            for (int64_t i = 0; i < k; ++i) q8[r * k + i] = (int8_t)(int32_t)row[i];
+    }
     free(buf);
     return 0;
 }
 
-int pdserve_rotate_quantize(const float *x, float *q, float *scale, int64_t m, int64_t k, int64_t block,
-                            float norm) {
+static int rotate_quantize(const float *x, float *q, int8_t *q8, float *scale, int64_t m, int64_t k, int64_t block,
+                           float norm) {
     int status = 0;
 #pragma omp parallel reduction(| : status) if (m * k >= 65536)  /* rows are independent: any split, same bits */
     {
@@ -123,9 +131,20 @@ int pdserve_rotate_quantize(const float *x, float *q, float *scale, int64_t m, i
         t = omp_get_thread_num();
         nt = omp_get_num_threads();
 #endif
-        status |= rotate_quantize_range(x, q, scale, m * t / nt, m * (t + 1) / nt, k, block, norm);
+        status |= rotate_quantize_range(x, q, q8, scale, m * t / nt, m * (t + 1) / nt, k, block, norm);
     }
     return status ? -1 : 0;
+}
+
+int pdserve_rotate_quantize(const float *x, float *q, float *scale, int64_t m, int64_t k, int64_t block,
+                            float norm) {
+    return rotate_quantize(x, q, NULL, scale, m, k, block, norm);
+}
+
+/* The same, the integers as int8 [m, k] (for torch._int_mm). */
+int pdserve_rotate_quantize_int8(const float *x, int8_t *q8, float *scale, int64_t m, int64_t k, int64_t block,
+                                 float norm) {
+    return rotate_quantize(x, NULL, q8, scale, m, k, block, norm);
 }
 
 /* New K and V rows into the int8 pool (kernels.reference.write_kv in one call): each token's head quantized
@@ -154,12 +173,18 @@ int pdserve_write_kv(const float *k, const float *v, const int64_t *slots, int64
                      int8_t *k_pool, int8_t *v_pool, float *k_scale, float *v_scale, int64_t capacity) {
     for (int64_t t = 0; t < n; ++t)
         if (slots[t] < 0 || slots[t] >= capacity) return -1;  /* nothing written */
-    for (int64_t t = 0; t < n; ++t)
-        for (int64_t h = 0; h < hkv; ++h) {
-            const int64_t row = slots[t] * hkv + h, src = (t * hkv + h) * d;
-            quantize_row_int8(k + src, k_pool + row * d, k_scale + row, d);
-            quantize_row_int8(v + src, v_pool + row * d, v_scale + row, d);
+    /* a job per (K or V, head), tokens in order within it: a slot written twice keeps the later row, as torch's */
+#pragma omp parallel for if (n * hkv * d >= 65536) schedule(static)
+    for (int64_t job = 0; job < 2 * hkv; ++job) {
+        const int64_t h = job / 2;
+        const float *src = job % 2 ? v : k;
+        int8_t *pool = job % 2 ? v_pool : k_pool;
+        float *scale = job % 2 ? v_scale : k_scale;
+        for (int64_t t = 0; t < n; ++t) {
+            const int64_t row = slots[t] * hkv + h;
+            quantize_row_int8(src + (t * hkv + h) * d, pool + row * d, scale + row, d);
         }
+    }
     return 0;
 }
 
@@ -176,8 +201,10 @@ int pdserve_rope_heads(float *rows, int64_t n, int64_t stride, int64_t heads, in
         for (int64_t h = 0; h < heads; ++h) {
             float *x = rows + t * stride + h * d;
             const float *c = cos + t * d, *s = ssin + t * d;
+            const int64_t half = d / 2;
             memcpy(buf, x, (size_t)d * sizeof(float));
-            for (int64_t i = 0; i < d; ++i) x[i] = buf[i] * c[i] + buf[(i + d / 2) % d] * s[i];
+            for (int64_t i = 0; i < half; ++i) x[i] = buf[i] * c[i] + buf[i + half] * s[i];  /* two plain loops: */
+            for (int64_t i = half; i < d; ++i) x[i] = buf[i] * c[i] + buf[i - half] * s[i];  /* they vectorize */
         }
     }
     return 0;

@@ -126,6 +126,9 @@ def load(path: Path) -> ctypes.CDLL:
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                    ctypes.c_float]
     fn.restype = ctypes.c_int
+    if hasattr(lib, "pdserve_rotate_quantize_int8"):
+        lib.pdserve_rotate_quantize_int8.argtypes = fn.argtypes
+        lib.pdserve_rotate_quantize_int8.restype = ctypes.c_int
     # kernels.cpu_attention (a revision's library may hold pdserve_attn_scores, the weights before their exp)
     for name in ("pdserve_attn_weights", "pdserve_attn_scores", "pdserve_attn_pv"):
         if not hasattr(lib, name):
@@ -190,23 +193,26 @@ def available() -> bool:
     return library() is not None
 
 
-def rotate_quantize_rows_float(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+def rotate_quantize_rows_float(x: torch.Tensor, block: int,
+                               as_int8: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``quantize_rows_float(hadamard_rotate(x, block))`` for float32 CPU rows [M, K]: integers held in
-    float32 [M, K] and scales [M, 1]. Call only where ``available()``."""
+    float32 [M, K] (``as_int8``: as int8, where the library has that entry, else converted by torch) and scales
+    [M, 1]. Call only where ``available()``."""
     if x.dtype != torch.float32 or x.dim() != 2 or not x.is_cpu or x.shape[1] % block:
         raise ValueError(f"fused prologue takes float32 CPU rows [M, K] with K a multiple of {block}; "
                          f"got {x.dtype} {tuple(x.shape)} on {x.device}")
     x = x.contiguous()
     m, k = x.shape
-    q = torch.empty((m, k), dtype=torch.float32)
+    entry = getattr(library(), "pdserve_rotate_quantize_int8", None) if as_int8 else None
+    q = torch.empty((m, k), dtype=torch.int8 if entry else torch.float32)
     scale = torch.empty((m, 1), dtype=torch.float32)
     # block**-0.5 goes as a C float (rounded to nearest), as torch rounds a Python scalar for a float32 multiply
     with profiled("pdserve::prologue_c"):
-        status = m and library().pdserve_rotate_quantize(x.data_ptr(), q.data_ptr(), scale.data_ptr(), m, k, block,
-                                                         block ** -0.5)
+        status = m and (entry or library().pdserve_rotate_quantize)(x.data_ptr(), q.data_ptr(), scale.data_ptr(), m,
+                                                                     k, block, block ** -0.5)
     if status:
         raise MemoryError("fused prologue: out of memory for one row's buffer")
-    return q, scale
+    return (q.to(torch.int8) if as_int8 and not entry else q), scale
 
 
 def small_ops_usable(*tensors: torch.Tensor) -> bool:

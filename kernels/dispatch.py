@@ -98,8 +98,7 @@ def rotate_quantize_rows(x: torch.Tensor, block: int, in_float: bool = False) ->
     float GEMM route (``in_float``) the same integers held in float32."""
     if use_triton(x):
         return _triton("gemm").rotate_quantize_rows(x, block)
-    q, scale = cpu_fused.rotate_quantize_rows_float(x, block)
-    return (q if in_float else q.to(torch.int8)), scale
+    return cpu_fused.rotate_quantize_rows_float(x, block, as_int8=not in_float)
 
 
 def small_ops_in_c(*tensors: torch.Tensor) -> bool:

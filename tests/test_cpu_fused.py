@@ -42,6 +42,8 @@ def test_fused_prologue_matches_the_torch_ops_bit_for_bit(m, k, block):
     q_ref, s_ref = torch_prologue(x, block)
     assert torch.equal(s, s_ref) and torch.equal(q, q_ref)
     assert q.abs().max() <= 127
+    q8, s8 = cpu_fused.rotate_quantize_rows_float(x, block, as_int8=True)  # the int8 codes torch._int_mm takes
+    assert q8.dtype == torch.int8 and torch.equal(q8, q_ref.to(torch.int8)) and torch.equal(s8, s_ref)
 
 
 @needs_cc
@@ -104,13 +106,13 @@ def test_a_bad_mode_is_refused(monkeypatch):
 
 
 @needs_cc
-@pytest.mark.parametrize("n", [1, 7, 130])
+@pytest.mark.parametrize("n", [1, 7, 130, 400])  # 400: split over the threads
 def test_the_c_kv_write_stores_the_references_bytes(n):
     """Quantized K/V rows and their scales land in the pool exactly as ``reference.write_kv`` puts them: rows
     of mixed scales, a zero row, .5 ties, a repeated slot (the later row wins in both)."""
     from kernels import reference
 
-    hkv, d, bs, blocks = 3, 64, 16, 20
+    hkv, d, bs, blocks = 3, 64, 16, 32
     g = torch.Generator().manual_seed(n)
     k, v = (awkward_rows(n * hkv, d, seed).reshape(n, hkv, d) for seed in (n, n + 1))
     if n > 1:
