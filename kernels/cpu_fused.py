@@ -153,6 +153,9 @@ def load(path: Path) -> ctypes.CDLL:
         lib.pdserve_int32_scaled.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64] + [ctypes.c_void_p] * 3 + [
             ctypes.c_int64]
         lib.pdserve_int32_scaled.restype = ctypes.c_int
+    if hasattr(lib, "pdserve_float_scaled"):  # the same epilogue after oneDNN's int8 matmul
+        lib.pdserve_float_scaled.argtypes = lib.pdserve_int32_scaled.argtypes
+        lib.pdserve_float_scaled.restype = ctypes.c_int
     if hasattr(lib, "pdserve_exp_nonpositive"):
         lib.pdserve_exp_nonpositive.argtypes = [ctypes.c_void_p, ctypes.c_int64]
         lib.pdserve_exp_nonpositive.restype = None

@@ -43,11 +43,12 @@ PROBE_ROWS = (1, 16, 128)  # row counts the start-up measurement compares
 C_PROBE_ROWS = (1, 4, 8)  # ... and those at which the C rows route may run
 PANEL_PROBE_ROWS = (16, 128)  # ... and the C panels route
 C_MAX_ROWS = 8
+PREFILL_PROBE_ROWS, ONEDNN_PROBE_SHAPE = 512, (3072, 576)  # where the int route's two kernels are compared
 PANEL_COLS = 16  # columns per packed panel (cpu_tile.h's TILE_COLS)
 PROBE_K, PROBE_N = 576, 576  # many rows: one weight
 STREAM_SHAPE, STREAM_BYTES = (1536, 576), 16 * 2**20  # up to C_MAX_ROWS: int8 weights of this shape, this many bytes
 NEVER, ALWAYS = 0, 2**62
-ROUTES = ("C rows", "C panels", "float", "int")
+ROUTES = ("C rows", "C panels", "float", "int", "oneDNN")  # "oneDNN": the int route's other kernel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +61,8 @@ class GemmPlan:
     timings_ms: dict[int, dict[str, float]] = dataclasses.field(default_factory=dict)  # M -> route -> ms
     c_through: int = 0
     panels_below: int = NEVER
+    onednn_from: int = ALWAYS  # rows from which the "int" route calls oneDNN's matmul (prepacked weights), not
+    # _int_mm (ALWAYS: no row count reaches it)
 
     def route(self, rows: int) -> str:
         if rows <= self.c_through:
@@ -81,6 +84,8 @@ class GemmPlan:
         if self.panels_below != NEVER:
             rule = ("C panels always" if self.panels_below == ALWAYS
                     else f"C panels below {self.panels_below} rows, then {rule}")
+        if self.onednn_from != ALWAYS:
+            rule = rule.replace("torch._int_mm", f"torch._int_mm (oneDNN's on prepacked weights from {self.onednn_from} rows)")
         if self.c_through:
             rule = f"C on int8 weights up to {self.c_through} rows, then {rule}"
         probes = ", ".join(f"M={m}: " + " / ".join(f"{name} {t:.2f}" for name, t in ts.items()) + " ms"
@@ -96,6 +101,7 @@ class WeightForms:
         self.wq = wq.contiguous()
         self._float: torch.Tensor | None = None
         self._packed: torch.Tensor | None = None
+        self._onednn: torch.Tensor | None = None
 
     def as_float(self) -> torch.Tensor:
         if self._float is None:
@@ -106,6 +112,12 @@ class WeightForms:
         if self._packed is None:
             self._packed = pack_weight(self.wq)
         return self._packed
+
+    def onednn(self) -> torch.Tensor:
+        """oneDNN's packed copy (its own blocked layout, 1x the bytes), for ``onednn_int_mm``."""
+        if self._onednn is None:
+            self._onednn = torch.ops.onednn.qlinear_prepack(self.wq, None)
+        return self._onednn
 
 
 def exact_int8_matmul(xq: torch.Tensor, x_scale: torch.Tensor, forms: WeightForms,
@@ -119,7 +131,12 @@ def exact_int8_matmul(xq: torch.Tensor, x_scale: torch.Tensor, forms: WeightForm
         return int_mm_rows_c(xq, forms.wq, x_scale, w_scale)
     if route == "C panels":
         return int_mm_panels_c(xq, forms.packed(), forms.wq.shape[0], x_scale, w_scale)
-    acc = int_mm_via_float(xq, forms.as_float()) if route == "float" else torch._int_mm(xq.to(torch.int8), forms.wq.t())
+    if route == "int" and xq.shape[0] >= plan().onednn_from:
+        acc = onednn_int_mm(xq, forms)
+    elif route == "int":
+        acc = torch._int_mm(xq.to(torch.int8), forms.wq.t())
+    else:
+        acc = int_mm_via_float(xq, forms.as_float())
     if route == "int" and cpu_fused.available():
         return int32_scaled_c(acc, x_scale, w_scale)
     out = acc.to(torch.float32)
@@ -127,17 +144,47 @@ def exact_int8_matmul(xq: torch.Tensor, x_scale: torch.Tensor, forms: WeightForm
 
 
 def int32_scaled_c(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
-    """``acc.float() * x_scale * w_scale`` for int32 sums [M, N], rounded as those two torch multiplies round it,
-    in one C pass over ``acc``'s own memory (returned as float32; torch took three passes and a new tensor)."""
+    """``acc.float() * x_scale * w_scale`` for int32 sums [M, N] (or float32 ones, each rounded once), rounded as
+    those two torch multiplies round it, in one C pass over ``acc``'s own memory (returned as float32; torch took
+    three passes and a new tensor)."""
     acc = acc.contiguous()
     m, n = acc.shape
     xs, ws = _scales(x_scale, w_scale, m, n)
     threads = torch.get_num_threads() if m * n >= 2**16 else 1
+    lib = cpu_fused.library()
+    entry = lib.pdserve_float_scaled if acc.dtype == torch.float32 else lib.pdserve_int32_scaled
     with cpu_fused.profiled("pdserve::int32_scaled_c"):
-        status = cpu_fused.library().pdserve_int32_scaled(acc.data_ptr(), m, n, xs.data_ptr(), ws.data_ptr(),
-                                                          acc.data_ptr(), threads)
+        status = entry(acc.data_ptr(), m, n, xs.data_ptr(), ws.data_ptr(), acc.data_ptr(), threads)
     _c_status(status, "epilogue", m, n)
     return acc.view(torch.float32)
+
+
+def onednn_usable() -> bool:
+    """Whether torch has oneDNN's int8 matmul with prepacked weights here (``torch.ops.onednn.qlinear_*``: what
+    torch's own x86 int8 inference uses), and the C library has the epilogue for its float32 sums."""
+    try:
+        ops = (torch.ops.onednn.qlinear_prepack, torch.ops.onednn.qlinear_pointwise)
+    except (AttributeError, RuntimeError):
+        return False
+    lib = cpu_fused.library()
+    return bool(ops) and torch.backends.mkldnn.is_available() and lib is not None and hasattr(lib, "pdserve_float_scaled")
+
+
+def onednn_int_mm(xq: torch.Tensor, forms: WeightForms) -> torch.Tensor:
+    """``xq @ wq.T`` [M, N] for int8 rows (or their integers in float32) by oneDNN's int8 matmul against the weight
+    prepacked once (``WeightForms.onednn``): the exact sums, each rounded once to float32 (unit scales, zero zero
+    points), as ``torch._int_mm`` then the epilogue's cast give them. torch._int_mm repacks the weight on every
+    call: on the AMX machine 1.3-3.3x slower at 2,048 rows (BENCHMARKS.md)."""
+    n = forms.wq.shape[0]
+    ones, zeros = _unit_scales(n)
+    with cpu_fused.profiled("pdserve::onednn_int_mm"):
+        return torch.ops.onednn.qlinear_pointwise(xq.to(torch.int8).contiguous(), 1.0, 0, forms.onednn(), ones, zeros,
+                                                  None, 1.0, 0, torch.float32, "none", [], "")
+
+
+@functools.lru_cache(maxsize=64)
+def _unit_scales(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.ones(n, dtype=torch.float32), torch.zeros(n, dtype=torch.int64)
 
 
 def _scales(x_scale: torch.Tensor | None, w_scale: torch.Tensor | None, m: int, n: int) -> tuple:
@@ -337,19 +384,38 @@ def _probe() -> GemmPlan:
         if float_below != ALWAYS and not panels_win:
             break
     source = "measured" if int_exact else "measured; torch._int_mm's sums are not exact here, so it never runs"
-    return GemmPlan(float_below, source, timings, c_through, panels_below)
+    onednn_from = ALWAYS
+    if float_below != ALWAYS and onednn_usable() and int_mm_is_exact(gen, "oneDNN"):
+        onednn_from = _onednn_from(gen, timings)
+    return GemmPlan(float_below, source, timings, c_through, panels_below, onednn_from)
 
 
-def int_mm_is_exact(gen: torch.Generator) -> bool:
-    """Whether ``torch._int_mm`` gives the exact integer sums on this machine. oneDNN's int8 kernels for CPUs
-    without VNNI sum byte products in pairs into saturating int16 (inputs shifted to unsigned bytes): sums off by
-    up to ~10**5. Seen with ``ONEDNN_MAX_CPU_ISA=AVX2`` on a VNNI machine, where torch still hands ``_int_mm`` to
-    oneDNN; a route that breaks the int8 GEMM's exactness must never be picked, however fast."""
+def _onednn_from(gen: torch.Generator, timings: dict[int, dict[str, float]]) -> int:
+    """``PREFILL_PROBE_ROWS`` where oneDNN's matmul on prepacked weights beats ``_int_mm`` there (timed over
+    SmolLM2's widest weight), else ``ALWAYS`` (never). What separates them is _int_mm packing the weight on every call,
+    which counts once rows are many: on the AMX machine oneDNN was 1.3-3.3x faster at 2,048 rows, 1.6x at 256 on
+    the widest weight but 0.6-0.9x on the others at <= 256 rows, so a prefill's rows decide, not a decode's."""
+    m, (n, k) = PREFILL_PROBE_ROWS, ONEDNN_PROBE_SHAPE
+    forms = WeightForms(torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen))
+    x = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=gen)
+    t = timings[m] = {"int": _best_ms(lambda: torch._int_mm(x, forms.wq.t()), 3),
+                      "oneDNN": _best_ms(lambda: onednn_int_mm(x, forms), 3)}
+    return m if t["oneDNN"] < t["int"] else ALWAYS
+
+
+def int_mm_is_exact(gen: torch.Generator, kernel: str = "_int_mm") -> bool:
+    """Whether ``torch._int_mm`` (or oneDNN's matmul, ``kernel="oneDNN"``) gives the exact integer sums on this
+    machine. oneDNN's int8 kernels for CPUs without VNNI sum byte products in pairs into saturating int16 (inputs
+    shifted to unsigned bytes): sums off by up to ~10**5. Seen with ``ONEDNN_MAX_CPU_ISA=AVX2`` on a VNNI machine,
+    where torch still hands ``_int_mm`` to oneDNN; a route that breaks the int8 GEMM's exactness must never be
+    picked, however fast."""
     x = torch.randint(-127, 128, (17, 576), dtype=torch.int8, generator=gen)
     w = torch.randint(-127, 128, (64, 576), dtype=torch.int8, generator=gen)
     x[0], w[0] = 127, -127  # the extremes: 576 products of -16129
-    exact = int_mm_via_float(x, float_weight(w)).to(torch.int32)
-    return torch.equal(torch._int_mm(x, w.t()), exact)
+    exact = x.double() @ w.double().t()  # integers far below 2**53: exact
+    if kernel == "oneDNN":
+        return torch.equal(onednn_int_mm(x, WeightForms(w)), exact.float())
+    return torch.equal(torch._int_mm(x, w.t()), exact.to(torch.int32))
 
 
 def _previous(rows: tuple[int, ...], m: int) -> int:

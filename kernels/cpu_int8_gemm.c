@@ -203,6 +203,17 @@ int pdserve_int32_scaled(const int32_t *acc, int64_t m, int64_t n, const float *
     return 0;
 }
 
+/* The same epilogue for sums already rounded once to float32 (oneDNN's int8 matmul, kernels/cpu_gemm.py): the
+ * bits of `scaled` on the int32 they came from. */
+int pdserve_float_scaled(const float *acc, int64_t m, int64_t n, const float *xs, const float *ws, float *out,
+                         int64_t threads) {
+    if (m < 0 || n < 0 || xs == NULL || ws == NULL) return -1;
+#pragma omp parallel for num_threads(threads > 0 ? threads : 1) if (m * n >= 65536) schedule(static)
+    for (int64_t r = 0; r < m; ++r)
+        for (int64_t c = 0; c < n; ++c) out[r * n + c] = (acc[r * n + c] * xs[r]) * ws[c];
+    return 0;
+}
+
 /* -- many rows: packed weights, register tiles (cpu_tile.h) ----------------------------------------------------
  * At prefill a weight is reused by hundreds of rows, so the arithmetic, not the bytes, sets the time. AVX2 has
  * no 8-bit dot product that is exact here (vpmaddubsw's pairs of |w| * x fit, but it needs a sign op per

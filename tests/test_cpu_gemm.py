@@ -38,12 +38,15 @@ def test_a_single_float32_gemm_past_exact_k_would_round():
 @pytest.mark.parametrize("plan", [cpu_gemm.GemmPlan(cpu_gemm.ALWAYS, "test"),
                                   cpu_gemm.GemmPlan(cpu_gemm.ALWAYS, "test", panels_below=cpu_gemm.ALWAYS),
                                   cpu_gemm.GemmPlan(cpu_gemm.ALWAYS, "test", c_through=cpu_gemm.C_MAX_ROWS),
-                                  cpu_gemm.GemmPlan(cpu_gemm.NEVER, "test")],
-                         ids=["float", "C panels", "C rows", "int, C epilogue"])
+                                  cpu_gemm.GemmPlan(cpu_gemm.NEVER, "test"),
+                                  cpu_gemm.GemmPlan(cpu_gemm.NEVER, "test", onednn_from=1)],
+                         ids=["float", "C panels", "C rows", "int, C epilogue", "int by oneDNN"])
 @pytest.mark.parametrize("m", [1, 17])
 def test_int8_matmul_gives_the_same_bits_by_every_route(monkeypatch, plan, m):
     if plan.route(m) == "C rows" and m > cpu_gemm.C_MAX_ROWS:
         m = cpu_gemm.C_MAX_ROWS
+    if plan.onednn_from != cpu_gemm.ALWAYS and not cpu_gemm.onednn_usable():
+        pytest.skip("no oneDNN int8 matmul in this torch")
     monkeypatch.setattr(cpu_gemm, "plan", lambda: plan)
     g = torch.Generator().manual_seed(m)
     xq = torch.randint(-127, 128, (m, 1536), generator=g, dtype=torch.int8)
@@ -56,8 +59,9 @@ def test_int8_matmul_gives_the_same_bits_by_every_route(monkeypatch, plan, m):
     assert bool(((via_int != 0) & (via_int.abs() < 2**-126)).any()) and bool(via_int.isinf().any()) == (m > 1)
     forms = kernels.Int8WeightForms(wq)
     assert torch.equal(via_int, kernels.int8_matmul(xq.float(), xs, wq, ws, forms=forms))
-    made = {"float": forms._float is not None, "packed": forms._packed is not None}
-    assert made == {"float": plan.route(m) == "float", "packed": plan.route(m) == "C panels"}  # only what it ran
+    made = {"float": forms._float is not None, "packed": forms._packed is not None, "oneDNN": forms._onednn is not None}
+    assert made == {"float": plan.route(m) == "float", "packed": plan.route(m) == "C panels",  # only what it ran
+                    "oneDNN": plan.onednn_from != cpu_gemm.ALWAYS}
 
 
 @pytest.mark.parametrize("mode, rows, expected", [("int", 1, False), ("float", 4096, True)])
@@ -84,9 +88,16 @@ def test_a_bad_plan_setting_is_refused_by_name(monkeypatch):
 def test_the_measured_plan_names_what_it_timed():
     plan = cpu_gemm.measure()
     probed = set(cpu_gemm.PROBE_ROWS) | set(cpu_gemm.C_PROBE_ROWS) | set(cpu_gemm.PANEL_PROBE_ROWS)
+    kernels_timed = plan.timings_ms.pop(cpu_gemm.PREFILL_PROBE_ROWS, None)  # the int route's two kernels, if timed
     assert plan.source == "measured" and set(plan.timings_ms) <= probed
     assert all({"int", "float"} <= set(ts) <= set(cpu_gemm.ROUTES) and min(ts.values()) > 0
                for ts in plan.timings_ms.values())
+    if kernels_timed is None:
+        assert plan.onednn_from == cpu_gemm.ALWAYS
+    else:
+        assert set(kernels_timed) == {"int", "oneDNN"} and plan.float_below != cpu_gemm.ALWAYS
+        faster = kernels_timed["oneDNN"] < kernels_timed["int"]
+        assert plan.onednn_from == (cpu_gemm.PREFILL_PROBE_ROWS if faster else cpu_gemm.ALWAYS)
     untimed = [m for m, ts in plan.timings_ms.items() if ts["int"] == float("inf")]  # _int_mm hopeless at 1 row
     assert all(1 < m <= cpu_gemm.C_MAX_ROWS for m in untimed)
     assert not untimed or plan.timings_ms[1]["int"] > 4 * min(plan.timings_ms[1].values())
@@ -275,6 +286,11 @@ def test_a_torch_int_mm_that_is_not_exact_is_never_planned(monkeypatch):
     assert all(plan.route(m) != "int" for m in (1, 4, 8, 16, 128, 4096)) and "not exact" in plan.describe()
     monkeypatch.setattr(torch, "_int_mm", real)
     assert cpu_gemm.int_mm_is_exact(torch.Generator().manual_seed(0))
+    if cpu_gemm.onednn_usable():  # the same for oneDNN's matmul
+        good = cpu_gemm.onednn_int_mm
+        monkeypatch.setattr(cpu_gemm, "onednn_int_mm", lambda x, f: good(x, f).clamp(-2**14, 2**14))
+        assert not cpu_gemm.int_mm_is_exact(torch.Generator().manual_seed(0), "oneDNN")
+        assert cpu_gemm._probe().onednn_from == cpu_gemm.ALWAYS
 
 
 def test_the_rows_route_splits_decode_s_weights_across_threads_alike(monkeypatch):
@@ -320,3 +336,21 @@ def test_the_one_call_linear_gives_the_prologue_and_rows_gemm_s_bits(m, k, block
         kernels.int8_linear_rows(x[:, :k - 1], block, wq[:, :k - 1], ws)
     with pytest.raises(ValueError, match="C int8 linear"):
         kernels.int8_linear_rows(torch.randn(cpu_gemm.C_MAX_ROWS + 1, k), block, wq, ws)
+
+
+def test_a_layer_gives_the_same_bits_on_either_side_of_the_onednn_threshold(monkeypatch):
+    """A prefill of many rows goes to oneDNN's matmul, the same rows in small chunks to _int_mm: a row's bits must
+    not depend on which (batch invariance across the threshold)."""
+    if not cpu_gemm.onednn_usable():
+        pytest.skip("no oneDNN int8 matmul in this torch")
+    layer = QLinear(576, 960, QuantConfig())
+    layer.load_float(torch.randn(960, 576))
+    x = torch.randn(600, 576, generator=torch.Generator().manual_seed(5))
+    plan = cpu_gemm.GemmPlan(cpu_gemm.NEVER, "test", onednn_from=512)
+    monkeypatch.setattr(cpu_gemm, "plan", lambda: plan)
+    calls = []
+    real = cpu_gemm.onednn_int_mm
+    monkeypatch.setattr(cpu_gemm, "onednn_int_mm", lambda xq, f: calls.append(xq.shape[0]) or real(xq, f))
+    whole = layer(x)
+    chunks = torch.cat([layer(x[i:i + 100]) for i in range(0, 600, 100)])
+    assert calls == [600] and torch.equal(whole, chunks)
