@@ -24,7 +24,10 @@ probed count (<= ``C_MAX_ROWS``) at which it beats all others, then C panels bel
 probed count at which they lose, the float route below the smallest count at which ``_int_mm``
 wins, ``_int_mm`` from there; never ``_int_mm`` where its sums are not exact (``int_mm_is_exact``). A weight's
 float copy or packed copy is made on first use (``WeightForms``), so a process pays only for the routes its
-plan takes. ``linear_rows_c`` is the C rows route with the linear's prologue in the same call (decode).
+plan takes. ``linear_rows_c`` is the C rows route with the linear's prologue in the same call (decode). From
+``PREFILL_PROBE_ROWS`` rows the ``_int_mm`` route may call oneDNN's int8 matmul on a prepacked weight instead
+(``onednn_int_mm``: the same sums; ``_int_mm`` repacks the weight on every call), where the probe finds it exact
+and faster.
 """
 from __future__ import annotations
 
