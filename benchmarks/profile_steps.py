@@ -25,7 +25,8 @@ from benchmarks.decode_steps import placed_engine
 from model.engine import Engine, EngineConfig, SamplingParams
 
 GEMM_OPS = {"aten::mm", "aten::_int_mm", "aten::addmm", "pdserve::int8_gemm_c",  # the C routes: their scopes
-            "pdserve::int8_gemm_panels_c", "pdserve::int8_linear_c"}  # the last with its prologue (few rows)
+            "pdserve::int8_gemm_panels_c", "pdserve::int8_linear_c",  # the last with its prologue (few rows)
+            "onednn::qlinear_pointwise", "pdserve::onednn_int_mm"}  # oneDNN's matmul on prepacked weights
 ATTENTION_OPS = {"aten::bmm", "pdserve::attention_c"}  # the C attention: its scope's self time
 
 
