@@ -28,8 +28,15 @@ from benchmarks.profile_steps import prefill_engine
 from kernels import cpu_gemm
 
 
+_REAL = (cpu_gemm.plan, cpu_gemm._rows_threads, kernels.fused_linear, kernels.small_ops_in_c)  # the default engine's
+
+
+def _restore() -> None:
+    cpu_gemm.plan, cpu_gemm._rows_threads, kernels.fused_linear, kernels.small_ops_in_c = _REAL
+
+
 def _decode_variants() -> dict[str, Callable[[], None]]:
-    threads, linear, small = cpu_gemm._rows_threads, kernels.fused_linear, kernels.small_ops_in_c
+    _, threads, linear, small = _REAL
 
     def old_threads(m: int, n: int, k: int) -> int:
         return torch.get_num_threads() if m * n * k >= 2**22 else 1
@@ -46,7 +53,7 @@ def _decode_variants() -> dict[str, Callable[[], None]]:
 
 
 def _prefill_variants() -> dict[str, Callable[[], None]]:
-    plan = cpu_gemm.plan()
+    plan = _REAL[0]()
     plans = {"_int_mm": dataclasses.replace(plan, onednn_from=cpu_gemm.ALWAYS),
              "oneDNN from 512 rows": dataclasses.replace(plan, onednn_from=cpu_gemm.PREFILL_PROBE_ROWS)}
     return {name: (lambda p=p: setattr(cpu_gemm, "plan", lambda: p)) for name, p in plans.items()}
@@ -62,6 +69,7 @@ def interleaved(label: str, variants: dict[str, Callable[[], None]], make_step: 
             t = time.perf_counter()
             step()
             times[name].append(time.perf_counter() - t)
+    _restore()  # the next comparison starts from the default engine
     for name in names:
         ratio = statistics.median(a / b for a, b in zip(times[names[0]], times[name]))
         print(f"| {label} | {name} | {statistics.median(times[name]) * 1e3:.1f} | {ratio:.2f}x |")
@@ -77,8 +85,7 @@ def main() -> None:
     from model.loader import load
 
     model = load("smollm2-135m").model
-    real_plan, real = cpu_gemm.plan, (cpu_gemm._rows_threads, kernels.fused_linear, kernels.small_ops_in_c)
-    print(f"{machine()}\n{real_plan().describe()}\n")
+    print(f"{machine()}\n{cpu_gemm.plan().describe()}\n")
     print("| step | variant | median ms | speed-up over the first (paired) |\n|---|---|---:|---:|")
     try:
         for b in (int(x) for x in args.decode_batches.split(",") if x):
@@ -90,8 +97,7 @@ def main() -> None:
             interleaved(f"prefill {batch} x {context}", _prefill_variants(),
                         lambda: prefill_engine(model, batch, context).step, max(2, args.rounds // 5))
     finally:
-        cpu_gemm.plan = real_plan
-        cpu_gemm._rows_threads, kernels.fused_linear, kernels.small_ops_in_c = real
+        _restore()
 
 
 if __name__ == "__main__":
