@@ -42,8 +42,8 @@ def _decode_variants() -> dict[str, Callable[[], None]]:
         return torch.get_num_threads() if m * n * k >= 2**22 else 1
 
     def use(rows_threads, fused_linear, small_ops) -> Callable[[], None]:
-        return lambda: (setattr(cpu_gemm, "_rows_threads", rows_threads), setattr(kernels, "fused_linear", fused_linear),
-                        setattr(kernels, "small_ops_in_c", small_ops))
+        return lambda: (setattr(cpu_gemm, "_rows_threads", rows_threads),
+                        setattr(kernels, "fused_linear", fused_linear), setattr(kernels, "small_ops_in_c", small_ops))
 
     def off(*_):
         return False

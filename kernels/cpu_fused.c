@@ -106,8 +106,9 @@ static void rotate_quantize_row(const float *x, float *q, float *scale, int64_t 
 /* With q8 (not NULL) the integers go to q8 as int8 (q unused): each row's float integers pass through a buffer of
  * the thread's, not through memory, and torch's q.to(torch.int8) pass is saved. A NaN row's codes are whatever
  * the conversion gives; its scale is NaN, so its products are NaN either way. */
-__attribute__((noinline)) static int rotate_quantize_range(const float *x, float *q, int8_t *q8, float *scale, int64_t r0,
-                                                          int64_t r1, int64_t k, int64_t block, float norm) {
+__attribute__((noinline)) static int rotate_quantize_range(const float *x, float *q, int8_t *q8, float *scale,
+                                                          int64_t r0, int64_t r1, int64_t k, int64_t block,
+                                                          float norm) {
     if (r0 >= r1) return 0;
     float *buf = malloc((size_t)k * 2 * sizeof(float));
     if (buf == NULL) return -1;

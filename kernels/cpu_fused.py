@@ -147,7 +147,8 @@ def load(path: Path) -> ctypes.CDLL:
     if hasattr(lib, "pdserve_rope_heads"):  # model/transformer.py's RoPE and RMSNorm, their torch ops' bits
         lib.pdserve_rope_heads.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 2
         lib.pdserve_rope_heads.restype = ctypes.c_int
-        lib.pdserve_rms_scale.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_float, ctypes.c_void_p] + [ctypes.c_int64] * 2
+        lib.pdserve_rms_scale.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_float, ctypes.c_void_p] + \
+            [ctypes.c_int64] * 2
         lib.pdserve_rms_scale.restype = None
     if hasattr(lib, "pdserve_int32_scaled"):  # cpu_gemm's epilogue of torch._int_mm
         lib.pdserve_int32_scaled.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64] + [ctypes.c_void_p] * 3 + [

@@ -88,7 +88,8 @@ class GemmPlan:
             rule = ("C panels always" if self.panels_below == ALWAYS
                     else f"C panels below {self.panels_below} rows, then {rule}")
         if self.onednn_from != ALWAYS:
-            rule = rule.replace("torch._int_mm", f"torch._int_mm (oneDNN's on prepacked weights from {self.onednn_from} rows)")
+            rule = rule.replace("torch._int_mm",
+                                f"torch._int_mm (oneDNN's on prepacked weights from {self.onednn_from} rows)")
         if self.c_through:
             rule = f"C on int8 weights up to {self.c_through} rows, then {rule}"
         probes = ", ".join(f"M={m}: " + " / ".join(f"{name} {t:.2f}" for name, t in ts.items()) + " ms"
@@ -166,11 +167,11 @@ def onednn_usable() -> bool:
     """Whether torch has oneDNN's int8 matmul with prepacked weights here (``torch.ops.onednn.qlinear_*``: what
     torch's own x86 int8 inference uses), and the C library has the epilogue for its float32 sums."""
     try:
-        ops = (torch.ops.onednn.qlinear_prepack, torch.ops.onednn.qlinear_pointwise)
+        torch.ops.onednn.qlinear_prepack, torch.ops.onednn.qlinear_pointwise  # noqa: B018 (looked up: present?)
     except (AttributeError, RuntimeError):
         return False
     lib = cpu_fused.library()
-    return bool(ops) and torch.backends.mkldnn.is_available() and lib is not None and hasattr(lib, "pdserve_float_scaled")
+    return torch.backends.mkldnn.is_available() and lib is not None and hasattr(lib, "pdserve_float_scaled")
 
 
 def onednn_int_mm(xq: torch.Tensor, forms: WeightForms) -> torch.Tensor:
@@ -395,8 +396,8 @@ def _probe() -> GemmPlan:
 
 def _onednn_from(gen: torch.Generator, timings: dict[int, dict[str, float]]) -> int:
     """``PREFILL_PROBE_ROWS`` where oneDNN's matmul on prepacked weights beats ``_int_mm`` there (timed over
-    SmolLM2's widest weight), else ``ALWAYS`` (never). What separates them is _int_mm packing the weight on every call,
-    which counts once rows are many: on the AMX machine oneDNN was 1.3-3.3x faster at 2,048 rows, 1.6x at 256 on
+    SmolLM2's widest weight), else ``ALWAYS`` (never). What separates them is _int_mm packing the weight on every
+    call, which counts once rows are many: on the AMX machine oneDNN was 1.3-3.3x faster at 2,048 rows, 1.6x at 256 on
     the widest weight but 0.6-0.9x on the others at <= 256 rows, so a prefill's rows decide, not a decode's."""
     m, (n, k) = PREFILL_PROBE_ROWS, ONEDNN_PROBE_SHAPE
     forms = WeightForms(torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen))
