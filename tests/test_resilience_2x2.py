@@ -19,6 +19,9 @@ from streams import stream_all
 pytestmark = pytest.mark.slow
 
 PARAMS = SamplingParams(max_tokens=24, ignore_eos=True)
+# Streams that must still be decoding when their worker is killed: at 24 tokens a stream on the faster CPU path
+# finished before the kill once (its request then had nothing to migrate, and the test failed on migrations == 0).
+IN_FLIGHT = SamplingParams(max_tokens=160, ignore_eos=True)
 RECOVERY_S = 60  # bound on a worker's restart and first answer on this (slow, shared) machine
 
 
@@ -39,10 +42,10 @@ def test_a_dead_decode_worker_hands_its_streams_to_the_live_one(cluster):
     try:
         engine = Engine(load("skv-tiny", quant=QuantConfig()).model, EngineConfig(kv_cache_bytes=64 * 2**20, max_seqs=1))
         prompts = [list(range(20 + 5 * i, 45 + 6 * i)) for i in range(8)]
-        expected = [engine.generate([p], PARAMS)[0] for p in prompts]
+        expected = [engine.generate([p], IN_FLIGHT)[0] for p in prompts]
     finally:
         torch.set_num_threads(threads)
-    subs = [cluster.submit(p, PARAMS) for p in prompts]
+    subs = [cluster.submit(p, IN_FLIGHT) for p in prompts]
     streams = [cluster.stream(s) for s in subs]
     got = [list(next(st).token_ids) for st in streams]
     on = {s.request_id: s.placement.decode for s in subs}
