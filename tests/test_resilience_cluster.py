@@ -28,6 +28,7 @@ from streams import stream_all
 pytestmark = pytest.mark.slow
 
 PARAMS = SamplingParams(max_tokens=24, ignore_eos=True)
+IN_FLIGHT = SamplingParams(max_tokens=96, ignore_eos=True)  # streams that must outlive the kill (fast CPU path)
 RECOVERY_S = 60  # bound on a restart of a worker and its first answer on this (slow, shared) machine
 
 
@@ -111,7 +112,7 @@ def test_decode_killed_mid_stream_through_the_gateway(cluster, reference):
 
                 async def one(i):
                     req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=ps[i]), sampling=pb.SamplingParams(
-                        max_tokens=PARAMS.max_tokens, ignore_eos=True))
+                        max_tokens=IN_FLIGHT.max_tokens, ignore_eos=True))
                     async for r in stub.Generate(req, timeout=120):
                         got[i].extend(r.token_ids)
                         if len(got[i]) >= 2:
@@ -141,9 +142,9 @@ def test_decode_killed_mid_stream_through_the_gateway(cluster, reference):
             await running.stop(0)
 
     finals, got, seen, status, t_kill = asyncio.run(main())
-    assert all(f.finish_reason == "length" and f.usage.completion_tokens == PARAMS.max_tokens for f in finals)
+    assert all(f.finish_reason == "length" and f.usage.completion_tokens == IN_FLIGHT.max_tokens for f in finals)
     for p, g in zip(ps, got):
-        assert g == reference(p)
+        assert g == reference(p, IN_FLIGHT)
     S, N = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
     assert seen[0] == S and N in seen and seen[-1] == S, seen
     [d] = [w for w in status.workers if w.name == "decode-0"]
