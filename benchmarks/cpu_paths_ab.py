@@ -1,14 +1,16 @@
 """In-process A/B of the CPU engine's optional paths on SmolLM2 int8: steps of one engine, the variants toggled
 step by step, so the machine's drift (on the Intel AMX VM, up to ~1.5x within minutes) cancels in each pair.
 
-    python -m benchmarks.cpu_paths_ab [--decode-batches 1,4,32] [--prefill 1x512,4x512] [--rounds 30]
+    python -m benchmarks.cpu_paths_ab [--decode-batches 1,4,32] [--prefill 1x512,4x512] [--gemm-rows 2048,256]
+                                      [--rounds 30]
 
 Variants (each is the one before it plus one change; the last is the default engine):
 - ``one thread``: the C rows GEMM (decode) on one thread below m * n * k = 2**22, the rule before the 64 KiB one
 - ``threads``: every weight of 64 KiB or more split across the threads
 - ``one-call linear``: the rotated linear's prologue and rows GEMM in one C call
 - ``C RoPE/norm``: RoPE and RMSNorm's tail as C calls (the default, with oneDNN below)
-Prefill rows compare ``_int_mm`` with oneDNN's prepacked matmul from 512 rows (``kernels.cpu_gemm.onednn_from``).
+Prefill rows compare ``_int_mm`` with oneDNN's prepacked matmul from 512 rows (``kernels.cpu_gemm.onednn_from``),
+and ``--gemm-rows`` the two kernels alone on SmolLM2's four layer weights (int8 sums, no epilogue).
 Each line: the median step per variant and the median of the paired ratios against the first.
 """
 from __future__ import annotations
@@ -59,6 +61,23 @@ def _prefill_variants() -> dict[str, Callable[[], None]]:
     return {name: (lambda p=p: setattr(cpu_gemm, "plan", lambda: p)) for name, p in plans.items()}
 
 
+GEMM_SHAPES = ((3072, 576), (960, 576), (576, 1536), (576, 576))  # SmolLM2's gate/up, QKV, down, O: [N, K]
+
+
+def gemm_kernels(rows: int, rounds: int) -> None:
+    """``torch._int_mm`` (which packs the weight on every call) against oneDNN's matmul on a weight packed once."""
+    gen = torch.Generator().manual_seed(0)
+    for n, k in GEMM_SHAPES:
+        forms = cpu_gemm.WeightForms(torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen))
+        x = torch.randint(-127, 128, (rows, k), dtype=torch.int8, generator=gen)
+        calls = {"_int_mm": lambda: torch._int_mm(x, forms.wq.t()), "oneDNN": lambda: cpu_gemm.onednn_int_mm(x, forms)}
+        chosen = {}
+        for f in calls.values():
+            f()  # warm-up: oneDNN's packing, its primitive
+        pick = {name: (lambda f=f: chosen.update(step=f)) for name, f in calls.items()}
+        interleaved(f"GEMM {rows} x {k} -> {n}", pick, lambda: chosen["step"], rounds)
+
+
 def interleaved(label: str, variants: dict[str, Callable[[], None]], make_step: Callable[[], Callable[[], object]],
                 rounds: int) -> None:
     names, times = list(variants), {name: [] for name in variants}
@@ -80,6 +99,7 @@ def main() -> None:
     parser.add_argument("--decode-batches", default="1,4,32")
     parser.add_argument("--prefill", default="1x512,4x512")
     parser.add_argument("--context", type=int, default=512)
+    parser.add_argument("--gemm-rows", default="2048,256", help="row counts for the GEMM kernels alone")
     parser.add_argument("--rounds", type=int, default=30, help="decode steps per variant (prefill: a fifth)")
     args = parser.parse_args()
     from model.loader import load
@@ -96,6 +116,9 @@ def main() -> None:
             prefill_engine(model, batch, context).step()  # warm-up: the plan, the packed weights
             interleaved(f"prefill {batch} x {context}", _prefill_variants(),
                         lambda: prefill_engine(model, batch, context).step, max(2, args.rounds // 5))
+        if cpu_gemm.onednn_usable():
+            for rows in (int(x) for x in args.gemm_rows.split(",") if x):
+                gemm_kernels(rows, args.rounds)
     finally:
         _restore()
 

@@ -100,12 +100,11 @@ static void rotate_quantize_row(const float *x, float *q, float *scale, int64_t 
     }
 }
 
-/* x, q: [m, k] row-major float32; scale: [m]. Returns 0, or -1 when out of memory. */
-/* Rows [r0, r1) with a buffer of their own: 0, or -1 without memory. A plain function (not the body of the
- * parallel region below): inlined into OpenMP's outlined region the loop ran ~20% slower on one thread. */
-/* With q8 (not NULL) the integers go to q8 as int8 (q unused): each row's float integers pass through a buffer of
- * the thread's, not through memory, and torch's q.to(torch.int8) pass is saved. A NaN row's codes are whatever
- * the conversion gives; its scale is NaN, so its products are NaN either way. */
+/* Rows [r0, r1) of x, q: [m, k] row-major float32 (scale: [m]) with a buffer of their own: 0, or -1 without
+ * memory. A plain function (not the body of the parallel region below): inlined into OpenMP's outlined region the
+ * loop ran ~20% slower on one thread. With q8 (not NULL) the integers go to q8 as int8 (q unused): each row's float
+ * integers pass through the thread's buffer, not through memory, and torch's q.to(torch.int8) pass is saved. A NaN
+ * row's codes are whatever the conversion gives; its scale is NaN, so its products are NaN either way. */
 __attribute__((noinline)) static int rotate_quantize_range(const float *x, float *q, int8_t *q8, float *scale,
                                                           int64_t r0, int64_t r1, int64_t k, int64_t block,
                                                           float norm) {

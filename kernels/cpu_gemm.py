@@ -178,7 +178,7 @@ def onednn_int_mm(xq: torch.Tensor, forms: WeightForms) -> torch.Tensor:
     """``xq @ wq.T`` [M, N] for int8 rows (or their integers in float32) by oneDNN's int8 matmul against the weight
     prepacked once (``WeightForms.onednn``): the exact sums, each rounded once to float32 (unit scales, zero zero
     points), as ``torch._int_mm`` then the epilogue's cast give them. torch._int_mm repacks the weight on every
-    call: on the AMX machine 1.3-3.3x slower at 2,048 rows (BENCHMARKS.md)."""
+    call: on the AMX machine 1.2-2.0x slower at 2,048 rows (BENCHMARKS.md)."""
     n = forms.wq.shape[0]
     ones, zeros = _unit_scales(n)
     with cpu_fused.profiled("pdserve::onednn_int_mm"):
@@ -397,8 +397,10 @@ def _probe() -> GemmPlan:
 def _onednn_from(gen: torch.Generator, timings: dict[int, dict[str, float]]) -> int:
     """``PREFILL_PROBE_ROWS`` where oneDNN's matmul on prepacked weights beats ``_int_mm`` there (timed over
     SmolLM2's widest weight), else ``ALWAYS`` (never). What separates them is _int_mm packing the weight on every
-    call, which counts once rows are many: on the AMX machine oneDNN was 1.3-3.3x faster at 2,048 rows, 1.6x at 256 on
-    the widest weight but 0.6-0.9x on the others at <= 256 rows, so a prefill's rows decide, not a decode's."""
+    call, which counts once rows are many: on the AMX machine (``benchmarks.cpu_paths_ab --gemm-rows``) oneDNN was
+    1.2-2.0x faster at 2,048 rows on all four layer weights, 0.6-0.9x at 32, mixed at 128 and 256 (0.8-1.4x, and
+    one run 1.4-2.1x at 256); in the engine, oneDNN at every row count made decode at batch 16-32 0.93x, so a
+    prefill's rows decide."""
     m, (n, k) = PREFILL_PROBE_ROWS, ONEDNN_PROBE_SHAPE
     forms = WeightForms(torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen))
     x = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=gen)
