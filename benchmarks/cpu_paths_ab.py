@@ -1,7 +1,7 @@
 """In-process A/B of the CPU engine's optional paths on SmolLM2 int8: steps of one engine, the variants toggled
 step by step, so the machine's drift (on the Intel AMX VM, up to ~1.5x within minutes) cancels in each pair.
 
-    python -m benchmarks.cpu_paths_ab [--decode-batches 1,4,32] [--prefill 1x512,4x512] [--gemm-rows 2048,256]
+    python -m benchmarks.cpu_paths_ab [--decode-batches 1,4,32] [--prefill 1x512,4x512,1x2048] [--gemm-rows 2048,256]
                                       [--rounds 30]
 
 Variants (each is the one before it plus one change; the last is the default engine):
@@ -10,13 +10,15 @@ Variants (each is the one before it plus one change; the last is the default eng
 - ``one-call linear``: the rotated linear's prologue and rows GEMM in one C call
 - ``C RoPE/norm``: RoPE and RMSNorm's tail as C calls (the default, with oneDNN below)
 Prefill rows compare ``_int_mm`` with oneDNN's prepacked matmul from 512 rows (``kernels.cpu_gemm.onednn_from``),
-and ``--gemm-rows`` the two kernels alone on SmolLM2's four layer weights (int8 sums, no epilogue).
+then (where the CPU has AMX) the attention on AMX tiles (``kernels/cpu_attention_amx.c``; the two before it with
+``PDSERVE_CPU_AMX=off``), and ``--gemm-rows`` the two kernels alone on SmolLM2's four layer weights (int8 sums, no epilogue).
 Each line: the median step per variant and the median of the paired ratios against the first.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -27,14 +29,25 @@ import kernels
 from benchmarks.common import machine
 from benchmarks.decode_steps import placed_engine
 from benchmarks.profile_steps import prefill_engine
-from kernels import cpu_gemm
+from kernels import cpu_fused, cpu_gemm
 
 
 _REAL = (cpu_gemm.plan, cpu_gemm._rows_threads, kernels.fused_linear, kernels.small_ops_in_c)  # the default engine's
 
 
+_AMX = os.environ.get("PDSERVE_CPU_AMX")  # read by the C attention on every call
+
+
+def _amx(mode: str | None) -> None:
+    if mode is None:
+        os.environ.pop("PDSERVE_CPU_AMX", None)
+    else:
+        os.environ["PDSERVE_CPU_AMX"] = mode
+
+
 def _restore() -> None:
     cpu_gemm.plan, cpu_gemm._rows_threads, kernels.fused_linear, kernels.small_ops_in_c = _REAL
+    _amx(_AMX)
 
 
 def _decode_variants() -> dict[str, Callable[[], None]]:
@@ -56,9 +69,12 @@ def _decode_variants() -> dict[str, Callable[[], None]]:
 
 def _prefill_variants() -> dict[str, Callable[[], None]]:
     plan = _REAL[0]()
-    plans = {"_int_mm": dataclasses.replace(plan, onednn_from=cpu_gemm.ALWAYS),
-             "oneDNN from 512 rows": dataclasses.replace(plan, onednn_from=cpu_gemm.PREFILL_PROBE_ROWS)}
-    return {name: (lambda p=p: setattr(cpu_gemm, "plan", lambda: p)) for name, p in plans.items()}
+    plans = {"_int_mm": (dataclasses.replace(plan, onednn_from=cpu_gemm.ALWAYS), "off"),
+             "oneDNN from 512 rows": (dataclasses.replace(plan, onednn_from=cpu_gemm.PREFILL_PROBE_ROWS), "off")}
+    if cpu_fused.amx():
+        plans["AMX attention"] = (plans["oneDNN from 512 rows"][0], "auto")
+    return {name: (lambda p=p, amx=amx: (setattr(cpu_gemm, "plan", lambda: p), _amx(amx)))
+            for name, (p, amx) in plans.items()}
 
 
 GEMM_SHAPES = ((3072, 576), (960, 576), (576, 1536), (576, 576))  # SmolLM2's gate/up, QKV, down, O: [N, K]
@@ -97,7 +113,7 @@ def interleaved(label: str, variants: dict[str, Callable[[], None]], make_step: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--decode-batches", default="1,4,32")
-    parser.add_argument("--prefill", default="1x512,4x512")
+    parser.add_argument("--prefill", default="1x512,4x512,1x2048")
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--gemm-rows", default="2048,256", help="row counts for the GEMM kernels alone")
     parser.add_argument("--rounds", type=int, default=30, help="decode steps per variant (prefill: a fifth)")

@@ -232,6 +232,10 @@ static void pv_rows(Job *a) {
 
 static void *run_job(void *arg) {
     Job *a = arg;
+    if (a->fused) {  /* cpu_attention_amx.c: its own scratch */
+        pdserve_prefill_amx(a);
+        return NULL;
+    }
     if (a->stride) {  /* cpu_attention_prefill.c: its own scratch */
         if (a->in == NULL) pdserve_scores_tiled(a); else pdserve_pv_tiled(a);
         return NULL;
@@ -262,7 +266,7 @@ static int run(Job *proto, int64_t threads) {
     if (proto->d > MAX_D || (proto->in == NULL && (proto->levels > 536870912.0f || proto->levels < 1.0f)) || proto->h % proto->hkv || proto->h / proto->hkv > MAX_GROUP) return -1;
     if (threads < 1) threads = 1;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
-    const int tiled = use_tiles(proto);
+    const int tiled = proto->fused || use_tiles(proto);
     const int64_t units = tiled ? (proto->n + QUERY_BLOCK - 1) / QUERY_BLOCK : proto->n * proto->hkv;
     if (threads > units) threads = units > 0 ? units : 1;
     Job jobs[MAX_THREADS];
@@ -319,10 +323,32 @@ int pdserve_attn_pv(const float *e, int64_t n, int64_t h, int64_t d, const int64
     return run(&a, threads);
 }
 
-/* cpu_attention.h's exp_nonpositive over x[0..n) in place, vectors then a scalar tail (tests compare its bits
+/* A prefill's attention, pdserve_attn_weights then pdserve_attn_pv in one call on AMX tiles (cpu_attention_amx.c):
+ * a tiled job (use_tiles) of sequence 0, head dims in whole 64-byte rows or one shorter row; no score rows in
+ * between (offsets, max_cols unused). Returns -5 where it does not take the job (not built for AMX, the kernel
+ * refused it, other shapes, PDSERVE_CPU_AMX=off or PDSERVE_CPU_ATTENTION_TILES=off): the caller's two calls then
+ * give the same bits. */
+int pdserve_attn_prefill(const float *q, int64_t n, int64_t h, int64_t d, const int64_t *qseq, const int64_t *qpos,
+                         int64_t window, const int64_t *tables, int64_t tw, int64_t bs, int64_t nblocks,
+                         const int8_t *k_pool, const float *k_scale, const int8_t *v_pool, const float *v_scale,
+                         int64_t hkv, float levels, float c, float pdiv, float *out, int64_t threads) {
+    Job a = {.q = q, .n = n, .h = h, .d = d, .hkv = hkv, .qseq = qseq, .qpos = qpos, .window = window,
+             .tables = tables, .tw = tw, .bs = bs, .nblocks = nblocks, .pool = k_pool, .pscale = k_scale,
+             .vpool = v_pool, .vscale = v_scale, .levels = levels, .c = c, .pdiv = pdiv, .out = out, .fused = 1};
+    const char *mode = getenv("PDSERVE_CPU_AMX");
+    if (!use_tiles(&a) || qseq[0] != 0 || (d > 64 && d % 64) || (mode != NULL && strcmp(mode, "off") == 0) ||
+        !pdserve_amx_ready())
+        return -5;
+    return run(&a, threads);
+}
+
+/* cpu_attention.h's exp_nonpositive over x[0..n) in place, vectors (16 lanes, then 8) then a scalar tail (tests compare its bits
  * with kernels.reference.exp_nonpositive's). */
 void pdserve_exp_nonpositive(float *x, int64_t n) {
     int64_t j = 0;
+#ifdef __AVX512F__
+    for (; j + 16 <= n; j += 16) _mm512_storeu_ps(x + j, exp_nonpositive16(_mm512_loadu_ps(x + j)));
+#endif
 #ifdef __AVX2__
     for (; j + 8 <= n; j += 8) _mm256_storeu_ps(x + j, exp_nonpositive8(_mm256_loadu_ps(x + j)));
 #endif

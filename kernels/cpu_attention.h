@@ -38,6 +38,9 @@ typedef struct {
     float *scales;
     int32_t *weights;  /* pv: packed weights of every query head of a KV head, then one row's integers */
     int status;  /* 0, -2 a block outside the pool, -3 more keys than columns or a bad position, -4 no memory */
+    const int8_t *vpool;  /* fused jobs (cpu_attention_amx.c): the values' pool and scales beside the keys' */
+    const float *vscale;
+    int fused;
 } Job;
 
 static inline int64_t first_visible(int64_t qpos, int64_t window) {  /* window 0: no window */
@@ -90,6 +93,17 @@ static inline float row_max(const float *row, int64_t count) {
     float top = -INFINITY;
     int nan = 0;
     int64_t j = 0;
+#ifdef __AVX512F__
+    __m512 wt = _mm512_set1_ps(-INFINITY);
+    __mmask16 wn = 0;
+    for (; j + 16 <= count; j += 16) {
+        const __m512 x = _mm512_loadu_ps(row + j);
+        wn |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+        wt = _mm512_max_ps(x, wt);  /* a NaN x keeps wt, as the scalar loop keeps top */
+    }
+    top = _mm512_reduce_max_ps(wt);
+    nan = wn != 0;
+#endif
 #ifdef __AVX2__
     __m256 vt = _mm256_set1_ps(-INFINITY), vn = _mm256_setzero_ps();
     for (; j + 8 <= count; j += 8) {
@@ -100,7 +114,7 @@ static inline float row_max(const float *row, int64_t count) {
     float lanes[8];
     _mm256_storeu_ps(lanes, vt);
     for (int m = 0; m < 8; ++m) top = lanes[m] > top ? lanes[m] : top;
-    nan = _mm256_movemask_ps(vn) != 0;
+    nan |= _mm256_movemask_ps(vn) != 0;
 #endif
     for (; j < count; ++j) { nan |= isnan(row[j]); top = row[j] > top ? row[j] : top; }
     return nan ? NAN : top;
@@ -158,11 +172,35 @@ static inline __m256 exp_nonpositive8(__m256 x) {
 }
 #endif
 
+#ifdef __AVX512F__
+static inline __m512 exp_nonpositive16(__m512 x) {  /* exp_nonpositive8's operations on 16 lanes */
+    const __mmask16 dead = _mm512_cmp_ps_mask(x, _mm512_set1_ps(EXP_LOW), _CMP_LT_OQ);  /* false at NaN */
+    x = _mm512_min_ps(_mm512_setzero_ps(), _mm512_max_ps(_mm512_set1_ps(EXP_LOW), x));  /* a NaN x stays NaN */
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(EXP_LOG2E)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);  /* nearbyintf */
+    const __m512 r = _mm512_sub_ps(_mm512_sub_ps(x, _mm512_mul_ps(n, _mm512_set1_ps(EXP_LN2_HI))),
+                                   _mm512_mul_ps(n, _mm512_set1_ps(EXP_LN2_LO)));
+    __m512 p = _mm512_set1_ps(EXP_P0);
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(EXP_P1));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(EXP_P2));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(EXP_P3));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(EXP_P4));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(EXP_P5));
+    p = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(p, _mm512_mul_ps(r, r)), r), _mm512_set1_ps(1.0f));
+    const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_maskz_mov_ps((__mmask16)~dead, _mm512_mul_ps(p, _mm512_castsi512_ps(bits)));
+}
+#endif
+
 /* The softmax's numerators in place: exp(row - its max) over the first count columns (NaN everywhere if any
  * is NaN, as torch's amax then exp); the padding past them (-inf) becomes 0. */
 static inline void softmax_numerators(float *row, int64_t count, int64_t length) {
     const float top = row_max(row, count);
     int64_t j = 0;
+#ifdef __AVX512F__
+    for (const __m512 v16 = _mm512_set1_ps(top); j + 16 <= count; j += 16)
+        _mm512_storeu_ps(row + j, exp_nonpositive16(_mm512_sub_ps(_mm512_loadu_ps(row + j), v16)));
+#endif
 #ifdef __AVX2__
     const __m256 vt = _mm256_set1_ps(top);
     for (; j + 8 <= count; j += 8)
@@ -175,18 +213,25 @@ static inline void softmax_numerators(float *row, int64_t count, int64_t length)
 /* The split of q's grid integers: n = hi * 2**shift + lo with |hi| <= 2**14 and 0 <= lo < 2**15. */
 static inline int query_shift(float levels) { return ilogbf(levels) - 14 > 11 ? ilogbf(levels) - 14 : 11; }
 
-/* One query head's row qr [d] on its integer grid (levels over its largest |q|), split into int16 halves;
+/* One query head's row qr [d] on its integer grid (levels over its largest |q|): the integers into nq [d];
  * returns the grid's scale times c (1/sqrt(d)). */
-static inline float query_halves(const Job *a, const float *qr, int shift, int16_t *hi, int16_t *lo) {
+static inline float query_grid(const Job *a, const float *qr, int32_t *nq) {
     float amax = 0.0f;
     for (int64_t i = 0; i < a->d; ++i) { float m = fabsf(qr[i]); amax = m > amax ? m : amax; }
     const float scale = (amax < 1e-30f ? 1e-30f : amax) / a->levels;
-    for (int64_t i = 0; i < a->d; ++i) {
-        const int32_t nq = (int32_t)nearbyintf(qr[i] / scale);
-        hi[i] = (int16_t)(nq >> shift);  /* floor: lo lands in [0, 2**shift) */
-        lo[i] = (int16_t)(nq - (nq >> shift) * (1 << shift));
-    }
+    for (int64_t i = 0; i < a->d; ++i) nq[i] = (int32_t)nearbyintf(qr[i] / scale);
     return scale * a->c;
+}
+
+/* query_grid's integers split into int16 halves: n = hi * 2**shift + lo. */
+static inline float query_halves(const Job *a, const float *qr, int shift, int16_t *hi, int16_t *lo) {
+    int32_t nq[MAX_D];
+    const float qsc = query_grid(a, qr, nq);
+    for (int64_t i = 0; i < a->d; ++i) {
+        hi[i] = (int16_t)(nq[i] >> shift);  /* floor: lo lands in [0, 2**shift) */
+        lo[i] = (int16_t)(nq[i] - (nq[i] >> shift) * (1 << shift));
+    }
+    return qsc;
 }
 
 /* The softmax's sum in units of 2**-28 (integers summed in double: exact in any order), and in *pmax
@@ -195,6 +240,20 @@ static inline double softmax_sum(const float *e, const float *scales, int64_t co
     double zs = 0.0;
     float top = 0.0f;
     int64_t j = 0;
+#ifdef __AVX512F__
+    __m512d w0 = _mm512_setzero_pd(), w1 = _mm512_setzero_pd();
+    __m512 wt = _mm512_setzero_ps();
+    for (; j + 16 <= count; j += 16) {
+        const __m512 x = _mm512_loadu_ps(e + j);
+        const __m512 units = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(268435456.0f)),
+                                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);  /* nearbyintf */
+        w0 = _mm512_add_pd(w0, _mm512_cvtps_pd(_mm512_castps512_ps256(units)));
+        w1 = _mm512_add_pd(w1, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(units), 1))));
+        wt = _mm512_max_ps(_mm512_mul_ps(x, _mm512_loadu_ps(scales + j)), wt);
+    }
+    zs = _mm512_reduce_add_pd(_mm512_add_pd(w0, w1));  /* integers below 2**53: exact in any order */
+    top = _mm512_reduce_max_ps(wt);  /* >= 0: the lanes started at 0 */
+#endif
 #ifdef __AVX2__
     __m256d z0 = _mm256_setzero_pd(), z1 = _mm256_setzero_pd();
     __m256 vt = _mm256_setzero_ps();
@@ -209,7 +268,7 @@ static inline double softmax_sum(const float *e, const float *scales, int64_t co
     double zl[4];
     float lanes[8];
     _mm256_storeu_pd(zl, _mm256_add_pd(z0, z1));
-    zs = (zl[0] + zl[1]) + (zl[2] + zl[3]);
+    zs += (zl[0] + zl[1]) + (zl[2] + zl[3]);
     _mm256_storeu_ps(lanes, vt);
     for (int m = 0; m < 8; ++m) top = lanes[m] > top ? lanes[m] : top;
 #endif
@@ -225,6 +284,14 @@ static inline double softmax_sum(const float *e, const float *scales, int64_t co
 /* n[j] = round(e[j] * scales[j] / unit): each key's weight on the probability grid (IEEE division). */
 static inline void grid_weights(const float *e, const float *scales, int64_t count, float unit, int32_t *n) {
     int64_t j = 0;
+#ifdef __AVX512F__
+    for (; j + 16 <= count; j += 16) {
+        const __m512 w = _mm512_div_ps(_mm512_mul_ps(_mm512_loadu_ps(e + j), _mm512_loadu_ps(scales + j)),
+                                       _mm512_set1_ps(unit));
+        _mm512_storeu_si512((void *)(n + j), _mm512_cvtps_epi32(_mm512_roundscale_ps(
+            w, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
+    }
+#endif
 #ifdef __AVX2__
     for (; j + 8 <= count; j += 8) {
         const __m256 w = _mm256_div_ps(_mm256_mul_ps(_mm256_loadu_ps(e + j), _mm256_loadu_ps(scales + j)),
@@ -236,8 +303,27 @@ static inline void grid_weights(const float *e, const float *scales, int64_t cou
     for (; j < count; ++j) n[j] = (int32_t)nearbyintf(e[j] * scales[j] / unit);
 }
 
+/* Tiled jobs (stride > 0: cpu_attention_prefill.c, cpu_attention_amx.c) take query blocks begin, begin + stride, ...
+ * of QUERY_BLOCK queries. */
+/* The queries of block b (QUERY_BLOCK, fewer in the last). */
+static inline int64_t block_queries(const Job *a, int64_t b) {
+    return a->n - b * QUERY_BLOCK < QUERY_BLOCK ? a->n - b * QUERY_BLOCK : QUERY_BLOCK;
+}
+
+/* Rows of KV head kh at positions k0..k0+span-1 and their scales (zero for `pad` past the span, for padded keys):
+ * 0 or the status. */
+static inline int gather_span(const Job *a, int64_t kh, int64_t k0, int64_t span, int64_t pad, const int8_t **rows,
+                              float *scales) {
+    memset(scales + span, 0, sizeof(float) * (size_t)pad);
+    return locate_span(a, a->qseq[0], kh, k0, span, rows, scales);
+}
+
 /* cpu_attention_prefill.c: a job whose queries all read one sequence, in tiles (stride > 0). */
 void pdserve_scores_tiled(Job *a) __attribute__((visibility("hidden")));
 void pdserve_pv_tiled(Job *a) __attribute__((visibility("hidden")));
+/* cpu_attention_amx.c: a prefill's scores and weighted values in one job on AMX tiles, where the library was built
+ * for them and the kernel lets this process use them (pdserve_amx_ready); the same bits. */
+int pdserve_amx_ready(void);
+void pdserve_prefill_amx(Job *a) __attribute__((visibility("hidden")));
 
 #endif

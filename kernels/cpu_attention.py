@@ -47,9 +47,12 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
 def paged_prefill_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, k_scale: torch.Tensor,
                             v_scale: torch.Tensor, block_table: torch.Tensor, start: int,
                             window: int | None = None) -> torch.Tensor:
-    """``reference.paged_prefill_attention``'s bits: q [T, H, D] at start..start+T-1, in query slices
-    whose score rows stay small (``DECODE_SLICE_BYTES``)."""
+    """``reference.paged_prefill_attention``'s bits: q [T, H, D] at start..start+T-1: in one call on AMX tiles where
+    the CPU has them (``_prefill_amx``), else in query slices whose score rows stay small (``DECODE_SLICE_BYTES``)."""
     t, h = q.shape[0], q.shape[1]
+    out = _prefill_amx(q, k_pool, v_pool, k_scale, v_scale, block_table, start, window)
+    if out is not None:
+        return out
     span = start + t if window is None else min(start + t, window)
     rows = max(1, DECODE_SLICE_BYTES // (h * span * 4))
     tables = block_table.reshape(1, -1)
@@ -58,6 +61,36 @@ def paged_prefill_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch
                    window)
            for i in range(0, t, rows)]
     return out[0] if len(out) == 1 else torch.cat(out)
+
+
+def _prefill_amx(q, k_pool, v_pool, k_scale, v_scale, block_table, start, window) -> torch.Tensor | None:
+    """The whole prefill in one C call on AMX tiles (``cpu_attention_amx.c``: each query block's scores, then its
+    weighted values, while its score rows are in cache; the keys and values packed once per KV head, not once per
+    slice), or None where that call does not take it (no AMX here, other shapes, ``PDSERVE_CPU_AMX=off``)."""
+    lib = cpu_fused.library()
+    if not hasattr(lib, "pdserve_attn_prefill") or os.environ.get("PDSERVE_CPU_AMX") == "off":
+        return None
+    t, h, d = q.shape
+    span = start + t if window is None else min(start + t, window)
+    if span > MAX_KEYS:
+        raise ValueError(f"attention over {span} keys; the exact sums are sized for {MAX_KEYS}")
+    for pool in (k_pool, v_pool, k_scale, v_scale):
+        if not pool.is_contiguous():
+            raise ValueError("the C attention reads contiguous KV pools")
+    q, tables = q.contiguous(), block_table.reshape(1, -1).to(torch.int64).contiguous()
+    qseq, qpos = torch.zeros(t, dtype=torch.int64), torch.arange(start, start + t)
+    out = torch.empty((t, h, d), dtype=torch.float32)
+    threads = torch.get_num_threads() if t * span * d >= THREADED_MACS else 1
+    with cpu_fused.profiled("pdserve::attention_c"):
+        status = lib.pdserve_attn_prefill(q.data_ptr(), t, h, d, qseq.data_ptr(), qpos.data_ptr(), window or 0,
+                                          tables.data_ptr(), tables.shape[1], k_pool.shape[1], k_pool.shape[0],
+                                          k_pool.data_ptr(), k_scale.data_ptr(), v_pool.data_ptr(), v_scale.data_ptr(),
+                                          k_pool.shape[-2], query_levels(d, QMAX), 1.0 / math.sqrt(d),
+                                          probability_divisor(QMAX), out.data_ptr(), threads)
+    if status == -5:
+        return None
+    _check(status)
+    return out
 
 
 def _attend(q, k_pool, v_pool, k_scale, v_scale, tables, qseq, qpos, window) -> torch.Tensor:

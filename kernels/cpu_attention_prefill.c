@@ -30,16 +30,9 @@ static int thread_span(const Job *a, int64_t *k0, int64_t *k1) {
     return 0;
 }
 
-/* The queries of block b (QUERY_BLOCK, fewer in the last). */
-static int64_t block_queries(const Job *a, int64_t b) {
-    return a->n - b * QUERY_BLOCK < QUERY_BLOCK ? a->n - b * QUERY_BLOCK : QUERY_BLOCK;
-}
-
-/* Rows of KV head kh at positions k0..k0+span-1 and their scales (zero past the span, for padded keys): 0 or the
- * status. */
+/* Rows of KV head kh at positions k0..k0+span-1 and their scales (zero past the span, for padded keys). */
 static int gather(const Job *a, int64_t kh, int64_t k0, int64_t span, const int8_t **rows, float *scales) {
-    memset(scales + span, 0, sizeof(float) * TILE_COLS);
-    return locate_span(a, a->qseq[0], kh, k0, span, rows, scales);
+    return gather_span(a, kh, k0, span, TILE_COLS, rows, scales);
 }
 
 /* Keys as panels of 16: [panels][d/2][16][2], key 16t + c's dims 2p, 2p+1 at ((t * d/2 + p) * 16 + c) * 2. */

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 SOURCES = [Path(__file__).with_name(name) for name in ("cpu_fused.c", "cpu_attention.c", "cpu_attention_prefill.c",
-                                                               "cpu_int8_gemm.c")]
+                                                               "cpu_attention_amx.c", "cpu_int8_gemm.c")]
 # Included by the sources: part of the build's name, not compiled alone.
 HEADERS = [Path(__file__).with_name(name) for name in ("cpu_tile.h", "cpu_attention.h", "cpu_threads.h")]
 FLAGS = ["-O3", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", "-fno-fast-math", "-std=c99"]
@@ -39,12 +39,15 @@ OPENMP = ["-fopenmp"]
 
 
 AVX512_VNNI = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")  # cpuinfo's names: what the 512-bit kernels use
+AMX_INT8 = ("amx_tile", "amx_int8")
+AMX_FLAGS = ["-mamx-tile", "-mamx-int8"]
 
 
 def _machine_flags() -> list[str]:
     """-mavx2 where the CPU has it (x86-64 Linux): 8-wide loops and a vector round; with AVX-512 VNNI too,
     its flags (cpu_tile.h's tiles on vpdpwssd, the few-row GEMM on vpdpbusd; ``PDSERVE_CPU_AVX512=off`` keeps
-    AVX2). Part of the build's name, so machines of other kinds sharing a home directory each build their own."""
+    AVX2), and with AMX, its (``cpu_attention_amx.c``: a prefill's attention on AMX tiles). Part of the build's
+    name, so machines of other kinds sharing a home directory each build their own."""
     try:
         cpu = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -53,8 +56,20 @@ def _machine_flags() -> list[str]:
     if platform.machine() not in ("x86_64", "AMD64") or "avx2" not in flags:
         return []
     if os.environ.get("PDSERVE_CPU_AVX512", "auto") != "off" and all(f in flags for f in AVX512_VNNI):
-        return ["-mavx2", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]
+        amx = AMX_FLAGS if all(f in flags for f in AMX_INT8) else []
+        return ["-mavx2", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", *amx]
     return ["-mavx2"]
+
+
+def _flag_sets() -> list[list[str]]:
+    """The builds to try, best first: with OpenMP, then without; a compiler that rejects the AMX flags (GCC
+    before 11) builds without them."""
+    machine = _machine_flags()
+    sets = [FLAGS + OPENMP + machine, FLAGS + machine]
+    if AMX_FLAGS[0] in machine:
+        plain = [f for f in machine if f not in AMX_FLAGS]
+        sets += [FLAGS + OPENMP + plain, FLAGS + plain]
+    return sets
 
 
 def _cache_dir() -> Path:
@@ -67,7 +82,8 @@ def _build(cc: str) -> Path:
     half a file. With OpenMP where the compiler has it (``cpu_threads.h``: the kernels' threads are then
     torch's), else with threads of their own."""
     text = b"".join(source.read_bytes() for source in SOURCES + HEADERS)
-    for flags in (FLAGS + OPENMP + _machine_flags(), FLAGS + _machine_flags()):
+    sets = _flag_sets()
+    for flags in sets:
         key = hashlib.sha256(text + " ".join([cc, *flags, platform.machine()]).encode()).hexdigest()[:16]
         out = _cache_dir() / f"cpu_fused-{key}.so"
         if out.exists():
@@ -78,8 +94,8 @@ def _build(cc: str) -> Path:
             try:
                 compile_library(cc, SOURCES, part, flags)
             except subprocess.CalledProcessError:
-                if OPENMP[0] in flags:
-                    continue  # no OpenMP here: build without it
+                if flags is not sets[-1]:
+                    continue  # no OpenMP (or no AMX) here: build without it
                 raise
             os.replace(part, out)
         return out
@@ -157,6 +173,12 @@ def load(path: Path) -> ctypes.CDLL:
     if hasattr(lib, "pdserve_float_scaled"):  # the same epilogue after oneDNN's int8 matmul
         lib.pdserve_float_scaled.argtypes = lib.pdserve_int32_scaled.argtypes
         lib.pdserve_float_scaled.restype = ctypes.c_int
+    if hasattr(lib, "pdserve_attn_prefill"):  # kernels.cpu_attention's prefill on AMX tiles, both halves in one call
+        lib.pdserve_attn_prefill.argtypes = [ctypes.c_void_p, *[ctypes.c_int64] * 3, ctypes.c_void_p, ctypes.c_void_p,
+                                             ctypes.c_int64, ctypes.c_void_p, *[ctypes.c_int64] * 3,
+                                             *[ctypes.c_void_p] * 4, ctypes.c_int64, *[ctypes.c_float] * 3,
+                                             ctypes.c_void_p, ctypes.c_int64]
+        lib.pdserve_attn_prefill.restype = ctypes.c_int
     if hasattr(lib, "pdserve_exp_nonpositive"):
         lib.pdserve_exp_nonpositive.argtypes = [ctypes.c_void_p, ctypes.c_int64]
         lib.pdserve_exp_nonpositive.restype = None
@@ -179,6 +201,14 @@ def load(path: Path) -> ctypes.CDLL:
             [ctypes.c_int64]
         lib.pdserve_write_kv.restype = ctypes.c_int
     return lib
+
+
+def amx() -> bool:
+    """Whether a prefill's attention runs on AMX tiles here (``cpu_attention_amx.c``): built for them, the kernel
+    granted them, ``PDSERVE_CPU_AMX`` not ``off``."""
+    lib = library()
+    return (lib is not None and hasattr(lib, "pdserve_amx_ready") and os.environ.get("PDSERVE_CPU_AMX") != "off"
+            and bool(lib.pdserve_amx_ready()))
 
 
 def openmp() -> bool:

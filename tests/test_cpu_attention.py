@@ -106,6 +106,34 @@ def test_prefill_tiles_give_the_one_query_path_s_bits(monkeypatch, h, hkv, d, bs
 
 
 @needs_cc
+@pytest.mark.parametrize("h, hkv, d, bs, start, t, window, threads", [
+    (9, 3, 64, 64, 0, 512, None, 2), (9, 3, 64, 16, 1000, 300, None, 2), (9, 3, 64, 16, 700, 150, 100, 1),
+    (4, 1, 16, 16, 300, 40, 33, 1), (16, 1, 32, 16, 5, 70, 17, 2), (8, 8, 128, 16, 60, 9, None, 1),
+    (4, 2, 256, 16, 0, 21, 9, 2)])
+def test_amx_tiles_give_the_avx_tiles_bits(monkeypatch, h, hkv, d, bs, start, t, window, threads):
+    """Where the CPU has AMX a prefill's attention runs on its tiles (cpu_attention_amx.c: q's grid in 3 or 4 byte
+    digits, d = 64 and 128 against 16, 32 and 256; the probability grid in 3 digits plus each row's top bit);
+    PDSERVE_CPU_AMX=off keeps the AVX tiles. Spans of many 64-key chunks, windows, starts inside a block."""
+    if not cpu_fused.amx():
+        pytest.skip("no AMX here (or the library was built without it): the AVX tiles are all there is")
+    blocks = -(-(start + t) // bs)
+    kp, vp, ks, vs = int8_pools(blocks + 1, bs, hkv, d, seed=t + d)
+    table = torch.randperm(blocks + 1, generator=torch.Generator().manual_seed(4))[:blocks]
+    q = queries(t, h, d, seed=h + t + d)
+    monkeypatch.setattr(cpu_attention, "THREADED_MACS", 0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        amx = cpu_attention.paged_prefill_attention(q, kp, vp, ks, vs, table, start, window)
+        monkeypatch.setenv("PDSERVE_CPU_AMX", "off")
+        avx = cpu_attention.paged_prefill_attention(q, kp, vp, ks, vs, table, start, window)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(amx, avx)
+    assert torch.equal(amx, reference.paged_prefill_attention(q, kp, vp, ks, vs, table, start, window))
+
+
+@needs_cc
 def test_a_position_outside_the_block_table_is_a_clear_error():
     kp, vp, ks, vs = int8_pools(8, 16, 1, 16, seed=5)
     q = queries(2, 4, 16, seed=6)
@@ -163,7 +191,7 @@ def _exp_inputs() -> torch.Tensor:
 
 
 @needs_cc
-@pytest.mark.parametrize("tail", [0, 3, 7])  # the C loop's vectors, then its scalar tail
+@pytest.mark.parametrize("tail", [0, 3, 7, 11])  # the C loop's 16- and 8-lane vectors, then its scalar tail
 def test_the_c_exp_gives_the_reference_s_bits(tail):
     x = _exp_inputs()[tail:]
     y = x.clone()

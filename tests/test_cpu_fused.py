@@ -191,11 +191,22 @@ def test_a_compiler_without_openmp_still_builds_the_library(monkeypatch, tmp_pat
     assert torch.equal(out, torch._int_mm(x.to(torch.int8), w.t()).float())
 
 
+@pytest.mark.skipif(not cpu_fused.available(), reason="no C compiler")
+def test_a_compiler_without_amx_still_builds_the_library(monkeypatch, tmp_path):
+    monkeypatch.setenv("PDSERVE_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpu_fused, "AMX_FLAGS", ["-fno-such-amx-flag"])  # the compiler refuses it
+    monkeypatch.setattr(cpu_fused, "_machine_flags", lambda: ["-fno-such-amx-flag"])
+    lib = cpu_fused.load(cpu_fused._build(cpu_fused.compiler()))
+    assert lib.pdserve_amx_ready() == 0  # built without the AMX attention: the AVX tiles run
+    assert (lib.pdserve_openmp() > 0) == cpu_fused.openmp()  # the OpenMP build, where the real one has it
+
+
 @needs_cc
 @pytest.mark.skipif("-mavx512vnni" not in cpu_fused._machine_flags(), reason="no AVX-512 VNNI: one build only")
 def test_the_avx512_and_avx2_builds_give_the_same_bits(tmp_path, monkeypatch):
     """Where the CPU has AVX-512 VNNI the library's tiles (8 x 16, vpdpwssd) and few-row GEMMs (vpdpbusd) run on
-    it, elsewhere on AVX2: the tiled prefill attention and both GEMM routes give the same bits from both builds."""
+    it (and with AMX, the tiled prefill attention on AMX tiles), elsewhere on AVX2: the tiled prefill attention and
+    both GEMM routes give the same bits from both builds."""
     from kernels import cpu_attention, reference
 
     g = torch.Generator().manual_seed(3)
