@@ -1,4 +1,5 @@
-"""Exact attention over int8 paged KV as two C calls (``cpu_attention.c``).
+"""Exact attention over int8 paged KV as two C calls (``cpu_attention.c``), or a prefill as one on AMX tiles
+(``cpu_attention_amx.c``, where the CPU has them).
 
 The torch reference (``kernels.reference.paged_decode_attention``) gathers every block a batch
 reads, widens it to float32 and runs ~100 ops per layer; at batch 32 the widening copy alone was
