@@ -212,10 +212,7 @@ static void pv_rows(Job *a) {
         if ((a->status = locate(a, r, kh, &count, a->rows, a->scales))) return;
         for (int64_t gi = 0; gi < g; ++gi) {
             const float *e = score_row(a, a->in, r, kh * g + gi);
-            float pmax;
-            z[gi] = softmax_sum(e, a->scales, count, &pmax);
-            unit[gi] = pmax / a->pdiv;  /* the probability grid */
-            grid_weights(e, a->scales, count, unit[gi], n);
+            unit[gi] = probability_grid(a, e, a->scales, count, n, &z[gi]);
             pack_weights(n, count, wh + gi * wstride, wl + gi * wstride);
         }
         for (int64_t g0 = 0; g0 < g; g0 += 4) {

@@ -305,6 +305,17 @@ static inline void grid_weights(const float *e, const float *scales, int64_t cou
 
 /* Tiled jobs (stride > 0: cpu_attention_prefill.c, cpu_attention_amx.c) take query blocks begin, begin + stride, ...
  * of QUERY_BLOCK queries. */
+/* The keys queries q0..q0+nb-1 see, together: [*lo, *hi]. */
+static inline void block_keys(const Job *a, int64_t q0, int64_t nb, int64_t *lo, int64_t *hi) {
+    *lo = INT64_MAX;
+    *hi = -1;
+    for (int64_t r = q0; r < q0 + nb; ++r) {
+        const int64_t f = first_visible(a->qpos[r], a->window);
+        *lo = f < *lo ? f : *lo;
+        *hi = a->qpos[r] > *hi ? a->qpos[r] : *hi;
+    }
+}
+
 /* The queries of block b (QUERY_BLOCK, fewer in the last). */
 static inline int64_t block_queries(const Job *a, int64_t b) {
     return a->n - b * QUERY_BLOCK < QUERY_BLOCK ? a->n - b * QUERY_BLOCK : QUERY_BLOCK;
@@ -316,6 +327,17 @@ static inline int gather_span(const Job *a, int64_t kh, int64_t k0, int64_t span
                               float *scales) {
     memset(scales + span, 0, sizeof(float) * (size_t)pad);
     return locate_span(a, a->qseq[0], kh, k0, span, rows, scales);
+}
+
+/* One score row's softmax numerators e [count] on the probability grid: each key's weight into n [count], the
+ * softmax's sum into *z; returns the grid's unit (its largest probability over pdiv). */
+static inline float probability_grid(const Job *a, const float *e, const float *scales, int64_t count, int32_t *n,
+                                     double *z) {
+    float pmax;
+    *z = softmax_sum(e, scales, count, &pmax);
+    const float unit = pmax / a->pdiv;
+    grid_weights(e, scales, count, unit, n);
+    return unit;
 }
 
 /* cpu_attention_prefill.c: a job whose queries all read one sequence, in tiles (stride > 0). */

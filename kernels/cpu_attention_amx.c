@@ -196,12 +196,8 @@ static void value_block_amx(Job *a, int64_t kh, int64_t q0, int64_t nb, int64_t 
                             const int8_t *const *rows, const int8_t *values, const float *vs, uint8_t *x, int32_t *n,
                             int64_t (*extra)[MAX_D]) {
     const int64_t d = a->d, g = a->h / a->hkv, units = nb * g, upad = (units + UNITS - 1) / UNITS * UNITS;
-    int64_t lo = INT64_MAX, hi = -1;
-    for (int64_t r = q0; r < q0 + nb; ++r) {
-        const int64_t f = first_visible(a->qpos[r], a->window);
-        lo = f < lo ? f : lo;
-        hi = a->qpos[r] > hi ? a->qpos[r] : hi;
-    }
+    int64_t lo, hi;
+    block_keys(a, q0, nb, &lo, &hi);
     const int64_t c0 = (lo - k0) / KEY_CHUNK, c1 = (hi - k0) / KEY_CHUNK + 1;  /* the block's key chunks */
     float unit[QUERY_BLOCK * MAX_GROUP];
     double z[QUERY_BLOCK * MAX_GROUP];
@@ -210,10 +206,7 @@ static void value_block_amx(Job *a, int64_t kh, int64_t q0, int64_t nb, int64_t 
     for (int64_t u = 0; u < units; ++u) {
         const int64_t r = q0 + u / g, first = first_visible(a->qpos[r], a->window), count = a->qpos[r] - first + 1;
         const float *e = score_row(a, a->in, r, kh * g + u % g);
-        float pmax;
-        z[u] = softmax_sum(e, vs + (first - k0), count, &pmax);
-        unit[u] = pmax / a->pdiv;  /* the probability grid */
-        grid_weights(e, vs + (first - k0), count, unit[u], n);
+        unit[u] = probability_grid(a, e, vs + (first - k0), count, n, &z[u]);
         memset(extra[u], 0, sizeof(int64_t) * (size_t)d);
         uint8_t *x0 = x + u * lk + first - k0, *x1 = x0 + upad * lk, *x2 = x1 + upad * lk;
         int64_t j = 0;
@@ -262,13 +255,14 @@ static void value_block_amx(Job *a, int64_t kh, int64_t q0, int64_t nb, int64_t 
 static int blocks_span(const Job *a, int64_t *k0, int64_t *k1) {
     *k0 = INT64_MAX;
     *k1 = -1;
-    for (int64_t b = a->begin; b * QUERY_BLOCK < a->n; b += a->stride)
-        for (int64_t r = b * QUERY_BLOCK; r < a->n && r < (b + 1) * QUERY_BLOCK; ++r) {
-            if (a->qpos[r] < 0) return -3;
-            const int64_t f = first_visible(a->qpos[r], a->window);
-            *k0 = f < *k0 ? f : *k0;
-            *k1 = a->qpos[r] > *k1 ? a->qpos[r] : *k1;
-        }
+    for (int64_t b = a->begin; b * QUERY_BLOCK < a->n; b += a->stride) {
+        const int64_t q0 = b * QUERY_BLOCK, nb = block_queries(a, b);
+        int64_t lo, hi;
+        for (int64_t r = q0; r < q0 + nb; ++r) if (a->qpos[r] < 0) return -3;
+        block_keys(a, q0, nb, &lo, &hi);
+        *k0 = lo < *k0 ? lo : *k0;
+        *k1 = hi > *k1 ? hi : *k1;
+    }
     return 0;
 }
 

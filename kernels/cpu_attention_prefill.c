@@ -146,22 +146,15 @@ void pdserve_scores_tiled(Job *a) {
 static void value_block(Job *a, int64_t kh, int64_t q0, int64_t nb, int64_t k0, int64_t lp, const int8_t *values,
                         const float *vs, int16_t *x, int32_t *n, int64_t (*acc)[MAX_D]) {
     const int64_t d = a->d, g = a->h / a->hkv, units = nb * g, pairs = lp / 2;
-    int64_t lo = INT64_MAX, hi = -1;
-    for (int64_t r = q0; r < q0 + nb; ++r) {
-        const int64_t f = first_visible(a->qpos[r], a->window);
-        lo = f < lo ? f : lo;
-        hi = a->qpos[r] > hi ? a->qpos[r] : hi;
-    }
+    int64_t lo, hi;
+    block_keys(a, q0, nb, &lo, &hi);
     const int64_t p0 = (lo - k0) / 2, p1 = (hi - k0) / 2 + 1;  /* the block's key pairs */
     float unit[QUERY_BLOCK * MAX_GROUP];
     double z[QUERY_BLOCK * MAX_GROUP];
     for (int64_t u = 0; u < units; ++u) {
         const int64_t r = q0 + u / g, first = first_visible(a->qpos[r], a->window), count = a->qpos[r] - first + 1;
         const float *e = score_row(a, a->in, r, kh * g + u % g);
-        float pmax;
-        z[u] = softmax_sum(e, vs + (first - k0), count, &pmax);
-        unit[u] = pmax / a->pdiv;  /* the probability grid */
-        grid_weights(e, vs + (first - k0), count, unit[u], n);
+        unit[u] = probability_grid(a, e, vs + (first - k0), count, n, &z[u]);
         int16_t *wh = x + 2 * u * lp, *wl = wh + lp;
         memset(wh + 2 * p0, 0, sizeof(int16_t) * (size_t)(2 * (p1 - p0)));
         memset(wl + 2 * p0, 0, sizeof(int16_t) * (size_t)(2 * (p1 - p0)));

@@ -80,29 +80,39 @@ def test_query_slices_and_threads_do_not_change_a_bit(monkeypatch):
     assert torch.equal(whole, reference.paged_prefill_attention(q, kp, vp, ks, vs, table, 10))
 
 
+def prefill_two_ways(monkeypatch, h, hkv, d, bs, start, t, window, threads, seed, second: str):
+    """A prefill's attention as the C path takes it, then with the environment variable ``second`` set to off;
+    every call split over ``threads`` (THREADED_MACS 0). Returns both and the torch reference's."""
+    blocks = -(-(start + t) // bs)
+    kp, vp, ks, vs = int8_pools(blocks + 1, bs, hkv, d, seed=t + seed)
+    table = torch.randperm(blocks + 1, generator=torch.Generator().manual_seed(3 + seed))[:blocks]
+    q = queries(t, h, d, seed=h + t + seed)
+    monkeypatch.setattr(cpu_attention, "THREADED_MACS", 0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        first = cpu_attention.paged_prefill_attention(q, kp, vp, ks, vs, table, start, window)
+        monkeypatch.setenv(second, "off")
+        then = cpu_attention.paged_prefill_attention(q, kp, vp, ks, vs, table, start, window)
+    finally:
+        torch.set_num_threads(before)
+    return first, then, reference.paged_prefill_attention(q, kp, vp, ks, vs, table, start, window)
+
+
 @needs_cc
 @pytest.mark.parametrize("h, hkv, d, bs, start, t, window, threads", [
     (9, 3, 64, 64, 0, 512, None, 2), (9, 3, 64, 16, 7, 93, None, 3), (4, 1, 16, 16, 300, 40, 33, 1),
     (8, 8, 128, 16, 0, 4, None, 1), (16, 1, 32, 16, 5, 70, 17, 2), (4, 2, 256, 16, 0, 21, 9, 2)])
 def test_prefill_tiles_give_the_one_query_path_s_bits(monkeypatch, h, hkv, d, bs, start, t, window, threads):
-    """Many queries of one sequence take cpu_attention_prefill.c's tiles; one query at a time (the decode loops,
-    PDSERVE_CPU_ATTENTION_TILES=off) must give the same bits: odd spans, windows, starts inside a block, block
-    and thread splits that do not divide the queries, head groups of 1 to 16."""
-    blocks = -(-(start + t) // bs)
-    kp, vp, ks, vs = int8_pools(blocks + 1, bs, hkv, d, seed=t)
-    table = torch.randperm(blocks + 1, generator=torch.Generator().manual_seed(3))[:blocks]
-    q = queries(t, h, d, seed=h + t)
-    monkeypatch.setattr(cpu_attention, "THREADED_MACS", 0)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        tiled = cpu_attention.paged_prefill_attention(q, kp, vp, ks, vs, table, start, window)
-        monkeypatch.setenv("PDSERVE_CPU_ATTENTION_TILES", "off")
-        alone = cpu_attention.paged_prefill_attention(q, kp, vp, ks, vs, table, start, window)
-    finally:
-        torch.set_num_threads(before)
+    """Many queries of one sequence take cpu_attention_prefill.c's tiles (PDSERVE_CPU_AMX=off: the AVX tiles even
+    where AMX is); one query at a time (the decode loops, PDSERVE_CPU_ATTENTION_TILES=off) must give the same bits:
+    odd spans, windows, starts inside a block, block and thread splits that do not divide the queries, head groups
+    of 1 to 16."""
+    monkeypatch.setenv("PDSERVE_CPU_AMX", "off")
+    tiled, alone, ref = prefill_two_ways(monkeypatch, h, hkv, d, bs, start, t, window, threads, 0,
+                                         "PDSERVE_CPU_ATTENTION_TILES")
     assert torch.equal(tiled, alone)
-    assert torch.equal(tiled, reference.paged_prefill_attention(q, kp, vp, ks, vs, table, start, window))
+    assert torch.equal(tiled, ref)
 
 
 @needs_cc
@@ -116,21 +126,9 @@ def test_amx_tiles_give_the_avx_tiles_bits(monkeypatch, h, hkv, d, bs, start, t,
     PDSERVE_CPU_AMX=off keeps the AVX tiles. Spans of many 64-key chunks, windows, starts inside a block."""
     if not cpu_fused.amx():
         pytest.skip("no AMX here (or the library was built without it): the AVX tiles are all there is")
-    blocks = -(-(start + t) // bs)
-    kp, vp, ks, vs = int8_pools(blocks + 1, bs, hkv, d, seed=t + d)
-    table = torch.randperm(blocks + 1, generator=torch.Generator().manual_seed(4))[:blocks]
-    q = queries(t, h, d, seed=h + t + d)
-    monkeypatch.setattr(cpu_attention, "THREADED_MACS", 0)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        amx = cpu_attention.paged_prefill_attention(q, kp, vp, ks, vs, table, start, window)
-        monkeypatch.setenv("PDSERVE_CPU_AMX", "off")
-        avx = cpu_attention.paged_prefill_attention(q, kp, vp, ks, vs, table, start, window)
-    finally:
-        torch.set_num_threads(before)
+    amx, avx, ref = prefill_two_ways(monkeypatch, h, hkv, d, bs, start, t, window, threads, d, "PDSERVE_CPU_AMX")
     assert torch.equal(amx, avx)
-    assert torch.equal(amx, reference.paged_prefill_attention(q, kp, vp, ks, vs, table, start, window))
+    assert torch.equal(amx, ref)
 
 
 @needs_cc
