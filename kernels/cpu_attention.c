@@ -229,12 +229,8 @@ static void pv_rows(Job *a) {
 
 static void *run_job(void *arg) {
     Job *a = arg;
-    if (a->fused) {  /* cpu_attention_amx.c: its own scratch */
-        pdserve_prefill_amx(a);
-        return NULL;
-    }
-    if (a->stride) {  /* cpu_attention_prefill.c: its own scratch */
-        if (a->in == NULL) pdserve_scores_tiled(a); else pdserve_pv_tiled(a);
+    if (a->fused) {  /* cpu_attention_prefill.c: its own scratch */
+        pdserve_prefill_blocks(a);
         return NULL;
     }
     a->rows = malloc(sizeof(*a->rows) * (size_t)(a->max_cols + 1));
@@ -263,7 +259,7 @@ static int run(Job *proto, int64_t threads) {
     if (proto->d > MAX_D || (proto->in == NULL && (proto->levels > 536870912.0f || proto->levels < 1.0f)) || proto->h % proto->hkv || proto->h / proto->hkv > MAX_GROUP) return -1;
     if (threads < 1) threads = 1;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
-    const int tiled = proto->fused || use_tiles(proto);
+    const int tiled = proto->fused != 0;
     const int64_t units = tiled ? (proto->n + QUERY_BLOCK - 1) / QUERY_BLOCK : proto->n * proto->hkv;
     if (threads > units) threads = units > 0 ? units : 1;
     Job jobs[MAX_THREADS];
@@ -320,22 +316,23 @@ int pdserve_attn_pv(const float *e, int64_t n, int64_t h, int64_t d, const int64
     return run(&a, threads);
 }
 
-/* A prefill's attention, pdserve_attn_weights then pdserve_attn_pv in one call on AMX tiles (cpu_attention_amx.c):
- * a tiled job (use_tiles) of sequence 0, head dims in whole 64-byte rows or one shorter row; no score rows in
- * between (offsets, max_cols unused). Returns -5 where it does not take the job (not built for AMX, the kernel
- * refused it, other shapes, PDSERVE_CPU_AMX=off or PDSERVE_CPU_ATTENTION_TILES=off): the caller's two calls then
- * give the same bits. */
+/* A prefill's attention, pdserve_attn_weights then pdserve_attn_pv in one call (cpu_attention_prefill.c): blocks of
+ * 16 queries, each block's scores then at once its weighted values, no score rows in between (offsets and
+ * max_cols unused), on AMX tiles where they are (pdserve_amx_ready; head dims in whole 64-byte rows or one shorter
+ * row; PDSERVE_CPU_AMX=off keeps the AVX tiles), the same bits either way. Queries of sequence 0, at least
+ * TILED_MIN_QUERIES, head dims in whole tiles; else (or with PDSERVE_CPU_ATTENTION_TILES=off) returns -5 and the
+ * caller's two calls take them one query at a time. */
 int pdserve_attn_prefill(const float *q, int64_t n, int64_t h, int64_t d, const int64_t *qseq, const int64_t *qpos,
                          int64_t window, const int64_t *tables, int64_t tw, int64_t bs, int64_t nblocks,
                          const int8_t *k_pool, const float *k_scale, const int8_t *v_pool, const float *v_scale,
                          int64_t hkv, float levels, float c, float pdiv, float *out, int64_t threads) {
     Job a = {.q = q, .n = n, .h = h, .d = d, .hkv = hkv, .qseq = qseq, .qpos = qpos, .window = window,
              .tables = tables, .tw = tw, .bs = bs, .nblocks = nblocks, .pool = k_pool, .pscale = k_scale,
-             .vpool = v_pool, .vscale = v_scale, .levels = levels, .c = c, .pdiv = pdiv, .out = out, .fused = 1};
+             .vpool = v_pool, .vscale = v_scale, .levels = levels, .c = c, .pdiv = pdiv, .out = out, .fused = FUSED_TILES};
+    if (!use_tiles(&a) || qseq[0] != 0) return -5;
     const char *mode = getenv("PDSERVE_CPU_AMX");
-    if (!use_tiles(&a) || qseq[0] != 0 || (d > 64 && d % 64) || (mode != NULL && strcmp(mode, "off") == 0) ||
-        !pdserve_amx_ready())
-        return -5;
+    if ((d <= 64 || d % 64 == 0) && !(mode != NULL && strcmp(mode, "off") == 0) && pdserve_amx_ready())
+        a.fused = FUSED_AMX;
     return run(&a, threads);
 }
 

@@ -32,16 +32,19 @@ typedef struct {
     const float *pscale;  /* [nblocks * bs, hkv] */
     float levels, c, pdiv;
     float *out;  /* scores (packed rows, see offsets) or attention [n, h, d] */
-    int64_t begin, end;  /* this thread's (query, KV head) pairs, query-major; tiled: see `stride` */
-    int64_t stride;  /* 0, or a tiled job (cpu_attention_prefill.c): query blocks begin, begin + stride, ... */
+    int64_t begin, end;  /* this thread's (query, KV head) pairs, query-major; a prefill's: see `stride` */
+    int64_t stride;  /* 0, or a prefill job (cpu_attention_prefill.c): query blocks begin, begin + stride, ... */
     const int8_t **rows;  /* scratch, one per column: a key's (or value's) row, its scale, its weight */
     float *scales;
     int32_t *weights;  /* pv: packed weights of every query head of a KV head, then one row's integers */
     int status;  /* 0, -2 a block outside the pool, -3 more keys than columns or a bad position, -4 no memory */
-    const int8_t *vpool;  /* fused jobs (cpu_attention_amx.c): the values' pool and scales beside the keys' */
+    const int8_t *vpool;  /* prefill jobs: the values' pool and scales beside the keys' */
     const float *vscale;
-    int fused;
+    int fused;  /* 0 one query at a time (cpu_attention.c), or a prefill's blocks: FUSED_TILES, FUSED_AMX */
 } Job;
+
+#define FUSED_TILES 1  /* the AVX register tiles (cpu_tile.h) */
+#define FUSED_AMX 2  /* AMX tiles (cpu_attention_amx.c) */
 
 static inline int64_t first_visible(int64_t qpos, int64_t window) {  /* window 0: no window */
     const int64_t f = window > 0 ? qpos - window + 1 : 0;
@@ -303,8 +306,6 @@ static inline void grid_weights(const float *e, const float *scales, int64_t cou
     for (; j < count; ++j) n[j] = (int32_t)nearbyintf(e[j] * scales[j] / unit);
 }
 
-/* Tiled jobs (stride > 0: cpu_attention_prefill.c, cpu_attention_amx.c) take query blocks begin, begin + stride, ...
- * of QUERY_BLOCK queries. */
 /* The keys queries q0..q0+nb-1 see, together: [*lo, *hi]. */
 static inline void block_keys(const Job *a, int64_t q0, int64_t nb, int64_t *lo, int64_t *hi) {
     *lo = INT64_MAX;
@@ -340,12 +341,22 @@ static inline float probability_grid(const Job *a, const float *e, const float *
     return unit;
 }
 
-/* cpu_attention_prefill.c: a job whose queries all read one sequence, in tiles (stride > 0). */
-void pdserve_scores_tiled(Job *a) __attribute__((visibility("hidden")));
-void pdserve_pv_tiled(Job *a) __attribute__((visibility("hidden")));
-/* cpu_attention_amx.c: a prefill's scores and weighted values in one job on AMX tiles, where the library was built
- * for them and the kernel lets this process use them (pdserve_amx_ready); the same bits. */
+/* cpu_attention_prefill.c: one thread's blocks of a prefill job (stride > 0), scores then weighted values. */
+void pdserve_prefill_blocks(Job *a) __attribute__((visibility("hidden")));
+
+/* cpu_attention_amx.c: its part of a FUSED_AMX job, where the library was built for AMX and the kernel lets this
+ * process use the tiles (pdserve_amx_ready; elsewhere these are never called); the AVX tiles' bits. Buffers as
+ * pdserve_prefill_blocks sizes them: keys and values [lk * d] (lk: the span in whole 64-key chunks), x q's or the
+ * probabilities' digits, extra [upad][MAX_D]. */
 int pdserve_amx_ready(void);
-void pdserve_prefill_amx(Job *a) __attribute__((visibility("hidden")));
+void pdserve_amx_begin(int64_t d) __attribute__((visibility("hidden")));
+void pdserve_amx_end(void) __attribute__((visibility("hidden")));
+void pdserve_amx_pack(const int8_t *const *krows, const int8_t *const *vrows, int64_t span, int64_t d, int64_t lk,
+                      int8_t *keys, int8_t *values) __attribute__((visibility("hidden")));
+void pdserve_amx_scores(Job *a, int64_t kh, int64_t k0, const int8_t *keys, const float *ks, uint8_t *x, float *qsc)
+    __attribute__((visibility("hidden")));
+void pdserve_amx_values(Job *a, int64_t kh, int64_t k0, int64_t lk, const int8_t *const *rows, const int8_t *values,
+                        const float *vs, uint8_t *x, int32_t *n, int64_t (*extra)[MAX_D])
+    __attribute__((visibility("hidden")));
 
 #endif

@@ -1,5 +1,5 @@
-"""Exact attention over int8 paged KV as two C calls (``cpu_attention.c``), or a prefill as one on AMX tiles
-(``cpu_attention_amx.c``, where the CPU has them).
+"""Exact attention over int8 paged KV as two C calls (``cpu_attention.c``), a prefill as one (its queries in blocks:
+``cpu_attention_prefill.c``, on AMX tiles where the CPU has them, ``cpu_attention_amx.c``).
 
 The torch reference (``kernels.reference.paged_decode_attention``) gathers every block a batch
 reads, widens it to float32 and runs ~100 ops per layer; at batch 32 the widening copy alone was
@@ -48,10 +48,11 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
 def paged_prefill_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, k_scale: torch.Tensor,
                             v_scale: torch.Tensor, block_table: torch.Tensor, start: int,
                             window: int | None = None) -> torch.Tensor:
-    """``reference.paged_prefill_attention``'s bits: q [T, H, D] at start..start+T-1: in one call on AMX tiles where
-    the CPU has them (``_prefill_amx``), else in query slices whose score rows stay small (``DECODE_SLICE_BYTES``)."""
+    """``reference.paged_prefill_attention``'s bits: q [T, H, D] at start..start+T-1: in one call, in blocks of
+    queries (``_prefill_blocks``), else one query at a time in slices whose score rows stay small
+    (``DECODE_SLICE_BYTES``)."""
     t, h = q.shape[0], q.shape[1]
-    out = _prefill_amx(q, k_pool, v_pool, k_scale, v_scale, block_table, start, window)
+    out = _prefill_blocks(q, k_pool, v_pool, k_scale, v_scale, block_table, start, window)
     if out is not None:
         return out
     span = start + t if window is None else min(start + t, window)
@@ -64,12 +65,13 @@ def paged_prefill_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch
     return out[0] if len(out) == 1 else torch.cat(out)
 
 
-def _prefill_amx(q, k_pool, v_pool, k_scale, v_scale, block_table, start, window) -> torch.Tensor | None:
-    """The whole prefill in one C call on AMX tiles (``cpu_attention_amx.c``: each query block's scores, then its
-    weighted values, while its score rows are in cache; the keys and values packed once per KV head, not once per
-    slice), or None where that call does not take it (no AMX here, other shapes, ``PDSERVE_CPU_AMX=off``)."""
+def _prefill_blocks(q, k_pool, v_pool, k_scale, v_scale, block_table, start, window) -> torch.Tensor | None:
+    """The whole prefill in one C call (``pdserve_attn_prefill``: each block of 16 queries' scores, then at once its
+    weighted values, while its score rows are in cache; the keys and values packed once per KV head; on AMX tiles
+    where the CPU has them), or None where that call does not take it (fewer than 4 queries, head dims not in whole
+    tiles, ``PDSERVE_CPU_ATTENTION_TILES=off``)."""
     lib = cpu_fused.library()
-    if not hasattr(lib, "pdserve_attn_prefill") or os.environ.get("PDSERVE_CPU_AMX") == "off":
+    if not hasattr(lib, "pdserve_attn_prefill"):  # a revision's library (benchmarks.c_kernels_vs)
         return None
     t, h, d = q.shape
     span = start + t if window is None else min(start + t, window)

@@ -1,5 +1,5 @@
-/* cpu_attention_prefill.c's jobs on AMX tiles (Intel Sapphire Rapids and later): the same exact integer sums,
- * so the same bits.
+/* cpu_attention_prefill.c's blocks on AMX tiles (Intel Sapphire Rapids and later): the same exact integer sums, so
+ * the same bits.
  *
  * AMX multiplies 16 x 64 tiles of 8-bit integers into 16 x 16 int32 sums in one instruction, ~16x the products a
  * cycle of AVX-512's 16-bit multiply-adds. Its operands are bytes, so the integers that the AVX paths split into
@@ -14,9 +14,9 @@
  * weighted value is the very integer the AVX paths compute, rounded and scaled by the same float operations.
  *
  * The tiles are a per-thread state the kernel hands out on request (arch_prctl, once per process:
- * pdserve_amx_ready); each job loads its tile shapes and releases them. Built only with -mamx-tile -mamx-int8
- * (kernels/cpu_fused.py adds them where /proc/cpuinfo lists amx_tile and amx_int8); elsewhere
- * pdserve_amx_ready says 0 and cpu_attention.c keeps the AVX tiles. PDSERVE_CPU_AMX=off does the same (A/Bs).
+ * pdserve_amx_ready); each thread's job loads its tile shapes and releases them (pdserve_amx_begin, _end). Built
+ * only with -mamx-tile -mamx-int8 (kernels/cpu_fused.py adds them where /proc/cpuinfo lists amx_tile and
+ * amx_int8); elsewhere pdserve_amx_ready says 0 and the AVX tiles run. PDSERVE_CPU_AMX=off does the same (A/Bs).
  */
 #define _GNU_SOURCE  /* syscall(2) under -std=c99 */
 #include "cpu_attention.h"
@@ -30,13 +30,19 @@
 #define KEY_PANEL 16  /* keys per score tile's columns; dims per weighted-value tile's columns */
 #define KEY_CHUNK 64  /* keys per weighted-value tile's reduction */
 #define UNITS 16  /* (query, head) rows per tile */
-#define MAX_DIGITS 4
+#define MAX_DIGITS 4  /* levels <= 2**29 (cpu_attention.c's run): the top digit <= 32 */
 
 int pdserve_amx_ready(void) {
     static int ready = 0;  /* 0 unknown, 1 granted, -1 refused (a race only repeats the same request) */
     if (ready == 0) ready = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 ? 1 : -1;
     return ready == 1;
 }
+
+/* GCC's tile intrinsics (12, at least) do not tell the compiler what memory they read: ldtilecfg's operand is
+ * declared as its first 8 bytes (the rest of the config's stores were dropped: a fault), tileloadd's as none (the
+ * digits' stores could sink past it). A compiler barrier before each makes every store land first. */
+#define STORES_LAND() __asm__ __volatile__("" ::: "memory")
+#define LOAD_TILE(t, base, stride) do { STORES_LAND(); _tile_loadd(t, base, stride); } while (0)
 
 typedef struct {
     uint8_t palette, start_row, reserved[14];
@@ -56,6 +62,7 @@ static void configure(int64_t kstep) {
     c.colsb[6] = (uint16_t)kstep;
     c.rows[7] = (uint8_t)(kstep / 4);
     c.colsb[7] = 64;
+    STORES_LAND();
     _tile_loadconfig(&c);
 }
 
@@ -144,9 +151,9 @@ static void score_block_amx(Job *a, int64_t kh, int64_t q0, int64_t nb, int64_t 
         for (int64_t u0 = 0; u0 < units; u0 += UNITS) {
             zero_sums();
             for (int64_t s = 0; s < d; s += kstep) {
-                _tile_loadd(7, keys + (t * KEY_PANEL * d + s * KEY_PANEL), 64);
+                LOAD_TILE(7, keys + (t * KEY_PANEL * d + s * KEY_PANEL), 64);
                 for (int dg = 0; dg < digits; ++dg) {
-                    _tile_loadd(6, x + (dg * upad + u0) * d + s, d);
+                    LOAD_TILE(6, x + (dg * upad + u0) * d + s, d);
                     dot_digit(dg, dg == digits - 1, 1);
                 }
             }
@@ -231,9 +238,9 @@ static void value_block_amx(Job *a, int64_t kh, int64_t q0, int64_t nb, int64_t 
         for (int64_t c = 0; c < d / KEY_PANEL; ++c) {
             zero_sums();
             for (int64_t k = c0; k < c1; ++k) {
-                _tile_loadd(5, values + (c * (lk / 4) + k * (KEY_CHUNK / 4)) * 64, 64);
+                LOAD_TILE(5, values + (c * (lk / 4) + k * (KEY_CHUNK / 4)) * 64, 64);
                 for (int dg = 0; dg < 3; ++dg) {
-                    _tile_loadd(4, x + (dg * upad + u0) * lk + k * KEY_CHUNK, lk);
+                    LOAD_TILE(4, x + (dg * upad + u0) * lk + k * KEY_CHUNK, lk);
                     dot_digit(dg, 0, 0);
                 }
             }
@@ -251,96 +258,38 @@ static void value_block_amx(Job *a, int64_t kh, int64_t q0, int64_t nb, int64_t 
         }
 }
 
-/* The keys this thread's query blocks see: [*k0, *k1], or -3 for a negative position. */
-static int blocks_span(const Job *a, int64_t *k0, int64_t *k1) {
-    *k0 = INT64_MAX;
-    *k1 = -1;
-    for (int64_t b = a->begin; b * QUERY_BLOCK < a->n; b += a->stride) {
-        const int64_t q0 = b * QUERY_BLOCK, nb = block_queries(a, b);
-        int64_t lo, hi;
-        for (int64_t r = q0; r < q0 + nb; ++r) if (a->qpos[r] < 0) return -3;
-        block_keys(a, q0, nb, &lo, &hi);
-        *k0 = lo < *k0 ? lo : *k0;
-        *k1 = hi > *k1 ? hi : *k1;
-    }
-    return 0;
+void pdserve_amx_begin(int64_t d) { configure(d < 64 ? d : 64); }
+
+void pdserve_amx_end(void) { _tile_release(); }
+
+void pdserve_amx_pack(const int8_t *const *krows, const int8_t *const *vrows, int64_t span, int64_t d, int64_t lk,
+                      int8_t *keys, int8_t *values) {
+    pack_keys_amx(krows, span, d, keys);
+    pack_values_amx(vrows, span, d, lk, values);
 }
 
-/* Block b of job a as a job of its own: its queries 0..nb-1, its score rows in `scores` (laid out as
- * pdserve_attn_layout would, columns in whole panels), its output where a's is. */
-static Job block_job(const Job *a, int64_t b, int64_t *offsets, float *scores) {
-    const int64_t q0 = b * QUERY_BLOCK;
-    Job blk = *a;
-    blk.n = block_queries(a, b);
-    blk.q = a->q + q0 * a->h * a->d;
-    blk.qpos = a->qpos + q0;
-    blk.qseq = a->qseq + q0;
-    blk.out = scores;
-    blk.offsets = offsets;
-    offsets[0] = 0;
-    for (int64_t r = 0; r < blk.n; ++r) {
-        const int64_t cols = (blk.qpos[r] - first_visible(blk.qpos[r], a->window) + KEY_PANEL) / KEY_PANEL * KEY_PANEL;
-        offsets[r + 1] = offsets[r] + a->h * cols;
-    }
-    return blk;
+void pdserve_amx_scores(Job *a, int64_t kh, int64_t k0, const int8_t *keys, const float *ks, uint8_t *x, float *qsc) {
+    score_block_amx(a, kh, 0, a->n, k0, keys, ks, query_digits(a->levels), x, qsc);
 }
 
-/* One thread's query blocks of a prefill (stride > 0), scores and weighted values block by block: the keys and
- * values of each KV head packed once, a block's score rows in this thread's scratch (a few hundred KiB, still in
- * cache when its weighted values read them) rather than the caller's buffer. */
-void pdserve_prefill_amx(Job *a) {
-    const int64_t d = a->d, g = a->h / a->hkv;
-    int64_t k0, k1;
-    if ((a->status = blocks_span(a, &k0, &k1)) || k1 < 0) return;
-    const int64_t span = k1 - k0 + 1, lk = (span + KEY_CHUNK - 1) / KEY_CHUNK * KEY_CHUNK;
-    const int64_t upad = (QUERY_BLOCK * g + UNITS - 1) / UNITS * UNITS, kstep = d < 64 ? d : 64;
-    const int digits = query_digits(a->levels);
-    const size_t longest = (size_t)(a->h * QUERY_BLOCK * (span + KEY_PANEL));  /* a block's score rows */
-    int8_t *keys = malloc((size_t)(lk * d)), *values = malloc((size_t)(lk * d));
-    uint8_t *xq = malloc((size_t)(MAX_DIGITS * upad * d)), *xw = malloc((size_t)(3 * upad * lk));
-    float *qsc = malloc(sizeof(float) * (size_t)upad), *scores = malloc(sizeof(float) * longest);
-    float *ks = malloc(sizeof(float) * (size_t)(lk + KEY_PANEL)), *vs = malloc(sizeof(float) * (size_t)(lk + KEY_PANEL));
-    const int8_t **krows = malloc(sizeof(*krows) * (size_t)span), **vrows = malloc(sizeof(*vrows) * (size_t)span);
-    int32_t *n = malloc(sizeof(int32_t) * (size_t)(span + 16));
-    int64_t (*extra)[MAX_D] = malloc(sizeof(*extra) * (size_t)upad);
-    int64_t offsets[QUERY_BLOCK + 1];
-    if (!keys || !values || !xq || !xw || !qsc || !scores || !ks || !vs || !krows || !vrows || !n || !extra)
-        a->status = -4;
-    if (digits > MAX_DIGITS) a->status = -1;
-    const int configured = !a->status;
-    if (configured) configure(kstep);
-    for (int64_t kh = 0; kh < a->hkv && !a->status; ++kh) {
-        if ((a->status = gather_span(a, kh, k0, span, lk - span + KEY_PANEL, krows, ks))) break;
-        pack_keys_amx(krows, span, d, keys);
-        Job values_of = *a;
-        values_of.pool = a->vpool;
-        values_of.pscale = a->vscale;
-        if ((a->status = gather_span(&values_of, kh, k0, span, lk - span + KEY_PANEL, vrows, vs))) break;
-        pack_values_amx(vrows, span, d, lk, values);
-        for (int64_t b = a->begin; b * QUERY_BLOCK < a->n; b += a->stride) {
-            Job blk = block_job(a, b, offsets, scores);
-            score_block_amx(&blk, kh, 0, blk.n, k0, keys, ks, digits, xq, qsc);
-            blk.in = scores;
-            blk.out = a->out + b * QUERY_BLOCK * a->h * d;
-            value_block_amx(&blk, kh, 0, blk.n, k0, lk, vrows, values, vs, xw, n, extra);
-        }
-    }
-    if (configured) _tile_release();
-    free(keys);
-    free(values);
-    free(xq);
-    free(xw);
-    free(qsc);
-    free(scores);
-    free(ks);
-    free(vs);
-    free(krows);
-    free(vrows);
-    free(n);
-    free(extra);
+void pdserve_amx_values(Job *a, int64_t kh, int64_t k0, int64_t lk, const int8_t *const *rows, const int8_t *values,
+                        const float *vs, uint8_t *x, int32_t *n, int64_t (*extra)[MAX_D]) {
+    value_block_amx(a, kh, 0, a->n, k0, lk, rows, values, vs, x, n, extra);
 }
 
-#else  /* built without AMX: cpu_attention.c never takes this */
+#else  /* built without AMX: pdserve_amx_ready says so, and the rest is never called */
 int pdserve_amx_ready(void) { return 0; }
-void pdserve_prefill_amx(Job *a) { a->status = -1; }
+void pdserve_amx_begin(int64_t d) { (void)d; }
+void pdserve_amx_end(void) {}
+void pdserve_amx_pack(const int8_t *const *krows, const int8_t *const *vrows, int64_t span, int64_t d, int64_t lk,
+                      int8_t *keys, int8_t *values) { (void)krows, (void)vrows, (void)span, (void)d, (void)lk, (void)keys, (void)values; }
+void pdserve_amx_scores(Job *a, int64_t kh, int64_t k0, const int8_t *keys, const float *ks, uint8_t *x, float *qsc) {
+    (void)kh, (void)k0, (void)keys, (void)ks, (void)x, (void)qsc;
+    a->status = -1;
+}
+void pdserve_amx_values(Job *a, int64_t kh, int64_t k0, int64_t lk, const int8_t *const *rows, const int8_t *values,
+                        const float *vs, uint8_t *x, int32_t *n, int64_t (*extra)[MAX_D]) {
+    (void)kh, (void)k0, (void)lk, (void)rows, (void)values, (void)vs, (void)x, (void)n, (void)extra;
+    a->status = -1;
+}
 #endif

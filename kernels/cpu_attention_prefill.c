@@ -8,6 +8,8 @@
  * is the same exact integer as cpu_attention.c's, converted and scaled by the same float operations, so the
  * bits are the same (tests/test_cpu_attention.py compares both with the torch reference).
  *
+ * One call does both halves (pdserve_attn_prefill): per block of 16 queries its scores, then at once its weighted
+ * values, while the block's score rows are in cache; on AMX tiles where the CPU has them (cpu_attention_amx.c).
  * Query blocks go to threads in turn (block b to thread b % threads): under a causal mask later queries see
  * more keys, so contiguous ranges would leave the first thread idle.
  */
@@ -15,25 +17,6 @@
 #include "cpu_tile.h"
 
 #define PAIRS_PER_SUM 1024  /* value pairs per int32 sum: a pair adds < 2 * 4096 * 128 = 2**20 */
-
-/* The keys this thread's queries see: [*k0, *k1], and whether every query fits its rows (else -3). */
-static int thread_span(const Job *a, int64_t *k0, int64_t *k1) {
-    *k0 = INT64_MAX;
-    *k1 = -1;
-    for (int64_t b = a->begin; b * QUERY_BLOCK < a->n; b += a->stride)
-        for (int64_t r = b * QUERY_BLOCK; r < a->n && r < (b + 1) * QUERY_BLOCK; ++r) {
-            if (!query_fits(a, r)) return -3;
-            const int64_t f = first_visible(a->qpos[r], a->window);
-            *k0 = f < *k0 ? f : *k0;
-            *k1 = a->qpos[r] > *k1 ? a->qpos[r] : *k1;
-        }
-    return 0;
-}
-
-/* Rows of KV head kh at positions k0..k0+span-1 and their scales (zero past the span, for padded keys). */
-static int gather(const Job *a, int64_t kh, int64_t k0, int64_t span, const int8_t **rows, float *scales) {
-    return gather_span(a, kh, k0, span, TILE_COLS, rows, scales);
-}
 
 /* Keys as panels of 16: [panels][d/2][16][2], key 16t + c's dims 2p, 2p+1 at ((t * d/2 + p) * 16 + c) * 2. */
 static void pack_keys(const int8_t *const *rows, int64_t span, int64_t d, int8_t *out) {
@@ -117,30 +100,6 @@ static void score_block(Job *a, int64_t kh, int64_t q0, int64_t nb, int64_t k0, 
     }
 }
 
-void pdserve_scores_tiled(Job *a) {
-    const int64_t d = a->d, g = a->h / a->hkv;
-    int64_t k0, k1;
-    if ((a->status = thread_span(a, &k0, &k1)) || k1 < 0) return;
-    const int64_t span = k1 - k0 + 1, panels = (span + TILE_COLS - 1) / TILE_COLS;
-    int8_t *keys = malloc((size_t)(panels * TILE_COLS * d));
-    int16_t *x = malloc(sizeof(int16_t) * (size_t)(2 * QUERY_BLOCK * g * d));
-    float *qsc = malloc(sizeof(float) * (size_t)(QUERY_BLOCK * g));
-    float *ks = malloc(sizeof(float) * (size_t)(span + TILE_COLS));
-    const int8_t **rows = malloc(sizeof(*rows) * (size_t)span);
-    if (keys == NULL || x == NULL || qsc == NULL || ks == NULL || rows == NULL) a->status = -4;
-    for (int64_t kh = 0; kh < a->hkv && !a->status; ++kh) {
-        if ((a->status = gather(a, kh, k0, span, rows, ks))) break;
-        pack_keys(rows, span, d, keys);
-        for (int64_t b = a->begin; b * QUERY_BLOCK < a->n; b += a->stride)
-            score_block(a, kh, b * QUERY_BLOCK, block_queries(a, b), k0, keys, ks, x, qsc);
-    }
-    free(rows);
-    free(ks);
-    free(keys);
-    free(x);
-    free(qsc);
-}
-
 /* Block [q0, q0 + nb) of KV head kh: each query head's probability grid as 12-bit halves over the span's keys
  * (rows 2u and 2u + 1 of x, `lp` int16 each), times the packed values, into the output. */
 static void value_block(Job *a, int64_t kh, int64_t q0, int64_t nb, int64_t k0, int64_t lp, const int8_t *values,
@@ -184,28 +143,98 @@ static void value_block(Job *a, int64_t kh, int64_t q0, int64_t nb, int64_t k0, 
     }
 }
 
-void pdserve_pv_tiled(Job *a) {
+/* The keys this thread's query blocks see: [*k0, *k1], or -3 for a negative position. */
+static int blocks_span(const Job *a, int64_t *k0, int64_t *k1) {
+    *k0 = INT64_MAX;
+    *k1 = -1;
+    for (int64_t b = a->begin; b * QUERY_BLOCK < a->n; b += a->stride) {
+        const int64_t q0 = b * QUERY_BLOCK, nb = block_queries(a, b);
+        int64_t lo, hi;
+        for (int64_t r = q0; r < q0 + nb; ++r) if (a->qpos[r] < 0) return -3;
+        block_keys(a, q0, nb, &lo, &hi);
+        *k0 = lo < *k0 ? lo : *k0;
+        *k1 = hi > *k1 ? hi : *k1;
+    }
+    return 0;
+}
+
+/* Block b of job a as a job of its own: its queries 0..nb-1, its score rows in `scores` (laid out as
+ * pdserve_attn_layout would, each padded to whole tiles), its output where a's is. */
+static Job block_job(const Job *a, int64_t b, int64_t *offsets, float *scores) {
+    const int64_t q0 = b * QUERY_BLOCK;
+    Job blk = *a;
+    blk.n = block_queries(a, b);
+    blk.q = a->q + q0 * a->h * a->d;
+    blk.qpos = a->qpos + q0;
+    blk.qseq = a->qseq + q0;
+    blk.out = scores;
+    blk.offsets = offsets;
+    offsets[0] = 0;
+    for (int64_t r = 0; r < blk.n; ++r) {
+        const int64_t cols = (blk.qpos[r] - first_visible(blk.qpos[r], a->window) + TILE_COLS) / TILE_COLS * TILE_COLS;
+        offsets[r + 1] = offsets[r] + a->h * cols;
+    }
+    return blk;
+}
+
+/* One thread's query blocks of a prefill (stride > 0), scores and weighted values block by block, on the AVX tiles
+ * above or AMX's (FUSED_AMX): the keys and values of each KV head gathered and packed once, a block's score rows in
+ * this thread's scratch (a few hundred KiB, still in cache when its weighted values read them). Each buffer is
+ * sized for either kind of tile. */
+void pdserve_prefill_blocks(Job *a) {
+    const int amx = a->fused == FUSED_AMX;
     const int64_t d = a->d, g = a->h / a->hkv;
     int64_t k0, k1;
-    if ((a->status = thread_span(a, &k0, &k1)) || k1 < 0) return;
-    const int64_t span = k1 - k0 + 1, lp = span + (span & 1);
-    int8_t *values = malloc((size_t)(d * lp));
-    int16_t *x = malloc(sizeof(int16_t) * (size_t)(2 * QUERY_BLOCK * g * lp));
-    int32_t *n = malloc(sizeof(int32_t) * (size_t)(span + 8));
-    int64_t (*acc)[MAX_D] = malloc(sizeof(*acc) * (size_t)(2 * QUERY_BLOCK * g));
-    float *vs = malloc(sizeof(float) * (size_t)(span + TILE_COLS));
-    const int8_t **rows = malloc(sizeof(*rows) * (size_t)span);
-    if (values == NULL || x == NULL || n == NULL || acc == NULL || vs == NULL || rows == NULL) a->status = -4;
+    if ((a->status = blocks_span(a, &k0, &k1)) || k1 < 0) return;
+    const int64_t span = k1 - k0 + 1, lk = (span + 63) / 64 * 64, lp = span + (span & 1), pad = lk - span + TILE_COLS;
+    const int64_t upad = (QUERY_BLOCK * g + 15) / 16 * 16;  /* a block's (query, head) rows in whole AMX tiles */
+    int8_t *keys = malloc((size_t)(lk * d)), *values = malloc((size_t)(lk * d));
+    int16_t *xq = malloc(sizeof(int16_t) * (size_t)(2 * upad * d)), *xw = malloc(sizeof(int16_t) * (size_t)(2 * upad * lk));
+    float *qsc = malloc(sizeof(float) * (size_t)upad);
+    float *scores = malloc(sizeof(float) * (size_t)(a->h * QUERY_BLOCK * (span + TILE_COLS)));
+    float *ks = malloc(sizeof(float) * (size_t)(lk + TILE_COLS)), *vs = malloc(sizeof(float) * (size_t)(lk + TILE_COLS));
+    const int8_t **krows = malloc(sizeof(*krows) * (size_t)span), **vrows = malloc(sizeof(*vrows) * (size_t)span);
+    int32_t *n = malloc(sizeof(int32_t) * (size_t)(span + 16));
+    int64_t (*acc)[MAX_D] = malloc(sizeof(*acc) * (size_t)(2 * upad));
+    int64_t offsets[QUERY_BLOCK + 1];
+    if (!keys || !values || !xq || !xw || !qsc || !scores || !ks || !vs || !krows || !vrows || !n || !acc)
+        a->status = -4;
+    const int tiles_held = amx && !a->status;
+    if (tiles_held) pdserve_amx_begin(d);
     for (int64_t kh = 0; kh < a->hkv && !a->status; ++kh) {
-        if ((a->status = gather(a, kh, k0, span, rows, vs))) break;
-        pack_values(rows, span, d, lp / 2, values);
-        for (int64_t b = a->begin; b * QUERY_BLOCK < a->n; b += a->stride)
-            value_block(a, kh, b * QUERY_BLOCK, block_queries(a, b), k0, lp, values, vs, x, n, acc);
+        Job values_of = *a;
+        values_of.pool = a->vpool;
+        values_of.pscale = a->vscale;
+        if ((a->status = gather_span(a, kh, k0, span, pad, krows, ks)) ||
+            (a->status = gather_span(&values_of, kh, k0, span, pad, vrows, vs)))
+            break;
+        if (amx) {
+            pdserve_amx_pack(krows, vrows, span, d, lk, keys, values);
+        } else {
+            pack_keys(krows, span, d, keys);
+            pack_values(vrows, span, d, lp / 2, values);
+        }
+        for (int64_t b = a->begin; b * QUERY_BLOCK < a->n; b += a->stride) {
+            Job blk = block_job(a, b, offsets, scores);
+            if (amx) pdserve_amx_scores(&blk, kh, k0, keys, ks, (uint8_t *)xq, qsc);
+            else score_block(&blk, kh, 0, blk.n, k0, keys, ks, xq, qsc);
+            blk.in = scores;
+            blk.out = a->out + b * QUERY_BLOCK * a->h * d;
+            if (amx) pdserve_amx_values(&blk, kh, k0, lk, vrows, values, vs, (uint8_t *)xw, n, acc);
+            else value_block(&blk, kh, 0, blk.n, k0, lp, values, vs, xw, n, acc);
+        }
     }
-    free(rows);
-    free(vs);
+    if (tiles_held) pdserve_amx_end();
+    free(keys);
     free(values);
-    free(x);
+    free(xq);
+    free(xw);
+    free(qsc);
+    free(scores);
+    free(ks);
+    free(vs);
+    free(krows);
+    free(vrows);
     free(n);
     free(acc);
 }

@@ -67,8 +67,9 @@ def test_query_slices_and_threads_do_not_change_a_bit(monkeypatch):
     kp, vp, ks, vs = int8_pools(40, bs, hkv, d, seed=3)
     table = torch.arange(40)
     q = queries(600, h, d, seed=4)
-    whole = cpu_attention.paged_prefill_attention(q, kp, vp, ks, vs, table, 10)
-    monkeypatch.setattr(cpu_attention, "DECODE_SLICE_BYTES", 64 * 1024)  # slices of a few rows
+    whole = cpu_attention.paged_prefill_attention(q, kp, vp, ks, vs, table, 10)  # in blocks, one call
+    monkeypatch.setenv("PDSERVE_CPU_ATTENTION_TILES", "off")  # one query at a time, in slices:
+    monkeypatch.setattr(cpu_attention, "DECODE_SLICE_BYTES", 64 * 1024)  # of a few rows
     monkeypatch.setattr(cpu_attention, "THREADED_MACS", 0)  # every call on all threads
     threads = torch.get_num_threads()
     torch.set_num_threads(3)
