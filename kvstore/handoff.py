@@ -17,6 +17,12 @@ class WorkerInfo:
     gpu_ids: tuple[str, ...] = ()  # the GPUs Ray assigned it (shared ones too, under a fractional share)
 
 
+def lease_owner(worker: str, request_id: str) -> str:
+    """Whom the store records as owning the lease a prefill worker takes for a request's handoff: the driver can
+    release it by this name when the worker dies after taking it but before its reply arrives."""
+    return f"{worker}/{request_id}"
+
+
 def handshake(a: WorkerInfo, b: WorkerInfo) -> None:
     """Raise unless ``a`` and ``b`` can hand KV to each other."""
     for field_name in ("block_size", "kv_dtype", "fingerprint"):

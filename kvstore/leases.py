@@ -13,6 +13,7 @@ class Lease:
     lease_id: str
     keys: tuple[int, ...]
     expires_at: float
+    owner: str = ""
 
 
 class Leases:
@@ -25,7 +26,7 @@ class Leases:
     def grant(self, keys: list[int], ttl_s: float, owner: str = "") -> Lease:
         if ttl_s <= 0:
             raise ValueError(f"lease ttl_s must be positive, got {ttl_s}")
-        lease = Lease(f"lease-{owner}-{next(self._ids)}", tuple(keys), self._clock() + ttl_s)
+        lease = Lease(f"lease-{owner}-{next(self._ids)}", tuple(keys), self._clock() + ttl_s, owner)
         for k in lease.keys:
             self._pin(k)
         self.live[lease.lease_id] = lease
@@ -39,6 +40,16 @@ class Leases:
         for k in lease.keys:
             self._unpin(k)
         return True
+
+    def release_owned(self, owner: str) -> int:
+        """Release every live lease granted to ``owner`` (a worker that died before handing them off: nobody
+        else knows their ids); returns how many."""
+        if not owner:
+            raise ValueError("release_owned needs an owner: leases granted without one are released by id")
+        mine = [lid for lid, lease in self.live.items() if lease.owner == owner]
+        for lid in mine:
+            self.release(lid)
+        return len(mine)
 
     def reclaim_expired(self) -> list[str]:
         now = self._clock()

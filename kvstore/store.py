@@ -224,6 +224,9 @@ class KVStore:
     def release(self, lease_id: str) -> bool:
         return self.leases.release(lease_id)
 
+    def release_owned(self, owner: str) -> int:
+        return self.leases.release_owned(owner)
+
     def drain_events(self) -> list[Event]:
         out, self.events = self.events, []
         return out

@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from kvstore.handoff import Handoff
+from kvstore.handoff import Handoff, lease_owner
 from model.engine import RequestOutput, SamplingParams
 from pdserve.errors import ServeError, from_worker
 from scheduler.conductor import NO_LIVE_WORKER
@@ -150,10 +150,12 @@ class RequestFlow:
             try:
                 handoff = self._prefill(p, rid, prompt, params, self._source_for(p, node=sub.placement.fetch_from))
             except WorkerLost:
+                self._release_orphan(p, rid)
                 self._place_again(sub, p, prompt)
                 self.counters.add(replacements=1)
                 continue
             except BaseException:
+                self._release_orphan(p, rid)
                 self.conductor.finished(rid)
                 raise
             self.counters.add(recomputed_tokens=handoff.recomputed_tokens,
@@ -203,6 +205,15 @@ class RequestFlow:
                              timeout=self.resilience.store_timeout_s)
             except Exception:  # noqa: BLE001 - the lease expires by itself
                 pass
+
+    def _release_orphan(self, prefill: str, rid: str) -> None:
+        """A prefill call that failed (its worker lost, or an error after its work) may have left the request's
+        lease behind: nobody has its id, so release it by owner (else it pins its blocks until it expires)."""
+        try:
+            self.ray.get(self._store_of(prefill).release_owned.remote(lease_owner(prefill, rid)),
+                         timeout=self.resilience.store_timeout_s)
+        except Exception:  # noqa: BLE001 - the lease expires by itself
+            pass
 
     # -- the stream --------------------------------------------------------------------------------
     def stream(self, sub: Submitted) -> Iterator[RequestOutput]:

@@ -19,7 +19,7 @@ from kvstore.actor import fetch_export
 from kvstore.blocks import BlockSpec
 from kvstore.errors import KVLoadError, StoreUnavailable
 from kvstore.faults import Fault, Faults, InjectedFault
-from kvstore.handoff import Handoff, WorkerInfo
+from kvstore.handoff import Handoff, WorkerInfo, lease_owner
 from model.engine import Engine, EngineConfig, SamplingParams
 from model.transformer import Transformer
 
@@ -109,7 +109,7 @@ class PrefillWorker(KVLoading):
             call(self.store, "put", prompt, data, self.fingerprint, timeout=t)
             held = call(self.store, "match", prompt, False, timeout=t)  # its own blocks: not a hit
             if stopped is None and held.keys:
-                lease = call(self.store, "lease", held.keys, self.lease_ttl_s, self.name, timeout=t)
+                lease = call(self.store, "lease", held.keys, self.lease_ttl_s, lease_owner(self.name, rid), timeout=t)
             keys, kv_tokens = held.keys, held.tokens
         except (StoreUnavailable, KeyError):  # not published (or evicted at once): decode computes it
             keys, lease, kv_tokens = [], None, 0
@@ -117,6 +117,7 @@ class PrefillWorker(KVLoading):
             self.engine.release(rid)
             self.queued_tokens = 0
         self.served += 1
+        self.faults.hit("prefill.reply")  # "exit" here: the lease granted, the handoff never sent
         t3 = time.perf_counter()
         return Handoff(rid, list(prompt), token, stopped, keys, kv_tokens, lease, out.cached_tokens,
                        {"load_prefix": t1 - t0, "prefill": t2 - t1, "publish": t3 - t2},

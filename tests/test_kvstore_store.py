@@ -122,6 +122,18 @@ def test_double_release_is_harmless():
     assert all(e.pins == 0 for e in s.index.entries.values())
 
 
+def test_leases_of_a_lost_owner_are_released_by_owner_only():
+    s = store()
+    s.put([1] * 8, export(8), FP)
+    keys = s.match([1] * 8).keys
+    mine, other = s.lease(keys, owner="prefill-0/req-1"), s.lease(keys, owner="prefill-0/req-2")
+    assert s.release_owned("prefill-0/req-1") == 1 and s.release_owned("prefill-0/req-1") == 0
+    assert s.release(mine) is False and s.release(other) is True  # the other request's lease was left alone
+    assert all(e.pins == 0 for e in s.index.entries.values())
+    with pytest.raises(ValueError, match="owner"):
+        s.release_owned("")
+
+
 @pytest.mark.parametrize("mutate, message", [
     (lambda d: setattr(d, "block_size", 8), "block size 8"),
     (lambda d: setattr(d.groups[0], "k", d.groups[0].k.astype(np.int16)), "expected int8"),

@@ -169,6 +169,20 @@ def test_prefill_dies_mid_prefill(cluster, reference):
     assert_recovered(cluster, reference, t0)
 
 
+def test_prefill_dies_after_leasing_before_its_reply(cluster, reference):
+    """The prefill worker dies with a request's blocks leased and its handoff unsent (a crash right after the
+    work, or a reply lost with the process): the driver re-places the request and releases that lease by its
+    owner, so nothing stays pinned until the lease would expire (60 s)."""
+    ps = prompts(300)
+    before = cluster.status()["workers"]["prefill-0"]["restarts"]
+    cluster.arm_fault("prefill-0", "prefill.reply", "exit", after=1)
+    got = stream_all(cluster, [cluster.submit(p, PARAMS) for p in ps])
+    for p, g in zip(ps, got):
+        assert g == reference(p)
+    assert settled(cluster)["workers"]["prefill-0"]["restarts"] == before + 1
+    assert_nothing_held(cluster)
+
+
 def test_store_killed_mid_run(cluster, reference):
     ps = prompts(90)
     victim = pid(cluster, "store")
