@@ -328,7 +328,8 @@ int pdserve_attn_prefill(const float *q, int64_t n, int64_t h, int64_t d, const 
                          int64_t hkv, float levels, float c, float pdiv, float *out, int64_t threads) {
     Job a = {.q = q, .n = n, .h = h, .d = d, .hkv = hkv, .qseq = qseq, .qpos = qpos, .window = window,
              .tables = tables, .tw = tw, .bs = bs, .nblocks = nblocks, .pool = k_pool, .pscale = k_scale,
-             .vpool = v_pool, .vscale = v_scale, .levels = levels, .c = c, .pdiv = pdiv, .out = out, .fused = FUSED_TILES};
+             .vpool = v_pool, .vscale = v_scale, .levels = levels, .c = c, .pdiv = pdiv, .out = out,
+             .fused = FUSED_TILES};
     if (!use_tiles(&a) || qseq[0] != 0) return -5;
     const char *mode = getenv("PDSERVE_CPU_AMX");
     if ((d <= 64 || d % 64 == 0) && !(mode != NULL && strcmp(mode, "off") == 0) && pdserve_amx_ready())
@@ -336,8 +337,8 @@ int pdserve_attn_prefill(const float *q, int64_t n, int64_t h, int64_t d, const 
     return run(&a, threads);
 }
 
-/* cpu_attention.h's exp_nonpositive over x[0..n) in place, vectors (16 lanes, then 8) then a scalar tail (tests compare its bits
- * with kernels.reference.exp_nonpositive's). */
+/* cpu_attention.h's exp_nonpositive over x[0..n) in place, vectors (16 lanes, then 8) then a scalar tail (tests
+ * compare its bits with kernels.reference.exp_nonpositive's). */
 void pdserve_exp_nonpositive(float *x, int64_t n) {
     int64_t j = 0;
 #ifdef __AVX512F__

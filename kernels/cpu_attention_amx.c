@@ -137,7 +137,7 @@ static void score_block_amx(Job *a, int64_t kh, int64_t q0, int64_t nb, int64_t 
         qsc[u] = query_grid(a, a->q + (r * a->h + hh) * d, nq);
         for (int dg = 0; dg < digits; ++dg)
             for (int64_t i = 0; i < d; ++i)
-                x[(dg * upad + u) * d + i] = (uint8_t)(dg == digits - 1 ? nq[i] >> (8 * dg) : (nq[i] >> (8 * dg)) & 255);
+                x[(dg * upad + u) * d + i] = (uint8_t)(nq[i] >> (8 * dg));  /* the top digit's byte: signed */
         const int64_t first = first_visible(a->qpos[r], a->window);
         float *row = score_row(a, a->out, r, hh);
         for (int64_t j = a->qpos[r] - first + 1; j < row_length(a, r); ++j) row[j] = -INFINITY;
@@ -209,7 +209,8 @@ static void value_block_amx(Job *a, int64_t kh, int64_t q0, int64_t nb, int64_t 
     float unit[QUERY_BLOCK * MAX_GROUP];
     double z[QUERY_BLOCK * MAX_GROUP];
     for (int64_t u = 0; u < upad; ++u)
-        for (int dg = 0; dg < 3; ++dg) memset(x + (dg * upad + u) * lk + c0 * KEY_CHUNK, 0, (size_t)((c1 - c0) * KEY_CHUNK));
+        for (int dg = 0; dg < 3; ++dg)
+            memset(x + (dg * upad + u) * lk + c0 * KEY_CHUNK, 0, (size_t)((c1 - c0) * KEY_CHUNK));
     for (int64_t u = 0; u < units; ++u) {
         const int64_t r = q0 + u / g, first = first_visible(a->qpos[r], a->window), count = a->qpos[r] - first + 1;
         const float *e = score_row(a, a->in, r, kh * g + u % g);
@@ -250,8 +251,8 @@ static void value_block_amx(Job *a, int64_t kh, int64_t q0, int64_t nb, int64_t 
                 float *o = a->out + (r * a->h + kh * g + u % g) * d + c * KEY_PANEL;
                 const double f = (double)unit[u] * 268435456.0;
                 for (int m = 0; m < 16; ++m) {
-                    const int64_t acc = ((extra[u][c * KEY_PANEL + m] * 256 + sums[2][i][m]) * 256 + sums[1][i][m]) * 256 +
-                                        sums[0][i][m];
+                    const int64_t top = extra[u][c * KEY_PANEL + m] * 256 + sums[2][i][m];
+                    const int64_t acc = (top * 256 + sums[1][i][m]) * 256 + sums[0][i][m];
                     o[m] = (float)((double)acc * f / z[u]);  /* cpu_attention.c's operations */
                 }
             }
@@ -282,7 +283,9 @@ int pdserve_amx_ready(void) { return 0; }
 void pdserve_amx_begin(int64_t d) { (void)d; }
 void pdserve_amx_end(void) {}
 void pdserve_amx_pack(const int8_t *const *krows, const int8_t *const *vrows, int64_t span, int64_t d, int64_t lk,
-                      int8_t *keys, int8_t *values) { (void)krows, (void)vrows, (void)span, (void)d, (void)lk, (void)keys, (void)values; }
+                      int8_t *keys, int8_t *values) {
+    (void)krows, (void)vrows, (void)span, (void)d, (void)lk, (void)keys, (void)values;
+}
 void pdserve_amx_scores(Job *a, int64_t kh, int64_t k0, const int8_t *keys, const float *ks, uint8_t *x, float *qsc) {
     (void)kh, (void)k0, (void)keys, (void)ks, (void)x, (void)qsc;
     a->status = -1;

@@ -189,7 +189,8 @@ void pdserve_prefill_blocks(Job *a) {
     const int64_t span = k1 - k0 + 1, lk = (span + 63) / 64 * 64, lp = span + (span & 1), pad = lk - span + TILE_COLS;
     const int64_t upad = (QUERY_BLOCK * g + 15) / 16 * 16;  /* a block's (query, head) rows in whole AMX tiles */
     int8_t *keys = malloc((size_t)(lk * d)), *values = malloc((size_t)(lk * d));
-    int16_t *xq = malloc(sizeof(int16_t) * (size_t)(2 * upad * d)), *xw = malloc(sizeof(int16_t) * (size_t)(2 * upad * lk));
+    int16_t *xq = malloc(sizeof(int16_t) * (size_t)(2 * upad * d));
+    int16_t *xw = malloc(sizeof(int16_t) * (size_t)(2 * upad * lk));
     float *qsc = malloc(sizeof(float) * (size_t)upad);
     float *scores = malloc(sizeof(float) * (size_t)(a->h * QUERY_BLOCK * (span + TILE_COLS)));
     float *ks = malloc(sizeof(float) * (size_t)(lk + TILE_COLS)), *vs = malloc(sizeof(float) * (size_t)(lk + TILE_COLS));
