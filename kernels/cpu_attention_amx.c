@@ -123,16 +123,16 @@ static void pack_keys_amx(const int8_t *const *rows, int64_t span, int64_t d, in
     }
 }
 
-/* Block [q0, q0 + nb) of KV head kh against the packed keys from position k0: every query head's score row.
- * x: the block's digits [digits][upad][d]. */
-static void score_block_amx(Job *a, int64_t kh, int64_t q0, int64_t nb, int64_t k0, const int8_t *keys,
-                            const float *ks, int digits, uint8_t *x, float *qsc) {
-    const int64_t d = a->d, g = a->h / a->hkv, units = nb * g, upad = (units + UNITS - 1) / UNITS * UNITS;
+/* A block's queries (a job of their own: cpu_attention_prefill.c's block_job) against KV head kh's packed keys from
+ * position k0: every query head's score row. x: room for the block's digits [digits][upad][d]. */
+void pdserve_amx_scores(Job *a, int64_t kh, int64_t k0, const int8_t *keys, const float *ks, uint8_t *x, float *qsc) {
+    const int digits = query_digits(a->levels);
+    const int64_t d = a->d, g = a->h / a->hkv, units = a->n * g, upad = (units + UNITS - 1) / UNITS * UNITS;
     const int64_t kstep = d < 64 ? d : 64;
     int64_t lo = INT64_MAX, hi = -1;
     memset(x, 0, (size_t)(digits * upad * d));
-    for (int64_t u = 0; u < units; ++u) {  /* unit u: query q0 + u / g, head kh * g + u % g */
-        const int64_t r = q0 + u / g, hh = kh * g + u % g;
+    for (int64_t u = 0; u < units; ++u) {  /* unit u: query u / g, head kh * g + u % g */
+        const int64_t r = u / g, hh = kh * g + u % g;
         int32_t nq[MAX_D];
         qsc[u] = query_grid(a, a->q + (r * a->h + hh) * d, nq);
         for (int dg = 0; dg < digits; ++dg)
@@ -159,7 +159,7 @@ static void score_block_amx(Job *a, int64_t kh, int64_t q0, int64_t nb, int64_t 
             }
             for (int dg = 0; dg < digits; ++dg) store_digit(dg, sums);
             for (int64_t i = 0; i < UNITS && u0 + i < units; ++i) {
-                const int64_t u = u0 + i, r = q0 + u / g;
+                const int64_t u = u0 + i, r = u / g;
                 const int64_t first = first_visible(a->qpos[r], a->window);
                 const int64_t c0 = first > key0 ? first - key0 : 0;
                 const int64_t c1 = a->qpos[r] - key0 + 1 < KEY_PANEL ? a->qpos[r] - key0 + 1 : KEY_PANEL;
@@ -174,7 +174,7 @@ static void score_block_amx(Job *a, int64_t kh, int64_t q0, int64_t nb, int64_t 
         }
     }
     for (int64_t u = 0; u < units; ++u) {
-        const int64_t r = q0 + u / g;
+        const int64_t r = u / g;
         softmax_numerators(score_row(a, a->out, r, kh * g + u % g),
                            a->qpos[r] - first_visible(a->qpos[r], a->window) + 1, row_length(a, r));
     }
@@ -197,14 +197,13 @@ static void add_high_bits(int64_t *extra, int32_t n, const int8_t *row, int64_t 
     for (int64_t i = 0; i < d; ++i) extra[i] += (int64_t)(n >> 24) * row[i];
 }
 
-/* Block [q0, q0 + nb) of KV head kh: each query head's probability grid as three digit rows over the span's keys
- * (x: [3][upad][lk] bytes), times the packed values, into the output. */
-static void value_block_amx(Job *a, int64_t kh, int64_t q0, int64_t nb, int64_t k0, int64_t lk,
-                            const int8_t *const *rows, const int8_t *values, const float *vs, uint8_t *x, int32_t *n,
-                            int64_t (*extra)[MAX_D]) {
-    const int64_t d = a->d, g = a->h / a->hkv, units = nb * g, upad = (units + UNITS - 1) / UNITS * UNITS;
+/* A block's queries (block_job) and KV head kh: each query head's probability grid as three digit rows over the
+ * span's keys (x: [3][upad][lk] bytes), times the packed values, into the output. */
+void pdserve_amx_values(Job *a, int64_t kh, int64_t k0, int64_t lk, const int8_t *const *rows, const int8_t *values,
+                        const float *vs, uint8_t *x, int32_t *n, int64_t (*extra)[MAX_D]) {
+    const int64_t d = a->d, g = a->h / a->hkv, units = a->n * g, upad = (units + UNITS - 1) / UNITS * UNITS;
     int64_t lo, hi;
-    block_keys(a, q0, nb, &lo, &hi);
+    block_keys(a, 0, a->n, &lo, &hi);
     const int64_t c0 = (lo - k0) / KEY_CHUNK, c1 = (hi - k0) / KEY_CHUNK + 1;  /* the block's key chunks */
     float unit[QUERY_BLOCK * MAX_GROUP];
     double z[QUERY_BLOCK * MAX_GROUP];
@@ -212,7 +211,7 @@ static void value_block_amx(Job *a, int64_t kh, int64_t q0, int64_t nb, int64_t 
         for (int dg = 0; dg < 3; ++dg)
             memset(x + (dg * upad + u) * lk + c0 * KEY_CHUNK, 0, (size_t)((c1 - c0) * KEY_CHUNK));
     for (int64_t u = 0; u < units; ++u) {
-        const int64_t r = q0 + u / g, first = first_visible(a->qpos[r], a->window), count = a->qpos[r] - first + 1;
+        const int64_t r = u / g, first = first_visible(a->qpos[r], a->window), count = a->qpos[r] - first + 1;
         const float *e = score_row(a, a->in, r, kh * g + u % g);
         unit[u] = probability_grid(a, e, vs + (first - k0), count, n, &z[u]);
         memset(extra[u], 0, sizeof(int64_t) * (size_t)d);
@@ -247,7 +246,7 @@ static void value_block_amx(Job *a, int64_t kh, int64_t q0, int64_t nb, int64_t 
             }
             for (int dg = 0; dg < 3; ++dg) store_digit(dg, sums);
             for (int64_t i = 0; i < UNITS && u0 + i < units; ++i) {
-                const int64_t u = u0 + i, r = q0 + u / g;
+                const int64_t u = u0 + i, r = u / g;
                 float *o = a->out + (r * a->h + kh * g + u % g) * d + c * KEY_PANEL;
                 const double f = (double)unit[u] * 268435456.0;
                 for (int m = 0; m < 16; ++m) {
@@ -269,15 +268,6 @@ void pdserve_amx_pack(const int8_t *const *krows, const int8_t *const *vrows, in
     pack_values_amx(vrows, span, d, lk, values);
 }
 
-void pdserve_amx_scores(Job *a, int64_t kh, int64_t k0, const int8_t *keys, const float *ks, uint8_t *x, float *qsc) {
-    score_block_amx(a, kh, 0, a->n, k0, keys, ks, query_digits(a->levels), x, qsc);
-}
-
-void pdserve_amx_values(Job *a, int64_t kh, int64_t k0, int64_t lk, const int8_t *const *rows, const int8_t *values,
-                        const float *vs, uint8_t *x, int32_t *n, int64_t (*extra)[MAX_D]) {
-    value_block_amx(a, kh, 0, a->n, k0, lk, rows, values, vs, x, n, extra);
-}
-
 #else  /* built without AMX: pdserve_amx_ready says so, and the rest is never called */
 int pdserve_amx_ready(void) { return 0; }
 void pdserve_amx_begin(int64_t d) { (void)d; }
@@ -287,12 +277,10 @@ void pdserve_amx_pack(const int8_t *const *krows, const int8_t *const *vrows, in
     (void)krows, (void)vrows, (void)span, (void)d, (void)lk, (void)keys, (void)values;
 }
 void pdserve_amx_scores(Job *a, int64_t kh, int64_t k0, const int8_t *keys, const float *ks, uint8_t *x, float *qsc) {
-    (void)kh, (void)k0, (void)keys, (void)ks, (void)x, (void)qsc;
-    a->status = -1;
+    (void)a, (void)kh, (void)k0, (void)keys, (void)ks, (void)x, (void)qsc;
 }
 void pdserve_amx_values(Job *a, int64_t kh, int64_t k0, int64_t lk, const int8_t *const *rows, const int8_t *values,
                         const float *vs, uint8_t *x, int32_t *n, int64_t (*extra)[MAX_D]) {
-    (void)kh, (void)k0, (void)lk, (void)rows, (void)values, (void)vs, (void)x, (void)n, (void)extra;
-    a->status = -1;
+    (void)a, (void)kh, (void)k0, (void)lk, (void)rows, (void)values, (void)vs, (void)x, (void)n, (void)extra;
 }
 #endif

@@ -55,14 +55,15 @@ static void scale_scores(const int32_t *hi, const int32_t *lo, int shift, float 
 #endif
 }
 
-/* Block [q0, q0 + nb) of KV head kh against the packed keys from position k0: every query head's score row. */
-static void score_block(Job *a, int64_t kh, int64_t q0, int64_t nb, int64_t k0, const int8_t *keys, const float *ks,
+/* A block's queries (a job of their own: block_job) against KV head kh's packed keys from position k0: every query
+ * head's score row. */
+static void score_block(Job *a, int64_t kh, int64_t k0, const int8_t *keys, const float *ks,
                         int16_t *x, float *qsc) {
-    const int64_t d = a->d, g = a->h / a->hkv, units = nb * g;
+    const int64_t d = a->d, g = a->h / a->hkv, units = a->n * g;
     const int shift = query_shift(a->levels);
     int64_t lo = INT64_MAX, hi = -1;
-    for (int64_t u = 0; u < units; ++u) {  /* unit u: query q0 + u / g, head kh * g + u % g; rows 2u (hi), 2u + 1 */
-        const int64_t r = q0 + u / g, hh = kh * g + u % g;
+    for (int64_t u = 0; u < units; ++u) {  /* unit u: query u / g, head kh * g + u % g; rows 2u (hi), 2u + 1 */
+        const int64_t r = u / g, hh = kh * g + u % g;
         qsc[u] = query_halves(a, a->q + (r * a->h + hh) * d, shift, x + 2 * u * d, x + (2 * u + 1) * d);
         const int64_t first = first_visible(a->qpos[r], a->window);
         float *row = score_row(a, a->out, r, hh);
@@ -78,7 +79,7 @@ static void score_block(Job *a, int64_t kh, int64_t q0, int64_t nb, int64_t k0, 
             const int R = (int)(2 * units - r0 < TILE_ROWS ? 2 * units - r0 : TILE_ROWS);
             tile_i32(x + r0 * d, d, keys + t * TILE_COLS * d, d / 2, R, tile);
             for (int i = 0; i < R; i += 2) {
-                const int64_t u = (r0 + i) / 2, r = q0 + u / g;
+                const int64_t u = (r0 + i) / 2, r = u / g;
                 const int64_t first = first_visible(a->qpos[r], a->window);
                 const int64_t c0 = first > key0 ? first - key0 : 0;
                 const int64_t c1 = a->qpos[r] - key0 + 1 < TILE_COLS ? a->qpos[r] - key0 + 1 : TILE_COLS;
@@ -94,24 +95,24 @@ static void score_block(Job *a, int64_t kh, int64_t q0, int64_t nb, int64_t k0, 
         }
     }
     for (int64_t u = 0; u < units; ++u) {
-        const int64_t r = q0 + u / g;
+        const int64_t r = u / g;
         softmax_numerators(score_row(a, a->out, r, kh * g + u % g), a->qpos[r] - first_visible(a->qpos[r], a->window) + 1,
                   row_length(a, r));
     }
 }
 
-/* Block [q0, q0 + nb) of KV head kh: each query head's probability grid as 12-bit halves over the span's keys
- * (rows 2u and 2u + 1 of x, `lp` int16 each), times the packed values, into the output. */
-static void value_block(Job *a, int64_t kh, int64_t q0, int64_t nb, int64_t k0, int64_t lp, const int8_t *values,
+/* A block's queries (block_job) and KV head kh: each query head's probability grid as 12-bit halves over the span's
+ * keys (rows 2u and 2u + 1 of x, `lp` int16 each), times the packed values, into the output. */
+static void value_block(Job *a, int64_t kh, int64_t k0, int64_t lp, const int8_t *values,
                         const float *vs, int16_t *x, int32_t *n, int64_t (*acc)[MAX_D]) {
-    const int64_t d = a->d, g = a->h / a->hkv, units = nb * g, pairs = lp / 2;
+    const int64_t d = a->d, g = a->h / a->hkv, units = a->n * g, pairs = lp / 2;
     int64_t lo, hi;
-    block_keys(a, q0, nb, &lo, &hi);
+    block_keys(a, 0, a->n, &lo, &hi);
     const int64_t p0 = (lo - k0) / 2, p1 = (hi - k0) / 2 + 1;  /* the block's key pairs */
     float unit[QUERY_BLOCK * MAX_GROUP];
     double z[QUERY_BLOCK * MAX_GROUP];
     for (int64_t u = 0; u < units; ++u) {
-        const int64_t r = q0 + u / g, first = first_visible(a->qpos[r], a->window), count = a->qpos[r] - first + 1;
+        const int64_t r = u / g, first = first_visible(a->qpos[r], a->window), count = a->qpos[r] - first + 1;
         const float *e = score_row(a, a->in, r, kh * g + u % g);
         unit[u] = probability_grid(a, e, vs + (first - k0), count, n, &z[u]);
         int16_t *wh = x + 2 * u * lp, *wl = wh + lp;
@@ -136,7 +137,7 @@ static void value_block(Job *a, int64_t kh, int64_t q0, int64_t nb, int64_t k0, 
         }
     }
     for (int64_t u = 0; u < units; ++u) {
-        const int64_t r = q0 + u / g;
+        const int64_t r = u / g;
         float *o = a->out + (r * a->h + kh * g + u % g) * d;
         const double f = (double)unit[u] * 268435456.0;
         for (int64_t i = 0; i < d; ++i) o[i] = (float)((double)(acc[2 * u][i] * 4096 + acc[2 * u + 1][i]) * f / z[u]);
@@ -186,7 +187,8 @@ void pdserve_prefill_blocks(Job *a) {
     const int64_t d = a->d, g = a->h / a->hkv;
     int64_t k0, k1;
     if ((a->status = blocks_span(a, &k0, &k1)) || k1 < 0) return;
-    const int64_t span = k1 - k0 + 1, lk = (span + 63) / 64 * 64, lp = span + (span & 1), pad = lk - span + TILE_COLS;
+    const int64_t span = k1 - k0 + 1, lp = span + (span & 1);
+    const int64_t lk = (span + 63) / 64 * 64, pad = lk - span + TILE_COLS;  /* the span in AMX's 64-key chunks */
     const int64_t upad = (QUERY_BLOCK * g + 15) / 16 * 16;  /* a block's (query, head) rows in whole AMX tiles */
     int8_t *keys = malloc((size_t)(lk * d)), *values = malloc((size_t)(lk * d));
     int16_t *xq = malloc(sizeof(int16_t) * (size_t)(2 * upad * d));
@@ -218,11 +220,11 @@ void pdserve_prefill_blocks(Job *a) {
         for (int64_t b = a->begin; b * QUERY_BLOCK < a->n; b += a->stride) {
             Job blk = block_job(a, b, offsets, scores);
             if (amx) pdserve_amx_scores(&blk, kh, k0, keys, ks, (uint8_t *)xq, qsc);
-            else score_block(&blk, kh, 0, blk.n, k0, keys, ks, xq, qsc);
+            else score_block(&blk, kh, k0, keys, ks, xq, qsc);
             blk.in = scores;
             blk.out = a->out + b * QUERY_BLOCK * a->h * d;
             if (amx) pdserve_amx_values(&blk, kh, k0, lk, vrows, values, vs, (uint8_t *)xw, n, acc);
-            else value_block(&blk, kh, 0, blk.n, k0, lp, values, vs, xw, n, acc);
+            else value_block(&blk, kh, k0, lp, values, vs, xw, n, acc);
         }
     }
     if (tiles_held) pdserve_amx_end();
