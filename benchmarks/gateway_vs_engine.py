@@ -2,7 +2,7 @@
 the single-process engine, the same requests, in one run (issue 15: the cluster adds little).
 
     python -m benchmarks.gateway_vs_engine [--model smollm2-135m] [--num-prompts 100]
-        [--max-concurrency 32] [--input-len 128] [--max-tokens 32] [--runs 3] [--json OUT]
+        [--max-concurrency 32] [--input-len 128] [--max-tokens 32] [--runs 3] [--json OUT] [--cpu-split]
 
 Starts one `pdserve up` (127.0.0.1, free port; prefill worker, store, decode worker on a local Ray
 cluster) and, alternately, `pdserve bench` through its gateway and the engine of this process on
@@ -10,7 +10,8 @@ the same prompts (``pdserve.bench.poisson_jobs``, same seed; all at once, at mos
 ``--max-concurrency`` in flight / held by the engine at a time). EOS is ignored by neither: both
 are greedy on random in-vocabulary tokens, so an early stop is possible on both sides alike;
 generated tokens are counted, not assumed. Prints medians of ``--runs`` and the ratio of output
-token throughput, cluster / engine. The engine alone has every core; the cluster splits them
+token throughput, cluster / engine. ``--cpu-split``: where the cluster's CPU time went during its runs,
+per process kind (``benchmarks.cpu_split``). The engine alone has every core; the cluster splits them
 among its workers, which is what a user of one machine gets.
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import machine
+from benchmarks.cpu_split import CpuSplit
 from benchmarks.http_vs_grpc import bench, pdserve
 
 
@@ -52,9 +54,11 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--cpu-split", action="store_true", help="CPU seconds per process kind in the cluster runs")
     a = ap.parse_args()
     from model.loader import load
     from pdserve.bench import poisson_jobs
+    from pdserve.server import ServerState
 
     loaded = load(a.model)
     jobs = poisson_jobs(a.num_prompts, float("inf"), a.input_len, a.max_tokens, loaded.model.config.vocab_size, a.seed)
@@ -66,11 +70,16 @@ def main() -> None:
         up = pdserve("up", "--model", a.model, "--port", "0", "--state-file", str(state))
         if up.returncode != 0:
             raise SystemExit(up.stdout + up.stderr)
+        split, cluster_wall = CpuSplit(ServerState.load(state).pid), 0.0
         try:
             bench(state, "grpc", ["--num-prompts", "4", "--max-concurrency", "4", "--input-len", str(a.input_len),
                                   "--max-tokens", "4"])  # warm-up, not counted
             for _ in range(a.runs):
+                t0 = time.perf_counter()
+                split.start()
                 results["cluster"].append(bench(state, "grpc", bench_args))
+                split.stop()
+                cluster_wall += time.perf_counter() - t0
                 results["engine"].append(engine_run(loaded.model, [j.prompt for j in jobs], a.max_tokens,
                                                     a.max_concurrency))
         finally:
@@ -86,6 +95,9 @@ def main() -> None:
         tpot = statistics.median(r["TPOT p50"] for r in results["cluster"])
         print(f"cluster TPOT p50 {tpot:.0f} ms, failed requests {max(r['failed'] for r in results['cluster']):.0f}")
     print(f"cluster / engine (output tok/s; issue 15's goal >= 0.8): {med['cluster']['tok/s'] / med['engine']['tok/s']:.2f}")
+    if a.cpu_split:
+        print(f"CPU time of the cluster runs ({cluster_wall:.1f} s of wall time in all):")
+        print(split.table(cluster_wall))
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=1))
 
