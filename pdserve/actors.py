@@ -88,7 +88,7 @@ class _RayWorker:
 
 
 class PrefillActor(_RayWorker, PrefillWorker):
-    """A prefill worker in its own Ray process."""
+    """A prefill worker in its own Ray process (threaded: concurrent calls are prefilled together)."""
 
 
 class DecodeActor(_RayWorker, DecodeWorker):

@@ -141,8 +141,8 @@ class LocalCluster(RequestFlow, NodeParts):
             args = (model, quant, self._store_of(name), self.fingerprint, engine_config, device)
             where = {} if node is None else pinned(self.node_ids[node])
             if role == "prefill":
-                self.prefill[name] = spawn(PrefillActor, name, args, opts, num_cpus=cpus,
-                                           num_gpus=prefill_num_gpus, **where)
+                self.prefill[name] = spawn(PrefillActor, name, args, opts, num_cpus=cpus, num_gpus=prefill_num_gpus,
+                                           max_concurrency=64, **where)  # concurrent calls batch together
             else:
                 self.decode[name] = spawn(DecodeActor, name, args, opts, num_cpus=cpus, num_gpus=decode_num_gpus,
                                           max_concurrency=256, **where)
