@@ -33,7 +33,8 @@ import torch
 SOURCES = [Path(__file__).with_name(name) for name in ("cpu_fused.c", "cpu_attention.c", "cpu_attention_prefill.c",
                                                                "cpu_attention_amx.c", "cpu_int8_gemm.c")]
 # Included by the sources: part of the build's name, not compiled alone.
-HEADERS = [Path(__file__).with_name(name) for name in ("cpu_tile.h", "cpu_attention.h", "cpu_threads.h")]
+HEADERS = [Path(__file__).with_name(name) for name in ("cpu_tile.h", "cpu_attention.h", "cpu_attention_sums.h",
+                                                               "cpu_threads.h")]
 FLAGS = ["-O3", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", "-fno-fast-math", "-std=c99"]
 OPENMP = ["-fopenmp"]
 
