@@ -101,7 +101,21 @@ static void scores8(const int16_t *hi, const int16_t *lo, const int8_t *const *r
  * multiply-add weighs two keys' values: wh[p] = nh[2p] | nh[2p+1] << 16, likewise wl (an odd tail
  * pairs with a key of weight 0). */
 static void pack_weights(const int32_t *n, int64_t count, int32_t *wh, int32_t *wl) {
-    for (int64_t j = 0; j < count; j += 2) {
+    int64_t j = 0;
+#ifdef VNNI512
+    /* eight pairs at once: each 64-bit lane holds a pair (n0 low, n1 high); the halves are below 2**16, so
+     * lo | hi >> 16 of the 64-bit lane is the packed int32 (its upper half zero), narrowed by vpmovqd */
+    const __m512i low = _mm512_set1_epi64(0xffffffff);
+    for (; j + 16 <= count; j += 16) {
+        const __m512i x = _mm512_loadu_si512(n + j);
+        const __m512i h = _mm512_srli_epi32(x, 12), l = _mm512_and_si512(x, _mm512_set1_epi32(4095));
+        _mm256_storeu_si256((__m256i *)(wh + j / 2),
+                            _mm512_cvtepi64_epi32(_mm512_or_si512(_mm512_and_si512(h, low), _mm512_srli_epi64(h, 16))));
+        _mm256_storeu_si256((__m256i *)(wl + j / 2),
+                            _mm512_cvtepi64_epi32(_mm512_or_si512(_mm512_and_si512(l, low), _mm512_srli_epi64(l, 16))));
+    }
+#endif
+    for (; j < count; j += 2) {
         const int32_t n0 = n[j], n1 = j + 1 < count ? n[j + 1] : 0;
         wh[j / 2] = (int32_t)(((uint32_t)(n1 >> 12) << 16) | (uint32_t)(n0 >> 12));
         wl[j / 2] = (int32_t)(((uint32_t)(n1 & 4095) << 16) | (uint32_t)(n0 & 4095));
