@@ -66,8 +66,9 @@ class PrefillWorker(KVLoading):
     store and, once computed, publishes its KV on its own thread; in between, whichever waiting call finds
     nobody stepping the engine steps it for everyone queued (up to ``max_batched_tokens`` of prompt per
     step), and hands that role on once its own request is computed. A call returns as soon as its own
-    request is computed and published, not when the batch is. The engine's int8 path is batch-invariant,
-    so a prompt's first token and KV are the same bits batched or alone."""
+    request is computed and published, not when the batch is. A call whose stored prefix finds no free blocks
+    waits until the requests ahead free theirs (alone it would have fitted). The engine's int8 path is
+    batch-invariant, so a prompt's first token and KV are the same bits batched or alone."""
 
     def __init__(self, name: str, model: Transformer, store, fingerprint: int,
                  engine_config: EngineConfig = EngineConfig(), tokenizer=None, lease_ttl_s: float = 60.0,
@@ -142,9 +143,12 @@ class PrefillWorker(KVLoading):
         between the engine's calls: the step itself runs with it released, so calls can queue meanwhile."""
         admit, self._queue = self._queue, []
         self._turn.release()
+        waiting: list[_Job] = []
         try:
-            for job in admit:
-                self._admit(job)
+            for i, job in enumerate(admit):
+                if not self._admit(job):  # no room for its prefix yet: it and those after it wait their turn
+                    waiting = admit[i:]
+                    break
             try:
                 outs = self.engine.step() if self.engine.has_work() else []
             except Exception as e:  # noqa: BLE001 - the batch fails; the engine stays clean for the next
@@ -158,19 +162,27 @@ class PrefillWorker(KVLoading):
                     self._finish(job, out)
         finally:
             self._turn.acquire()
+            self._queue = waiting + self._queue
         self._turn.notify_all()
 
-    def _admit(self, job: _Job) -> None:
+    def _admit(self, job: _Job) -> bool:
+        """The job into the engine, or settled with its error; False (nothing done) when its prefix finds no free
+        blocks while other requests hold them: it is admitted once they are done and their blocks freed."""
         prefix = None
         try:
             prefix = self.engine.import_kv(job.data) if job.data is not None else None
             self.engine.add_request(job.prompt, job.params, request_id=job.request_id, prefix=prefix, hold_kv=True)
             self._in_engine[job.request_id] = job
-        except Exception as e:  # noqa: BLE001 - this request's error (a bad prompt, a full pool), its caller's
+        except MemoryError as e:
+            if self._in_engine:
+                return False
+            self._settle(job, error=e)
+        except Exception as e:  # noqa: BLE001 - this request's error (a bad prompt), its caller's
             self._settle(job, error=e)
         finally:
             if prefix is not None:
                 self.engine.release_prefix(prefix)
+        return True
 
     def _finish(self, job: _Job, out: RequestOutput) -> None:
         """The computed request's KV out of the engine (its caller publishes it), its blocks freed."""

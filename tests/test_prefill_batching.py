@@ -120,3 +120,21 @@ def test_a_bad_request_fails_alone_and_a_failing_step_fails_its_batch(model):
     after = worker.prefill("after", list(range(11, 40)), PARAMS)  # the worker goes on
     assert after.first_token == new_worker(model).prefill("after", list(range(11, 40)), PARAMS).first_token
     assert_clean(worker)
+
+
+def test_prefixes_that_do_not_fit_together_wait_for_room(model):
+    """Each call imports its stored prefix when admitted; a pool with room for one at a time makes the others wait
+    for the blocks the first frees, instead of failing them (one at a time, each would have fitted)."""
+    store = KVStore(BlockSpec.of(CFG), fingerprint_of(model), KVLayout.of(CFG))
+    tiny = EngineConfig(num_blocks=10, max_seqs=8, max_batched_tokens=512)
+    worker = PrefillWorker("p", model, store, fingerprint_of(model), tiny)
+    shared = [(5 * j + 3) % CFG.vocab_size for j in range(96)]  # six blocks of the global group
+    worker.prefill("first", shared, PARAMS)
+    calls = [(f"s{i}", shared + [100 + i]) for i in range(3)]
+    got = concurrently(worker, calls)
+    for rid, prompt in calls:
+        h = got[rid]
+        assert not isinstance(h, Exception), f"{rid}: {h!r}"
+        assert h.cached_tokens == len(shared)
+        assert h.first_token == new_worker(model).prefill(rid, prompt, PARAMS).first_token
+    assert_clean(worker)
