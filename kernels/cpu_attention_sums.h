@@ -213,24 +213,21 @@ static inline __attribute__((always_inline)) void weighted_sums_512(
 static void weighted_sums(const int32_t *wh, const int32_t *wl, int64_t wstride, int G, const int8_t *const *rows,
                           int64_t count, int64_t d, int64_t (*acc)[MAX_D]) {
     for (int g = 0; g < G; ++g) memset(acc[g], 0, sizeof(int64_t) * d);
+/* G a constant at each call, so the accumulators stay in registers */
+#define BY_GROUPS(fn) do { \
+        if (G == 1) fn(wh, wl, wstride, 1, rows, count, d, acc); \
+        else if (G == 2) fn(wh, wl, wstride, 2, rows, count, d, acc); \
+        else if (G == 3) fn(wh, wl, wstride, 3, rows, count, d, acc); \
+        else fn(wh, wl, wstride, 4, rows, count, d, acc); \
+        return; \
+    } while (0)
 #ifdef VNNI512
-    if (d % 32 == 0) {
-        if (G == 1) weighted_sums_512(wh, wl, wstride, 1, rows, count, d, acc);
-        else if (G == 2) weighted_sums_512(wh, wl, wstride, 2, rows, count, d, acc);
-        else if (G == 3) weighted_sums_512(wh, wl, wstride, 3, rows, count, d, acc);
-        else weighted_sums_512(wh, wl, wstride, 4, rows, count, d, acc);
-        return;
-    }
+    if (d % 32 == 0) BY_GROUPS(weighted_sums_512);
 #endif
 #ifdef __AVX2__
-    if (d % 16 == 0) {  /* G known at each call, so the accumulators stay in registers */
-        if (G == 1) weighted_sums_avx2(wh, wl, wstride, 1, rows, count, d, acc);
-        else if (G == 2) weighted_sums_avx2(wh, wl, wstride, 2, rows, count, d, acc);
-        else if (G == 3) weighted_sums_avx2(wh, wl, wstride, 3, rows, count, d, acc);
-        else weighted_sums_avx2(wh, wl, wstride, 4, rows, count, d, acc);
-        return;
-    }
+    if (d % 16 == 0) BY_GROUPS(weighted_sums_avx2);
 #endif
+#undef BY_GROUPS
     for (int g = 0; g < G; ++g) {
         for (int64_t j = 0; j < count; ++j) {
             const uint32_t h = (uint32_t)wh[g * wstride + j / 2], l = (uint32_t)wl[g * wstride + j / 2];
