@@ -124,10 +124,9 @@ class PrefillWorker(KVLoading):
         with self._turn:
             self._queue.append(job)
             self.queued_tokens += len(job.prompt)
-            while not job.settled:
-                if self._stepping:
-                    self._turn.wait()
-                    continue
+            while not job.settled and self._stepping:
+                self._turn.wait()
+            if not job.settled:  # nobody steps: this call does, until its own job is computed
                 self._stepping = True
                 try:
                     while not job.settled:
