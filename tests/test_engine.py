@@ -115,6 +115,64 @@ def test_preemption_under_a_tiny_pool_completes_everything(tiny):
     assert small.pool.free_counts() == small.pool.capacity
 
 
+def test_a_waiting_sequence_holding_imported_kv_never_stalls_the_queue(tiny):
+    """A runs; B's imported KV takes every free block while B waits; A's next token preempts A, whose
+    recompute cannot fit while B holds those blocks, and nothing runs. B must go first (or give its
+    blocks up): the engine must not step forever with nothing to do."""
+    b_prompt, a_prompt = prompts(1, seed=9, lo=222, hi=223)[0], prompts(1, seed=10, lo=160, hi=161)[0]
+    src = engine(tiny, max_batched_tokens=512)
+    rid = src.add_request(b_prompt, SamplingParams(max_tokens=1), hold_kv=True)
+    b_prompt = b_prompt + [t for o in src.stream() for t in o.token_ids]
+    data = src.export_kv(rid)  # 222 tokens: 14 blocks of 16 in the global group
+    e = engine(tiny, num_blocks=24, max_batched_tokens=512)
+    params = SamplingParams(max_tokens=8)
+    e.add_request(a_prompt, params, request_id="a")
+    got = {"a": [t for o in e.step() for t in o.token_ids]}  # A's prompt: 10 blocks, the next token needs an 11th
+    prefix = e.import_kv(data)
+    assert min(e.pool.free_counts()) == 0
+    e.add_request(b_prompt, params, request_id="b", prefix=prefix)
+    e.release_prefix(prefix)
+    got["b"] = []
+    for _ in range(50):
+        for o in e.step():
+            got[o.request_id] += o.token_ids
+        if not e.has_work():
+            break
+    assert not e.has_work() and e.scheduler.preemptions >= 1
+    for rid, prompt in (("a", a_prompt), ("b", b_prompt)):
+        assert len(got[rid]) == 8
+        assert_same_greedy(tiny, prompt, reference(tiny, prompt, 8), got[rid])
+    assert e.pool.free_counts() == e.pool.capacity
+
+
+def test_waiting_sequences_that_block_each_other_give_up_imported_kv(tiny):
+    """B and C each hold 10 imported blocks of 24 and each needs 5 more for the rest of its prompt: 4
+    are free and nothing runs. One of them must give its blocks up (and be recomputed)."""
+    src = engine(tiny, max_batched_tokens=512)
+    params, imported = SamplingParams(max_tokens=4), {}
+    for rid, seed in (("b", 11), ("c", 12)):
+        prompt = prompts(1, seed=seed, lo=230, hi=231)[0]
+        src.add_request(prompt[:160], SamplingParams(max_tokens=1), request_id=rid, hold_kv=True)
+        list(src.stream())
+        imported[rid] = (prompt, src.export_kv(rid))  # 160 tokens: 10 blocks of the global group
+        src.release(rid)
+    e = engine(tiny, num_blocks=24, max_batched_tokens=512)
+    for rid, (prompt, data) in imported.items():
+        prefix = e.import_kv(data)
+        e.add_request(prompt, params, request_id=rid, prefix=prefix)
+        e.release_prefix(prefix)
+    got = {rid: [] for rid in imported}
+    for _ in range(50):
+        for o in e.step():
+            got[o.request_id] += o.token_ids
+        if not e.has_work():
+            break
+    assert not e.has_work() and e.scheduler.preemptions == 1
+    for rid, (prompt, _) in imported.items():
+        assert_same_greedy(tiny, prompt, reference(tiny, prompt, 4), got[rid])
+    assert e.pool.free_counts() == e.pool.capacity
+
+
 def test_request_that_can_never_fit_is_refused(tiny):
     e = engine(tiny, num_blocks=4)
     with pytest.raises(ValueError, match="can never fit the KV pool"):

@@ -3,7 +3,9 @@
 Each step fills a token budget: running sequences first (one token each when decoding, or
 their next prefill chunk), then waiting ones in arrival order. Blocks are taken per KV
 group before a sequence is scheduled; when the pool runs dry, the most recently admitted
-running sequence is preempted (its blocks freed, recomputed later) rather than failing.
+running sequence is preempted (its blocks freed, recomputed later) rather than failing. Waiting
+sequences can hold blocks too (KV given as a prefix): when nothing runs and the first waiting one
+cannot start, one of those goes first or gives its blocks up, so the queue never stalls.
 """
 from __future__ import annotations
 
@@ -65,7 +67,9 @@ class Scheduler:
             seq = self.waiting[0]
             n = min(seq.pending, budget)
             if not self._reserve(seq, n):
-                break
+                if self.running or not self._unstick(budget):
+                    break
+                continue
             self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)
@@ -75,13 +79,31 @@ class Scheduler:
 
     def preempt(self, seq: Sequence) -> None:
         """Free everything ``seq`` holds; it goes back to the front of the queue and is recomputed."""
-        self.release_blocks(seq)
-        seq.computed = 0
-        seq.cached = 0
+        self._start_over(seq)
         seq.status = Status.WAITING
         self.running.remove(seq)
         self.waiting.appendleft(seq)
+
+    def _start_over(self, seq: Sequence) -> None:
+        self.release_blocks(seq)
+        seq.computed = 0
+        seq.cached = 0
         self.preemptions += 1
+
+    def _unstick(self, budget: int) -> bool:
+        """Nothing runs and the first waiting sequence cannot get its blocks: those it lacks are held by
+        waiting sequences behind it (KV they were given as a prefix), and nothing would ever free them.
+        The first of those that can take its next chunk goes to the front; failing that, the last one
+        gives its blocks up (it is recomputed). False if no waiting sequence behind the first holds any."""
+        holders = [s for s in list(self.waiting)[1:] if any(b >= 0 for t in s.tables for b in t)]
+        for seq in holders:
+            if self._reserve(seq, min(seq.pending, budget)):
+                self.waiting.remove(seq)
+                self.waiting.appendleft(seq)
+                return True
+        if holders:
+            self._start_over(holders[-1])
+        return bool(holders)
 
     def release_blocks(self, seq: Sequence) -> None:
         for g, table in enumerate(seq.tables):
