@@ -1,6 +1,9 @@
 """The decode worker: pulls leased blocks from the store, acknowledges the lease, joins the
 request to its continuous batch, streams tokens, and publishes the conversation's KV at the end.
 
+A handoff whose KV finds no room in the pool waits in this worker (``pending``, oldest first) until
+requests finish and free their blocks; only a request larger than the whole pool is refused.
+
 One engine loop runs on a background thread; requests arrive and streams are read on other
 threads (a threaded Ray actor), all engine access under one lock.
 
@@ -13,11 +16,13 @@ resume elsewhere from the store instead of recomputing everything.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import queue
 import threading
 import time
 
+from decode.fair_lock import FairLock
 from kvstore.blocks import BlockSpec
 from kvstore.errors import StoreUnavailable
 from kvstore.faults import Fault, Faults, InjectedFault
@@ -28,19 +33,29 @@ from model.transformer import Transformer
 from prefill.worker import KVLoading, call, check_kv_load_failure, device_of
 
 STEP_FAILED = "error: the decode engine failed on this request's batch"
+IMPORT_FAILED = "error: the decode worker could not take in this request's KV"
+
+
+@dataclasses.dataclass
+class _Import:
+    """A handed-off request whose KV waits for room in the pool."""
+    rid: str
+    data: object  # KVExport
+    tokens: list[int]
+    params: SamplingParams
 
 
 class DecodeWorker(KVLoading):
     def __init__(self, name: str, model: Transformer, store, fingerprint: int,
                  engine_config: EngineConfig = EngineConfig(), tokenizer=None, publish: bool = True,
-                 store_timeout_s: float = 10.0, kv_load_failure: str = "recompute"):
+                 store_timeout_s: float = 10.0, kv_load_failure: str = "recompute", keepalive_s: float = 2.0):
         self.name = name
         self.engine = Engine(model, engine_config, tokenizer)
         self.spec = BlockSpec.of(model.config)
         self.store = store
         self.fingerprint = fingerprint
         self.publish = publish  # put each finished conversation's KV in the store (next turn hits)
-        self.lock = threading.RLock()
+        self.lock = FairLock()  # (a plain lock starves every thread but the engine loop's)
         self.streams: dict[str, queue.Queue] = {}
         self.prompts: dict[str, list[int]] = {}
         self.step_times: list[float] = []
@@ -49,7 +64,10 @@ class DecodeWorker(KVLoading):
         self.kv_load_failure = check_kv_load_failure(kv_load_failure)
         self.faults = Faults()
         self.published: dict[str, int] = {}  # running request -> tokens of its KV already in the store
+        self.pending: collections.deque[_Import] = collections.deque()  # handoffs waiting for free blocks
         self.kv_load_failures = self.recomputed_tokens = self.publish_failures = self.step_failures = 0
+        self.keepalive_s = keepalive_s
+        self.loop_ticks = 0  # engine loop iterations: a waiting stream's keep-alive says the loop moves
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"{name}-engine", daemon=True)
         self._thread.start()
@@ -76,7 +94,6 @@ class DecodeWorker(KVLoading):
                                     prompt_tokens=len(handoff.prompt), cached_tokens=handoff.cached_tokens,
                                     completion_tokens=len(tokens)))
             return {"recomputed_tokens": 0}
-        prefix, recomputed = None, 0
         try:
             data, recomputed = self._fetch(handoff, source)
             tokens = handoff.prompt + [handoff.first_token]
@@ -88,23 +105,50 @@ class DecodeWorker(KVLoading):
             if rest is None:
                 return {"recomputed_tokens": recomputed}
             with self.lock:
-                if data is not None:
-                    prefix = self.engine.import_kv(data)
+                if data is None:
+                    self.engine.add_request(tokens, rest, request_id=rid, hold_kv=self.publish)
+                else:  # the KV waits here until the pool has room for it (requests ahead go first)
+                    self.engine.check_request(tokens, rest)  # (one that never fits the pool is refused)
+                    self.engine.blocks_to_import(data)
+                    self.pending.append(_Import(rid, data, tokens, rest))
                 self.prompts[rid] = tokens
                 if not recomputed:  # what the prefill worker stored already
                     self.published[rid] = handoff.kv_tokens // self.spec.block_size * self.spec.block_size
-                self.engine.add_request(tokens, rest, request_id=rid, prefix=prefix, hold_kv=self.publish)
+                self._admit_pending()
         except Exception:
             with self.lock:  # the caller gets the exception; nobody will stream this request
                 self.streams.pop(rid, None)
                 self.prompts.pop(rid, None)
                 self.published.pop(rid, None)
             raise
-        finally:
-            if prefix is not None:
-                with self.lock:
-                    self.engine.release_prefix(prefix)
         return {"recomputed_tokens": recomputed}
+
+    def _admit_pending(self) -> None:
+        """Import the KV of waiting handoffs, oldest first, while the pool has room for each beside a
+        block per request in the engine (so that admitting one does not preempt those already decoding)."""
+        while self.pending:
+            head = self.pending[0]
+            need = self.engine.blocks_to_import(head.data)
+            busy = self.engine.has_work()
+            headroom = len(self.engine.sequences) if busy else 0
+            if any(n + headroom > self.engine.pool.num_free(g) for g, n in enumerate(need)):
+                if busy:
+                    return  # blocks come free as requests finish
+            self.pending.popleft()
+            prefix = None
+            try:
+                prefix = self.engine.import_kv(head.data)
+                self.engine.add_request(head.tokens, head.params, request_id=head.rid, prefix=prefix,
+                                        hold_kv=self.publish)
+            except Exception as e:  # noqa: BLE001 - this request fails, the others go on
+                self.prompts.pop(head.rid, None)
+                self.published.pop(head.rid, None)
+                q = self.streams.get(head.rid)
+                if q is not None:
+                    q.put(RequestOutput(head.rid, [], finished=True, finish_reason=f"{IMPORT_FAILED}: {e}"))
+            finally:
+                if prefix is not None:
+                    self.engine.release_prefix(prefix)
 
     def _fetch(self, handoff: Handoff, source=None):
         """The handoff's KV and the tokens to recompute for lack of it; the lease is acknowledged
@@ -123,35 +167,49 @@ class DecodeWorker(KVLoading):
         return data, recomputed
 
     def stream(self, request_id: str, timeout_s: float = 600.0):
-        """Yields RequestOutput as tokens are made; the last one is finished."""
-        with self.lock:
-            out_q = self.streams.get(request_id)
+        """Yields RequestOutput as tokens are made; the last one is finished. A request that waits
+        (for room in the pool, or behind a full batch) gets an empty output every ``keepalive_s`` while
+        the engine loop goes on, so that the driver does not take a long queue for a stalled worker; a
+        worker whose loop is stuck stays silent."""
+        out_q = self.streams.get(request_id)  # (no engine lock: one dict read)
         if out_q is None:
             raise KeyError(f"unknown request {request_id!r}")
+        silent_since, ticks = time.monotonic(), self.loop_ticks
         try:
             while True:
-                out = out_q.get(timeout=timeout_s)
+                try:
+                    out = out_q.get(timeout=self.keepalive_s)
+                except queue.Empty:
+                    if time.monotonic() - silent_since > timeout_s:
+                        raise
+                    if self.loop_ticks != ticks:  # queued behind others, and the engine is moving
+                        ticks = self.loop_ticks
+                        yield RequestOutput(request_id, [])  # (a keep-alive: no tokens, not finished)
+                    continue
+                silent_since = time.monotonic()
                 yield out
                 if out.finished:
                     return
         finally:
-            with self.lock:
-                self.streams.pop(request_id, None)
+            self.streams.pop(request_id, None)
 
     def cancel(self, request_id: str) -> bool:
         with self.lock:
             out = self.engine.abort(request_id)
+            waiting = [p for p in self.pending if p.rid == request_id]
+            for p in waiting:
+                self.pending.remove(p)
             self.prompts.pop(request_id, None)
             self.published.pop(request_id, None)
             q = self.streams.get(request_id)
         if q is not None:
             q.put(RequestOutput(request_id, [], finished=True, finish_reason="abort"))
-        return out is not None
+        return out is not None or bool(waiting)
 
     def load(self) -> dict:
         with self.lock:
             s = self.engine.scheduler
-            return {"name": self.name, "running": len(s.running), "waiting": len(s.waiting),
+            return {"name": self.name, "running": len(s.running), "waiting": len(s.waiting) + len(self.pending),
                     "free_blocks": self.engine.pool.free_counts(), "capacity": self.engine.pool.capacity,
                     "mean_step_s": sum(self.step_times[-50:]) / max(1, len(self.step_times[-50:])),
                     "kv_load_failures": self.kv_load_failures, "recomputed_tokens": self.recomputed_tokens,
@@ -169,6 +227,7 @@ class DecodeWorker(KVLoading):
     # -- the engine loop -------------------------------------------------------------------------
     def _loop(self) -> None:
         while not self._stop.is_set():
+            self.loop_ticks += 1
             try:
                 outs = self._step()
             except Exception:  # noqa: BLE001 - one bad batch must not stop the worker
@@ -185,6 +244,7 @@ class DecodeWorker(KVLoading):
 
     def _step(self) -> list[RequestOutput] | None:
         with self.lock:
+            self._admit_pending()
             if not self.engine.has_work():
                 return None
             self.faults.hit("decode.step")

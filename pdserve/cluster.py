@@ -135,21 +135,23 @@ class LocalCluster(RequestFlow, NodeParts):
         cfg = self.model_config
         self._start_stores(self.placed, BlockSpec.of(cfg), self.fingerprint, KVLayout.of(cfg), store_config)
         opts = {"store_timeout_s": self.resilience.store_timeout_s, "kv_load_failure": self.resilience.kv_load_failure}
+        role_opts = {"prefill": opts, "decode": {**opts, "keepalive_s": min(2.0, self.resilience.stall_timeout_s / 4)}}
         for role, name, node, cpus in _worker_plan(self.placed, n_prefill, n_decode):
             if node is not None:
                 self.node_of[name] = node
             args = (model, quant, self._store_of(name), self.fingerprint, engine_config, device)
             where = {} if node is None else pinned(self.node_ids[node])
             if role == "prefill":
-                self.prefill[name] = spawn(PrefillActor, name, args, opts, num_cpus=cpus, num_gpus=prefill_num_gpus,
-                                           max_concurrency=64, **where)  # concurrent calls batch together
+                self.prefill[name] = spawn(PrefillActor, name, args, role_opts["prefill"], num_cpus=cpus,
+                                           num_gpus=prefill_num_gpus, max_concurrency=64, **where)  # calls batch
             else:
-                self.decode[name] = spawn(DecodeActor, name, args, opts, num_cpus=cpus, num_gpus=decode_num_gpus,
-                                          max_concurrency=256, **where)
+                self.decode[name] = spawn(DecodeActor, name, args, role_opts["decode"], num_cpus=cpus,
+                                          num_gpus=decode_num_gpus, max_concurrency=256, **where)
         actors = {**self.prefill, **self.decode}
         try:
             infos = ray.get([a.start.remote(name, model, quant, self._store_of(name), self.fingerprint, engine_config,
-                                            device, **opts) for name, a in actors.items()])
+                                            device, **role_opts["prefill" if name in self.prefill else "decode"])
+                             for name, a in actors.items()])
         except ray.exceptions.RayTaskError as e:
             if isinstance(e.cause, ResourceError):
                 raise e.cause from None  # the worker's own message, without Ray's traceback around it

@@ -13,7 +13,8 @@ When a worker is lost on the way (its process died, Ray is restarting it, or it 
   (Seeded sampling restarts its random stream at a move: valid samples, not the same ones.)
 A new request that finds no live prefill or decode worker waits up to ``admission_wait_s`` for one
 (a worker being restarted) before it is refused. Each request moves at most ``max_migrations`` times; it waits at most ``recovery_timeout_s`` for a
-live worker; a decode worker silent for ``stall_timeout_s`` counts as lost. Every failure ends in a
+live worker; a decode worker silent for ``stall_timeout_s`` counts as lost (a request queued in a
+worker that is still stepping gets keep-alives, so a long queue is not silence). Every failure ends in a
 ``ServeError`` with a short message of ours.
 
 A mixin of ``pdserve.cluster.LocalCluster`` (it reads the cluster's actors, Conductor and supervisor).
@@ -277,7 +278,8 @@ class RequestFlow:
             if out.finish_reason and out.finish_reason.startswith("error"):
                 yield WorkerLost(name)  # its engine failed this batch: try the request elsewhere
                 return
-            yield out
+            if out.finished or out.token_ids or out.text:  # (else a keep-alive: waiting, not stalled)
+                yield out
 
     def _migrate(self, sub: Submitted, lost: WorkerLost, streamed: list[int]) -> None:
         """Prompt + streamed tokens as the new prompt, placed on a live pair (prefill reuses what

@@ -62,6 +62,16 @@ class Engine:
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self.sequences:
             raise ValueError(f"request_id {request_id!r} is already in use")
+        self.check_request(prompt, params)
+        seq = Sequence(request_id, list(prompt), params, [[] for _ in self.mcfg.kv_groups], hold_kv=hold_kv)
+        if prefix is not None:
+            self._adopt_prefix(seq, prefix)
+        self.sequences[request_id] = seq
+        self.scheduler.waiting.append(seq)
+        return request_id
+
+    def check_request(self, prompt: list[int], params: SamplingParams) -> None:
+        """Raise ValueError, naming what is wrong, for a request this engine could never run."""
         if not prompt:
             raise ValueError("prompt is empty: at least one token is needed")
         vocab = self.mcfg.vocab_size
@@ -76,12 +86,6 @@ class Engine:
         why = self.scheduler.fits_ever(total)
         if why:
             raise ValueError(f"request of up to {total} tokens can never fit the KV pool: {why}")
-        seq = Sequence(request_id, list(prompt), params, [[] for _ in self.mcfg.kv_groups], hold_kv=hold_kv)
-        if prefix is not None:
-            self._adopt_prefix(seq, prefix)
-        self.sequences[request_id] = seq
-        self.scheduler.waiting.append(seq)
-        return request_id
 
     def _adopt_prefix(self, seq: Sequence, prefix: Prefix) -> None:
         if len(prefix.tables) != len(self.mcfg.kv_groups):
@@ -252,13 +256,8 @@ class Engine:
 
     def import_kv(self, data: KVExport) -> Prefix:
         """Put exported blocks in this pool; the returned Prefix holds them until ``release_prefix``."""
-        if data.block_size != self.pool.block_size:
-            raise ValueError(f"KV blocks of size {data.block_size} for a pool of block size {self.pool.block_size}")
-        if data.start != 0:
-            raise ValueError("only a prefix (start=0) can be imported as reusable KV")
-        if len(data.groups) != len(self.mcfg.kv_groups):
-            raise ValueError(f"KV export has {len(data.groups)} groups, the model {len(self.mcfg.kv_groups)}")
-        short = [g for g, blocks in enumerate(data.groups) if len(blocks.k) > self.pool.num_free(g)]
+        need = self.blocks_to_import(data)
+        short = [g for g, n in enumerate(need) if n > self.pool.num_free(g)]
         if short:
             raise MemoryError(f"not enough free KV blocks to import into groups {short}")
         tables = []
@@ -271,6 +270,16 @@ class Engine:
             self.release_prefix(Prefix(data.end, tables))
             raise
         return Prefix(data.end, tables)
+
+    def blocks_to_import(self, data: KVExport) -> list[int]:
+        """The blocks per group that ``import_kv(data)`` takes; ValueError if this pool cannot take it."""
+        if data.block_size != self.pool.block_size:
+            raise ValueError(f"KV blocks of size {data.block_size} for a pool of block size {self.pool.block_size}")
+        if data.start != 0:
+            raise ValueError("only a prefix (start=0) can be imported as reusable KV")
+        if len(data.groups) != len(self.mcfg.kv_groups):
+            raise ValueError(f"KV export has {len(data.groups)} groups, the model {len(self.mcfg.kv_groups)}")
+        return [len(blocks.k) for blocks in data.groups]
 
     def share_prefix(self, request_id: str, length: int | None = None) -> Prefix:
         """A Prefix over the first ``length`` computed tokens of a request, sharing its blocks in place."""

@@ -1,0 +1,39 @@
+"""A lock taken in the order it was asked for.
+
+The decode worker's engine loop lets go of the engine lock after each step and takes it again at
+once; with a plain lock the releasing thread nearly always wins that race, so a thread that submits a
+request, cancels one or answers the supervisor's ping waited for tens of steps (measured on skv-tiny,
+4 running requests, ~5 ms steps: a median of 0.02 ms but a 90th percentile of 165 ms and a worst
+case of 678 ms). Taking turns by ticket bounds the wait to the steps already asked for.
+"""
+from __future__ import annotations
+
+import threading
+
+
+class FairLock:
+    """First come, first served; not reentrant."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._next_ticket = 0
+        self._serving = 0
+
+    def acquire(self) -> None:
+        with self._cond:
+            ticket = self._next_ticket
+            self._next_ticket += 1
+            while ticket != self._serving:
+                self._cond.wait()
+
+    def release(self) -> None:
+        with self._cond:
+            self._serving += 1
+            self._cond.notify_all()
+
+    def __enter__(self) -> FairLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
