@@ -12,24 +12,36 @@ import threading
 
 
 class FairLock:
-    """First come, first served; not reentrant."""
+    """First come, first served; reentrant (the thread that holds it may take it again)."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition(threading.Lock())
         self._next_ticket = 0
         self._serving = 0
+        self._owner: int | None = None
+        self._depth = 0
 
     def acquire(self) -> None:
+        me = threading.get_ident()
         with self._cond:
+            if self._owner == me:
+                self._depth += 1
+                return
             ticket = self._next_ticket
             self._next_ticket += 1
             while ticket != self._serving:
                 self._cond.wait()
+            self._owner, self._depth = me, 1
 
     def release(self) -> None:
         with self._cond:
-            self._serving += 1
-            self._cond.notify_all()
+            if self._owner != threading.get_ident():
+                raise RuntimeError("FairLock released by a thread that does not hold it")
+            self._depth -= 1
+            if self._depth == 0:
+                self._owner = None
+                self._serving += 1
+                self._cond.notify_all()
 
     def __enter__(self) -> FairLock:
         self.acquire()

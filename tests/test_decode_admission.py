@@ -145,3 +145,7 @@ def test_the_engine_lock_serves_threads_in_the_order_they_asked():
     for t in askers:
         t.join(timeout=10)
     assert order == ["submit", "ping", "loop"]
+    with lock, lock:  # taken again by the thread that holds it (tests and nested calls do)
+        pass
+    with pytest.raises(RuntimeError, match="does not hold it"):
+        lock.release()
