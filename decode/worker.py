@@ -38,9 +38,9 @@ IMPORT_FAILED = "error: the decode worker could not take in this request's KV"
 
 @dataclasses.dataclass
 class _Import:
-    """A handed-off request whose KV waits for room in the pool."""
+    """A handed-off request waiting to join the engine: for room for its KV, or behind those that do."""
     rid: str
-    data: object  # KVExport
+    data: object  # KVExport, or None when its KV is recomputed here
     tokens: list[int]
     params: SamplingParams
 
@@ -104,13 +104,11 @@ class DecodeWorker(KVLoading):
                                     logprobs=[handoff.logprob] if params.logprobs else None))
             if rest is None:
                 return {"recomputed_tokens": recomputed}
-            with self.lock:
-                if data is None:
-                    self.engine.add_request(tokens, rest, request_id=rid, hold_kv=self.publish)
-                else:  # the KV waits here until the pool has room for it (requests ahead go first)
-                    self.engine.check_request(tokens, rest)  # (one that never fits the pool is refused)
+            with self.lock:  # it waits here until the pool has room for its KV (requests ahead go first)
+                self.engine.check_request(tokens, rest)  # (one that never fits the pool is refused)
+                if data is not None:
                     self.engine.blocks_to_import(data)
-                    self.pending.append(_Import(rid, data, tokens, rest))
+                self.pending.append(_Import(rid, data, tokens, rest))
                 self.prompts[rid] = tokens
                 if not recomputed:  # what the prefill worker stored already
                     self.published[rid] = handoff.kv_tokens // self.spec.block_size * self.spec.block_size
@@ -128,7 +126,7 @@ class DecodeWorker(KVLoading):
         block per request in the engine (so that admitting one does not preempt those already decoding)."""
         while self.pending:
             head = self.pending[0]
-            need = self.engine.blocks_to_import(head.data)
+            need = self.engine.blocks_to_import(head.data) if head.data is not None else []
             busy = self.engine.has_work()
             headroom = len(self.engine.sequences) if busy else 0
             if any(n + headroom > self.engine.pool.num_free(g) for g, n in enumerate(need)):
@@ -137,7 +135,8 @@ class DecodeWorker(KVLoading):
             self.pending.popleft()
             prefix = None
             try:
-                prefix = self.engine.import_kv(head.data)
+                if head.data is not None:  # (else its KV could not be fetched: the engine computes it)
+                    prefix = self.engine.import_kv(head.data)
                 self.engine.add_request(head.tokens, head.params, request_id=head.rid, prefix=prefix,
                                         hold_kv=self.publish)
             except Exception as e:  # noqa: BLE001 - this request fails, the others go on

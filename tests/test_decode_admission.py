@@ -1,6 +1,8 @@
 """The decode worker takes handoffs whose KV does not fit its pool yet (decode/worker.py): they wait,
 oldest first, until running requests free their blocks, then decode to the tokens each prompt gets
 alone; a waiting request can be cancelled; only a request larger than the whole pool is refused."""
+import dataclasses
+
 import pytest
 
 from decode.worker import DecodeWorker
@@ -77,12 +79,15 @@ def test_a_handoff_waits_rather_than_preempt_a_running_request(pair):
     decode.submit(a, params)
     decode._step()  # A's first decode step: 10 blocks of group 3 held, 14 free
     decode.submit(b, params)  # B's KV takes 14 blocks of group 3
-    assert [p.rid for p in decode.pending] == ["b"]
+    c = dataclasses.replace(prefill.prefill("c", prompt(2, 40), params), keys=[], kv_tokens=0, lease_id=None)
+    decode.submit(c, params)  # no KV to load (computed here): it still queues behind B
+    assert [p.rid for p in decode.pending] == ["b", "c"]
     done = set()
     while decode.engine.has_work() or decode.pending:
         done |= {o.request_id for o in decode._step() or [] if o.finished}
         assert "b" not in decode.engine.sequences or "a" in done  # B admitted only once A is done
-    assert done == {"a", "b"} and decode.engine.scheduler.preemptions == 0
+        assert "c" not in decode.engine.sequences or "b" in decode.engine.sequences or "b" in done
+    assert done == {"a", "b", "c"} and decode.engine.scheduler.preemptions == 0
     assert_clean(decode)
 
 
