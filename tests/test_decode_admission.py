@@ -14,6 +14,7 @@ from model.engine import Engine, EngineConfig, SamplingParams
 from model.loader import build, random_state
 from model.presets import get_preset
 from prefill.worker import PrefillWorker
+from threads import one_torch_thread
 
 CFG = get_preset("skv-tiny")
 PARAMS = SamplingParams(max_tokens=24, ignore_eos=True)
@@ -22,12 +23,8 @@ SMALL = EngineConfig(num_blocks=24, max_seqs=8)  # 24 blocks of 16 tokens a grou
 
 @pytest.fixture(scope="module")
 def model():
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield build(CFG, random_state(CFG, 0))
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield build(CFG, random_state(CFG, 0))
 
 
 @pytest.fixture
@@ -117,7 +114,7 @@ def test_a_request_larger_than_the_whole_pool_is_refused_at_once(model):
     try:
         params = SamplingParams(max_tokens=2, ignore_eos=True)
         handoff = prefill.prefill("big", prompt(0, 200), params)
-        with pytest.raises(ValueError, match="never fit the KV pool: needs 13 KV blocks in group 0 but the pool holds 8"):
+        with pytest.raises(ValueError, match="never fit the KV pool: needs 13 KV blocks in group 0 but the pool"):
             decode.submit(handoff, params)
         assert "big" not in decode.streams
         assert_clean(decode)

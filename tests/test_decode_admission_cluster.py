@@ -12,6 +12,7 @@ from model.config import QuantConfig
 from model.engine import Engine, EngineConfig, SamplingParams
 from model.loader import load
 from pdserve.config import Resilience
+from threads import one_torch_thread
 
 pytestmark = pytest.mark.slow
 
@@ -30,13 +31,10 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def reference():
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    engine = Engine(load("skv-tiny", quant=QuantConfig()).model, EngineConfig(kv_cache_bytes=64 * 2**20, max_seqs=1))
-    yield lambda prompt: engine.generate([prompt], PARAMS)[0]
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        model = load("skv-tiny", quant=QuantConfig()).model
+        engine = Engine(model, EngineConfig(kv_cache_bytes=64 * 2**20, max_seqs=1))
+        yield lambda prompt: engine.generate([prompt], PARAMS)[0]
 
 
 def prompts(seed: int, n: int = 8) -> list[list[int]]:

@@ -20,6 +20,7 @@ from model.loader import load
 from pdserve.config import Resilience
 from pdserve.topology import NodeSpec, Topology
 from streams import stream_all
+from threads import one_torch_thread
 
 pytestmark = pytest.mark.slow
 
@@ -63,13 +64,9 @@ def cluster(ray_nodes):
 @pytest.fixture(scope="module")
 def reference():
     """The single-node run: the paged engine serving each prompt alone in this process."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    engine = Engine(load("skv-tiny", quant=QuantConfig()).model, EngineConfig(kv_cache_bytes=64 * 2**20, max_seqs=1))
-    yield lambda prompt, params=PARAMS: engine.generate([prompt], params)[0]
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        engine = Engine(load("skv-tiny", quant=QuantConfig()).model, EngineConfig(kv_cache_bytes=64 * 2**20, max_seqs=1))
+        yield lambda prompt, params=PARAMS: engine.generate([prompt], params)[0]
 
 
 @contextlib.contextmanager

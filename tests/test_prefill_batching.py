@@ -14,6 +14,7 @@ from model.engine import EngineConfig, SamplingParams
 from model.loader import build, random_state
 from model.presets import get_preset
 from prefill.worker import PrefillWorker
+from threads import one_torch_thread
 
 CFG = get_preset("skv-tiny")
 ENGINE = EngineConfig(kv_cache_bytes=16 * 2**20, max_seqs=8, max_batched_tokens=96)
@@ -22,12 +23,8 @@ PARAMS = SamplingParams(max_tokens=4, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def model():
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield build(CFG, random_state(CFG, 0))
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield build(CFG, random_state(CFG, 0))
 
 
 def new_worker(model) -> PrefillWorker:

@@ -15,6 +15,7 @@ from model.engine import Engine, EngineConfig, SamplingParams
 from model.loader import load
 from pdserve.config import Resilience
 from streams import stream_all
+from threads import one_torch_thread
 
 pytestmark = pytest.mark.slow
 
@@ -82,13 +83,9 @@ def test_a_dead_decode_worker_hands_its_streams_to_the_live_one(cluster):
 @pytest.fixture(scope="module")
 def reference():
     """The paged engine running each prompt alone, one torch thread (the workers keep the cores busy)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    engine = Engine(load("skv-tiny", quant=QuantConfig()).model, EngineConfig(kv_cache_bytes=64 * 2**20, max_seqs=1))
-    yield lambda prompt: engine.generate([prompt], PARAMS)[0]
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        engine = Engine(load("skv-tiny", quant=QuantConfig()).model, EngineConfig(kv_cache_bytes=64 * 2**20, max_seqs=1))
+        yield lambda prompt: engine.generate([prompt], PARAMS)[0]
 
 
 def assert_settled_and_serving(cluster, reference, since: float) -> None:

@@ -24,6 +24,7 @@ from pdserve.config import Resilience
 from protos.pdserve.v1 import pdserve_pb2 as pb
 from protos.pdserve.v1 import pdserve_pb2_grpc as pb_grpc
 from streams import stream_all
+from threads import one_torch_thread
 
 pytestmark = pytest.mark.slow
 
@@ -46,14 +47,10 @@ def cluster():
 def reference():
     """The paged engine running each prompt alone, in this process. One torch thread: the Ray
     workers keep the cores busy, and two intra-op threads on two busy cores run ~15x slower."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    model = load("skv-tiny", quant=QuantConfig()).model
-    engine = Engine(model, EngineConfig(kv_cache_bytes=64 * 2**20, max_seqs=1))
-    yield lambda prompt, params=PARAMS: engine.generate([prompt], params)[0]
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        model = load("skv-tiny", quant=QuantConfig()).model
+        engine = Engine(model, EngineConfig(kv_cache_bytes=64 * 2**20, max_seqs=1))
+        yield lambda prompt, params=PARAMS: engine.generate([prompt], params)[0]
 
 
 def prompts(seed: int, n: int = 8) -> list[list[int]]:

@@ -30,6 +30,7 @@ from scheduler.cost_model import live_cost_model
 from scheduler.placement import Placement, PlacementRequest, Reject
 from scheduler.policies import make_policy
 from test_gateway_unit import FakeCluster
+from threads import one_torch_thread
 
 CFG = get_preset("skv-tiny")
 ENGINE = EngineConfig(kv_cache_bytes=16 * 2**20, max_seqs=8)
@@ -39,12 +40,8 @@ ENGINE = EngineConfig(kv_cache_bytes=16 * 2**20, max_seqs=8)
 def model():
     """skv-tiny with random weights; one torch thread while these tests run (the workers' engine
     threads and the test share the cores: two intra-op threads on busy cores crawl)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield build(CFG, random_state(CFG, 0))
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield build(CFG, random_state(CFG, 0))
 
 
 class FlakyStore(KVStore):
