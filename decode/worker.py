@@ -110,7 +110,7 @@ class DecodeWorker(KVLoading):
                     self.engine.blocks_to_import(data)
                 self.pending.append(_Import(rid, data, tokens, rest))
                 self.prompts[rid] = tokens
-                if not recomputed:  # what the prefill worker stored already
+                if not recomputed and source is None:  # what the prefill worker stored in this node's store
                     self.published[rid] = handoff.kv_tokens // self.spec.block_size * self.spec.block_size
                 self._admit_pending()
         except Exception:
@@ -292,15 +292,17 @@ class DecodeWorker(KVLoading):
 
     def _publish_running(self) -> None:
         """Each running request's newly filled blocks go to the store without waiting for the answer
-        (a migrated request resumes from them). Best effort: a failed put only costs recomputing."""
+        (a migrated request resumes from them): only the blocks since its last put, which extend the
+        prefix the store holds (its whole context at every block would cost O(context) a block). Best
+        effort: a failed put only costs recomputing, and the put at the end sends the whole context."""
         bs = self.spec.block_size
         for rid, seq in self.engine.sequences.items():
-            full = seq.computed // bs * bs
-            if full <= self.published.get(rid, 0) or seq.status.name != "RUNNING":
+            full, start = seq.computed // bs * bs, self.published.get(rid, 0)
+            if full <= start or seq.status.name != "RUNNING":
                 continue
             self.published[rid] = full
             try:
-                data = self.engine.export_kv(rid, 0, full)
+                data = self.engine.export_kv(rid, start, full)
                 fn = self.store.put
                 args = (seq.tokens[:full], data, self.fingerprint)
                 fn.remote(*args) if hasattr(fn, "remote") else fn(*args)

@@ -73,23 +73,25 @@ def unpack(spec: BlockSpec, mask: int, buf: np.ndarray) -> dict[int, tuple[np.nd
 
 
 def split_export(spec: BlockSpec, data: KVExport) -> list[tuple[int, np.ndarray]]:
-    """An engine export of positions [0, end) -> one (group mask, buffer) per block of the sequence."""
+    """An engine export of positions [start, end) -> one (group mask, buffer) per block from ``start``'s
+    (a block boundary) to the end."""
     if data.block_size != spec.block_size:
         raise ValueError(f"block size {data.block_size} does not match the store's {spec.block_size}")
-    if data.start != 0:
-        raise ValueError("only exports that start at position 0 (a whole prefix) can be stored")
+    if data.start % spec.block_size:
+        raise ValueError(f"an export to store must start on a block boundary, not at position {data.start}")
     if len(data.groups) != spec.n_groups:
         raise ValueError(f"export has {len(data.groups)} KV groups, the store's model {spec.n_groups}")
-    n_blocks = -(-data.end // spec.block_size)
-    per_block: list[dict] = [{} for _ in range(n_blocks)]
+    first, n_blocks = data.start // spec.block_size, -(-data.end // spec.block_size)
+    per_block: list[dict] = [{} for _ in range(first, n_blocks)]
     for g, gb in enumerate(data.groups):
         if gb.k_scale is None:
             raise ValueError(f"KV group {g} is not int8: the store holds int8 K/V with float32 scales")
         for j in range(len(gb.k)):
             i = gb.first_block + j
-            if i >= n_blocks:
-                raise ValueError(f"KV group {g} has blocks past the export's end ({data.end} tokens)")
-            per_block[i][g] = (gb.k[j], gb.v[j], gb.k_scale[j], gb.v_scale[j])
+            if not first <= i < n_blocks:
+                raise ValueError(f"KV group {g} has blocks outside the export's positions "
+                                 f"[{data.start}, {data.end})")
+            per_block[i - first][g] = (gb.k[j], gb.v[j], gb.k_scale[j], gb.v_scale[j])
     return [(sum(1 << g for g in parts), pack(spec, parts)) for parts in per_block]
 
 

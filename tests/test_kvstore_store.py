@@ -202,3 +202,38 @@ def test_host_overflow_demotes_down_to_the_low_watermark(tmp_path):
     assert snap["demotions"] >= 5
     for i in range(3):
         assert s.match([i] * 16).tokens == 16
+
+
+def test_a_running_request_extends_its_stored_prefix_block_by_block():
+    """The decode worker publishes only the blocks filled since its last put (an export starting past 0):
+    the store then holds what puts of the whole context each time would hold, byte for byte; an extension
+    of a prefix the store does not hold (evicted, or a restarted store) stores nothing."""
+    cfg = get_preset("skv-tiny")
+    model = build(cfg, random_state(cfg, 0))
+    spec = BlockSpec.of(cfg)
+    e = Engine(model, EngineConfig())
+    e.eos_ids = set()
+    tokens = list(range(3, 73))
+    rid = e.add_request(tokens, SamplingParams(max_tokens=1), hold_kv=True)
+    list(e.stream())  # 70 tokens computed: 4 whole blocks of 16
+    steps, whole = KVStore(spec, FP, KVLayout.of(cfg)), KVStore(spec, FP, KVLayout.of(cfg))
+    for start, end in ((0, 32), (32, 48), (48, 64)):
+        steps.put(tokens, e.export_kv(rid, start, end), FP)
+        whole.put(tokens, e.export_kv(rid, 0, end), FP)
+    assert steps.snapshot()["bytes_in"] < whole.snapshot()["bytes_in"]  # each byte sent once
+    assert set(steps.index.entries) == set(whole.index.entries)
+    m = steps.match(tokens)
+    assert m.tokens == 64 and m.keys == whole.match(tokens).keys
+    a, b = steps.get(m.keys, 64), whole.get(m.keys, 64)
+    for ga, gb in zip(a.groups, b.groups):  # every block the whole puts hold, the same bytes
+        for j in range(len(gb.k)):
+            i = gb.first_block + j - ga.first_block
+            for x, y in ((ga.k, gb.k), (ga.v, gb.v), (ga.k_scale, gb.k_scale), (ga.v_scale, gb.v_scale)):
+                np.testing.assert_array_equal(x[i], y[j])
+
+    fresh = KVStore(spec, FP, KVLayout.of(cfg))  # holds nothing of the prefix
+    assert fresh.put(tokens, e.export_kv(rid, 32, 48), FP) == [] and not fresh.index.entries
+    unaligned = e.export_kv(rid, 32, 48)
+    unaligned.start = 40
+    with pytest.raises(ValueError, match="must start on a block boundary, not at position 40"):
+        steps.put(tokens, unaligned, FP)
