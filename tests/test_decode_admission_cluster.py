@@ -12,6 +12,7 @@ from model.config import QuantConfig
 from model.engine import Engine, EngineConfig, SamplingParams
 from model.loader import load
 from pdserve.config import Resilience
+from test_resilience_cluster import settled
 from threads import one_torch_thread
 
 pytestmark = pytest.mark.slow
@@ -39,17 +40,6 @@ def reference():
 
 def prompts(seed: int, n: int = 8) -> list[list[int]]:
     return [[(seed + 7 * i + j) % 400 + 3 for j in range(150)] for i in range(n)]
-
-
-def settled(cluster, timeout_s: float = 30.0) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        s = cluster.status()
-        d = s["workers"]["decode-0"]
-        if (s["store"].get("live_leases") == 0 and d.get("free_blocks") == d.get("capacity")
-                and d.get("running") == 0 and d.get("waiting") == 0) or time.monotonic() > deadline:
-            return s
-        time.sleep(0.2)
 
 
 def run_all(cluster, ps, during=None) -> list[list[int]]:
