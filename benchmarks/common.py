@@ -47,3 +47,29 @@ def print_ab_table(figures: dict[str, dict[str, list[float]]], tokens: dict[str,
         x, y = statistics.median(figures[a][key]), statistics.median(figures[b][key])
         print(f"| {key} | {x:.1f} | {y:.1f} | {y / x:.2f} |")
     print(f"same greedy tokens (24, one prompt): {tokens[a] == tokens[b]}")
+
+
+def in_process_prefill(model, engine_config):
+    """An in-process store and a prefill worker over it: the handoffs a decode worker benchmark feeds on.
+    Returns (store, prefill worker, model fingerprint)."""
+    from kvstore.blocks import BlockSpec
+    from kvstore.index import KVLayout
+    from kvstore.keys import fingerprint_of
+    from kvstore.store import KVStore
+    from prefill.worker import PrefillWorker
+
+    fp = fingerprint_of(model)
+    store = KVStore(BlockSpec.of(model.config), fp, KVLayout.of(model.config))
+    return store, PrefillWorker("p", model, store, fp, engine_config), fp
+
+
+def decode_handoffs(worker, handoffs, params) -> float:
+    """Seconds for a decode worker to take ``handoffs`` (submitted at once) and stream each to its end."""
+    start = time.perf_counter()
+    for h in handoffs:
+        worker.submit(h, params)
+    for h in handoffs:
+        for _ in worker.stream(h.request_id):
+            pass
+    return time.perf_counter() - start
+

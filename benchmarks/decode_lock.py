@@ -17,6 +17,7 @@ import time
 
 
 def one_run(lock_kind: str, model, store, fp, handoffs, params) -> dict:
+    from benchmarks.common import decode_handoffs
     from decode.worker import DecodeWorker
     from model.engine import EngineConfig
 
@@ -33,14 +34,8 @@ def one_run(lock_kind: str, model, store, fp, handoffs, params) -> dict:
             time.sleep(0.01)
 
     pinger = threading.Thread(target=ping)
-    t0 = time.perf_counter()
-    for h in handoffs:
-        worker.submit(h, params)
     pinger.start()
-    for h in handoffs:
-        for _ in worker.stream(h.request_id):
-            pass
-    elapsed = time.perf_counter() - t0
+    elapsed = decode_handoffs(worker, handoffs, params)
     stop.set()
     pinger.join()
     worker.shutdown()
@@ -59,21 +54,15 @@ def main() -> None:
 
     import torch
 
-    from kvstore.blocks import BlockSpec
-    from kvstore.index import KVLayout
-    from kvstore.keys import fingerprint_of
-    from kvstore.store import KVStore
+    from benchmarks.common import in_process_prefill
     from model.engine import EngineConfig, SamplingParams
     from model.loader import build, random_state
     from model.presets import get_preset
-    from prefill.worker import PrefillWorker
 
     torch.set_num_threads(1)
     cfg = get_preset("skv-tiny")
     model = build(cfg, random_state(cfg, 0))
-    fp = fingerprint_of(model)
-    store = KVStore(BlockSpec.of(cfg), fp, KVLayout.of(cfg))
-    prefill = PrefillWorker("p", model, store, fp, EngineConfig(kv_cache_bytes=16 * 2**20, max_seqs=8))
+    store, prefill, fp = in_process_prefill(model, EngineConfig(kv_cache_bytes=16 * 2**20, max_seqs=8))
     params = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True)
     results: dict[str, list[dict]] = {"fair": [], "plain": []}
     for run in range(args.runs):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 
 def main() -> None:
@@ -26,36 +25,24 @@ def main() -> None:
     import torch
 
     import decode.worker as decode_module
-    from kvstore.blocks import BlockSpec
-    from kvstore.index import KVLayout
-    from kvstore.keys import fingerprint_of
-    from kvstore.store import KVStore
+    from benchmarks.common import decode_handoffs, in_process_prefill
     from model.config import QuantConfig
     from model.engine import EngineConfig, SamplingParams
     from model.loader import load
-    from prefill.worker import PrefillWorker
 
     torch.set_num_threads(1)
     print(f"tree: {os.path.dirname(os.path.dirname(decode_module.__file__))}")
     model = load(args.model, quant=QuantConfig()).model
-    fp, cfg = fingerprint_of(model), model.config
     params = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True)
-    vocab = cfg.vocab_size - 10
+    vocab = model.config.vocab_size - 10
     for run in range(args.runs):
         for publish in (False, True) if run % 2 == 0 else (True, False):
-            store = KVStore(BlockSpec.of(cfg), fp, KVLayout.of(cfg))
-            prefill = PrefillWorker("p", model, store, fp, EngineConfig(max_seqs=8))
+            store, prefill, fp = in_process_prefill(model, EngineConfig(max_seqs=8))
             prompts = [[(run * 13 + i * 7 + j) % vocab + 10 for j in range(args.context)] for i in range(args.requests)]
             handoffs = [prefill.prefill(f"r{i}", p, params) for i, p in enumerate(prompts)]
             prefilled = store.stats.bytes_in
             worker = decode_module.DecodeWorker("d", model, store, fp, EngineConfig(max_seqs=8), publish=publish)
-            start = time.perf_counter()
-            for h in handoffs:
-                worker.submit(h, params)
-            for h in handoffs:
-                for _ in worker.stream(h.request_id):
-                    pass
-            elapsed = time.perf_counter() - start
+            elapsed = decode_handoffs(worker, handoffs, params)
             worker.shutdown()
             print(f"run {run + 1} publish {'on ' if publish else 'off'}: decode {elapsed:.2f} s, store took in "
                   f"{(store.stats.bytes_in - prefilled) / 1e6:.0f} MB from decode (+{prefilled / 1e6:.0f} MB from "

@@ -107,7 +107,7 @@ class DecodeWorker(KVLoading):
             with self.lock:  # it waits here until the pool has room for its KV (requests ahead go first)
                 self.engine.check_request(tokens, rest)  # (one that never fits the pool is refused)
                 if data is not None:
-                    self.engine.blocks_to_import(data)
+                    self.engine.blocks_to_import(data)  # (raises for KV this pool cannot take: wrong layout)
                 self.pending.append(_Import(rid, data, tokens, rest))
                 self.prompts[rid] = tokens
                 if not recomputed and source is None:  # what the prefill worker stored in this node's store
