@@ -68,6 +68,7 @@ class DecodeWorker(KVLoading):
         self.kv_load_failures = self.recomputed_tokens = self.publish_failures = self.step_failures = 0
         self.keepalive_s = keepalive_s
         self.loop_ticks = 0  # engine loop iterations: a waiting stream's keep-alive says the loop moves
+        self.busy_since: float | None = None  # when the engine loop's current step began (None: between steps)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"{name}-engine", daemon=True)
         self._thread.start()
@@ -206,13 +207,17 @@ class DecodeWorker(KVLoading):
         return out is not None or bool(waiting)
 
     def load(self) -> dict:
-        with self.lock:
-            s = self.engine.scheduler
-            return {"name": self.name, "running": len(s.running), "waiting": len(s.waiting) + len(self.pending),
-                    "free_blocks": self.engine.pool.free_counts(), "capacity": self.engine.pool.capacity,
-                    "mean_step_s": sum(self.step_times[-50:]) / max(1, len(self.step_times[-50:])),
-                    "kv_load_failures": self.kv_load_failures, "recomputed_tokens": self.recomputed_tokens,
-                    "publish_failures": self.publish_failures, "step_failures": self.step_failures}
+        """Counters and queue lengths, read without the engine lock: the supervisor's ping must answer
+        while a long step runs (a 512-token recompute chunk can outlast ``unresponsive_s``). ``busy_s``
+        (how long the engine loop has been in its current step) tells a long step from a stuck one."""
+        s, times = self.engine.scheduler, self.step_times[-50:]
+        since = self.busy_since
+        return {"name": self.name, "running": len(s.running), "waiting": len(s.waiting) + len(self.pending),
+                "free_blocks": self.engine.pool.free_counts(), "capacity": self.engine.pool.capacity,
+                "mean_step_s": sum(times) / max(1, len(times)),
+                "busy_s": 0.0 if since is None else time.monotonic() - since,
+                "kv_load_failures": self.kv_load_failures, "recomputed_tokens": self.recomputed_tokens,
+                "publish_failures": self.publish_failures, "step_failures": self.step_failures}
 
     def arm_fault(self, point: str, action: str = "exit", after: int = 0, times: int = 1,
                   seconds: float = 0.0) -> None:
@@ -227,11 +232,14 @@ class DecodeWorker(KVLoading):
     def _loop(self) -> None:
         while not self._stop.is_set():
             self.loop_ticks += 1
+            self.busy_since = time.monotonic()
             try:
                 outs = self._step()
             except Exception:  # noqa: BLE001 - one bad batch must not stop the worker
                 self._fail_running()
                 continue
+            finally:
+                self.busy_since = None
             if outs is None:
                 time.sleep(0.002)
                 continue

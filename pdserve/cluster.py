@@ -169,6 +169,7 @@ class LocalCluster(RequestFlow, NodeParts):
         self._watch_nodes()
         self.supervisor = Supervisor(members, self.conductor.mark_down, self._rejoin, self._store_reset,
                                      unresponsive_s=self.resilience.unresponsive_s,
+                                     stuck_s=self.resilience.stall_timeout_s,
                                      on_round=self.node_watch.check if self.node_watch else None).start()
 
     def _rejoin(self, member: Member) -> bool:

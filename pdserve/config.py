@@ -49,7 +49,7 @@ nodes = [                    # or name them: match = a Ray node id, a custom res
 [resilience]
 max_migrations = 3           # times one request may move to another worker when its worker dies
 recovery_timeout_s = 60      # how long a moving request waits for a live worker (then UNAVAILABLE)
-stall_timeout_s = 30         # no token nor keep-alive from a decode worker for this long: treated as lost
+stall_timeout_s = 30         # no token nor keep-alive from a decode worker this long: lost (one step this long: stuck)
 store_timeout_s = 10         # a store call without an answer by then: treated as a failed fetch
 kv_load_failure = "recompute"  # KV that cannot be loaded (gone, late, bad checksum): recompute | fail
 unresponsive_s = 1           # a worker that misses its pings this long leaves placement

@@ -53,7 +53,7 @@ class Metrics:
         self.leases = Gauge("pdserve:kv_live_leases", "Block leases not yet acknowledged", m, registry=r)
         self.serving = Gauge("pdserve:cluster_serving", "1 while a live prefill and a live decode worker exist", m,
                              registry=r)
-        self.workers = Gauge("pdserve:workers", "Workers by role and state (alive, restarting, dead)",
+        self.workers = Gauge("pdserve:workers", "Workers by role and state (alive, restarting, stuck, dead)",
                              m + ["role", "state"], registry=r)
         self.restarts = Counter("pdserve:worker_restarts", "Times Ray restarted a worker or the store", m + ["role"],
                                 registry=r)
@@ -101,7 +101,7 @@ class Metrics:
         self.bytes_moved.labels(lm).set(store.get("bytes_in", 0) + store.get("bytes_out", 0))
         self.leases.labels(lm).set(store.get("live_leases", 0))
         self.serving.labels(lm).set(1 if status.get("serving", True) else 0)
-        states = {(r, st): 0 for r in ("prefill", "decode") for st in ("alive", "restarting", "dead")}
+        states = {(r, st): 0 for r in ("prefill", "decode") for st in ("alive", "restarting", "stuck", "dead")}
         for w in status.get("workers", {}).values():
             if w.get("role") and w.get("state"):
                 states[(w["role"], w["state"])] = states.get((w["role"], w["state"]), 0) + 1

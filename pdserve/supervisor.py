@@ -9,8 +9,14 @@ as a new incarnation is empty: the Conductor forgets every block it held (``on_s
 Members whose node is gone are ``retire``d: dead for good, never pinged again. ``on_round`` runs
 once per round (the node watch).
 
-States: ``alive`` (answered), ``restarting`` (Ray is restarting it, or it does not answer),
-``dead`` (Ray will not restart it).
+A worker's ping answers while its engine steps (it does not wait for the engine), so a long step (a
+512-token chunk of a big model on CPU) is not taken for a lost worker; the ping reports how long the
+current step has run (``busy_s``), and one that has run longer than ``stuck_s`` (the cluster passes the
+streams' ``stall_timeout_s``, after which its requests move anyway) takes the worker out of placement.
+
+States: ``alive`` (answered), ``restarting`` (Ray is restarting it, or it does not answer), ``stuck``
+(it answers, but its engine has been in one step longer than ``stuck_s``), ``dead`` (Ray will not
+restart it).
 """
 from __future__ import annotations
 
@@ -37,13 +43,13 @@ class Member:
 class Supervisor:
     def __init__(self, members: list[Member], on_down: Callable[[str], None], on_up: Callable[[Member], bool],
                  on_store_reset: Callable[[str], None], interval_s: float = 0.25, unresponsive_s: float = 1.0,
-                 on_round: Callable[[], None] | None = None):
+                 on_round: Callable[[], None] | None = None, stuck_s: float | None = None):
         import ray
 
         self.ray = ray
         self.members = {m.name: m for m in members}
         self.on_down, self.on_up, self.on_store_reset = on_down, on_up, on_store_reset
-        self.interval_s, self.unresponsive_s = interval_s, unresponsive_s
+        self.interval_s, self.unresponsive_s, self.stuck_s = interval_s, unresponsive_s, stuck_s
         self.on_round = on_round
         self.lock = threading.Lock()
         self._stop = threading.Event()
@@ -143,6 +149,9 @@ class Supervisor:
                 m.restarts += 1
             m.incarnation = report.get("incarnation", m.incarnation)
             was = m.state
+        if self.stuck_s is not None and report.get("busy_s", 0.0) > self.stuck_s:
+            self._down(m, "stuck")  # back in placement once a ping finds its engine between steps again
+            return
         if m.role == "store":
             if restarted:
                 self.on_store_reset(m.name)

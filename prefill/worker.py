@@ -91,6 +91,7 @@ class PrefillWorker(KVLoading):
         self._queue: list[_Job] = []  # admitted by the next step
         self._in_engine: dict[str, _Job] = {}
         self._stepping = False
+        self.busy_since: float | None = None  # when the engine's current step began (None: between steps)
 
     def info(self) -> WorkerInfo:
         cfg = self.engine.mcfg
@@ -143,6 +144,7 @@ class PrefillWorker(KVLoading):
         admit, self._queue = self._queue, []
         self._turn.release()
         waiting: list[_Job] = []
+        self.busy_since = time.monotonic()
         try:
             for i, job in enumerate(admit):
                 if not self._admit(job):  # no room for its prefix yet: it and those after it wait their turn
@@ -160,6 +162,7 @@ class PrefillWorker(KVLoading):
                 if job is not None and out.finished:
                     self._finish(job, out)
         finally:
+            self.busy_since = None
             self._turn.acquire()
             self._queue = waiting + self._queue
         self._turn.notify_all()
@@ -243,7 +246,10 @@ class PrefillWorker(KVLoading):
         return data, best.tokens if remote else 0, 0
 
     def load(self) -> dict:
+        """``busy_s``: how long the engine's current step has run (the supervisor tells a stuck worker by it)."""
+        since = self.busy_since
         return {"name": self.name, "served": self.served, "queued_tokens": self.queued_tokens,
+                "busy_s": 0.0 if since is None else time.monotonic() - since,
                 "free_blocks": self.engine.pool.free_counts(), "kv_load_failures": self.kv_load_failures,
                 "recomputed_tokens": self.recomputed_tokens}
 

@@ -1,0 +1,107 @@
+"""A long engine step is not a lost worker: both workers' ``load()`` (what the supervisor's ping
+returns) answers while their engine is inside a step, and reports how long that step has run
+(``busy_s``); the supervisor takes a worker out of placement only when one step has outrun
+``stuck_s``, and puts it back once a ping finds its engine between steps.
+(tests/test_liveness_cluster.py checks the same through Ray.)"""
+import threading
+
+import pytest
+
+from decode.worker import DecodeWorker
+from kvstore.blocks import BlockSpec
+from kvstore.index import KVLayout
+from kvstore.keys import fingerprint_of
+from kvstore.store import KVStore
+from model.engine import EngineConfig, SamplingParams
+from model.loader import build, random_state
+from model.presets import get_preset
+from pdserve.supervisor import Member, Supervisor
+from prefill.worker import PrefillWorker
+from threads import one_torch_thread
+
+CFG = get_preset("skv-tiny")
+ENGINE = EngineConfig(kv_cache_bytes=16 * 2**20, max_seqs=8)
+PARAMS = SamplingParams(max_tokens=8, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def model():
+    with one_torch_thread():
+        yield build(CFG, random_state(CFG, 0))
+
+
+@pytest.fixture
+def store(model):
+    return KVStore(BlockSpec.of(CFG), fingerprint_of(model), KVLayout.of(CFG))
+
+
+def hold_steps(engine) -> tuple[threading.Event, threading.Event]:
+    """Makes ``engine.step`` wait, once inside, until released: (entered, release)."""
+    entered, release, step = threading.Event(), threading.Event(), engine.step
+
+    def held_step():
+        entered.set()
+        assert release.wait(30), "the test never released the step"
+        return step()
+
+    engine.step = held_step
+    return entered, release
+
+
+def load_beside(worker) -> dict:
+    """``worker.load()`` from another thread; fails if it does not answer within 5 s."""
+    got: dict = {}
+    reader = threading.Thread(target=lambda: got.update(worker.load()), daemon=True)
+    reader.start()
+    reader.join(5)
+    assert not reader.is_alive(), "load() waited for the engine step"
+    return got
+
+
+def test_decode_load_answers_while_a_step_runs(model, store):
+    fp = fingerprint_of(model)
+    prefill, decode = PrefillWorker("p", model, store, fp, ENGINE), DecodeWorker("d", model, store, fp, ENGINE)
+    try:
+        entered, release = hold_steps(decode.engine)
+        decode.submit(prefill.prefill("r", list(range(3, 60)), PARAMS), PARAMS)
+        assert entered.wait(30)
+        during = load_beside(decode)  # the engine loop holds the engine lock and sits in the step
+        assert during["running"] + during["waiting"] == 1 and during["busy_s"] > 0
+        release.set()
+        outs = list(decode.stream("r", timeout_s=60))
+        assert outs[-1].finished and sum(len(o.token_ids) for o in outs) == PARAMS.max_tokens
+        assert decode.load()["busy_s"] < 1.0  # between steps (or in a step of a few ms)
+    finally:
+        release.set()
+        decode.shutdown()
+
+
+def test_prefill_load_reports_the_step_in_progress(model, store):
+    prefill = PrefillWorker("p", model, store, fingerprint_of(model), ENGINE)
+    assert prefill.load()["busy_s"] == 0.0
+    entered, release = hold_steps(prefill.engine)
+    call = threading.Thread(target=prefill.prefill, args=("r", list(range(3, 60)), PARAMS), daemon=True)
+    call.start()
+    try:
+        assert entered.wait(30)
+        during = load_beside(prefill)
+        assert during["busy_s"] > 0 and during["queued_tokens"] == 57
+    finally:
+        release.set()
+        call.join(30)
+    assert not call.is_alive() and prefill.load()["busy_s"] == 0.0 and prefill.served == 1
+
+
+def test_supervisor_takes_a_stuck_worker_out_and_back():
+    downs, ups = [], []
+    member = Member("decode-0", "decode", handle=None, incarnation="a")
+    sup = Supervisor([member], downs.append, lambda m: ups.append(m.name) or True, lambda name: None, stuck_s=5.0)
+    sup._answered(member, {"incarnation": "a", "busy_s": 4.0})  # a long step: still alive
+    assert member.state == "alive" and downs == [] and member.load["busy_s"] == 4.0
+    sup._answered(member, {"incarnation": "a", "busy_s": 6.0})  # one step longer than stuck_s
+    assert member.state == "stuck" and downs == ["decode-0"] and sup.live("decode") == []
+    sup._answered(member, {"incarnation": "a", "busy_s": 0.0})  # between steps again
+    assert member.state == "alive" and ups == ["decode-0"] and member.restarts == 0
+    no_rule = Member("decode-1", "decode", handle=None)
+    Supervisor([no_rule], downs.append, lambda m: True, lambda name: None)._answered(no_rule, {"busy_s": 1e6})
+    assert no_rule.state == "alive"  # without stuck_s, a step of any length is a live worker
