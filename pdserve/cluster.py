@@ -211,7 +211,7 @@ class LocalCluster(RequestFlow, NodeParts):
     def arm_fault(self, name: str, point: str, action: str = "exit", after: int = 0, times: int = 1,
                   seconds: float = 0.0) -> None:
         """Arm a fault in a worker or the store: at ``point`` ("decode.step", "decode.publish",
-        "prefill.compute", "prefill.reply", "kv.fetch"; the store's "store.put", "store.get"), after ``after`` passing
+        "prefill.compute", "prefill.step", "prefill.reply", "kv.fetch"; the store's "store.put", "store.get"), after ``after`` passing
         hits, ``exit`` (the process dies), ``raise`` or ``delay``."""
         self.ray.get(self.actor(name).arm_fault.remote(point, action, after, times, seconds), timeout=30)
 

@@ -14,7 +14,8 @@ When a worker is lost on the way (its process died, Ray is restarting it, or it 
 A new request that finds no live prefill or decode worker waits up to ``admission_wait_s`` for one
 (a worker being restarted) before it is refused. Each request moves at most ``max_migrations`` times; it waits at most ``recovery_timeout_s`` for a
 live worker; a decode worker silent for ``stall_timeout_s`` counts as lost (a request queued in a
-worker that is still stepping gets keep-alives, so a long queue is not silence). Every failure ends in a
+worker that is still stepping gets keep-alives, so a long queue is not silence), and so does a prefill
+worker whose engine has been in one step that long (``stuck``). Every failure ends in a
 ``ServeError`` with a short message of ours.
 
 A mixin of ``pdserve.cluster.LocalCluster`` (it reads the cluster's actors, Conductor and supervisor).
@@ -190,13 +191,31 @@ class RequestFlow:
             return handoff
 
     def _prefill(self, name: str, rid: str, prompt: list[int], params: SamplingParams, source=None) -> Handoff:
+        """The prefill call's handoff. A long prompt takes as long as it takes, but a worker whose engine has
+        been in one step longer than ``stall_timeout_s`` (the supervisor's ``stuck``) has lost the request:
+        it is placed again, and whatever lease the abandoned call takes when it ends is given back."""
         ray = self.ray
+        ref = self.prefill[name].prefill.remote(rid, prompt, params, source)
         try:
-            return ray.get(self.prefill[name].prefill.remote(rid, prompt, params, source))
+            while not ray.wait([ref], timeout=0.25)[0]:
+                if self.supervisor.state(name) == "stuck":
+                    threading.Thread(target=self._release_abandoned, args=(ref, name), daemon=True).start()
+                    raise WorkerLost(name, suspect=False)  # (already out of placement)
+            return ray.get(ref)
+        except WorkerLost:
+            raise
         except BaseException as e:
             if _lost(ray, e):
                 raise WorkerLost(name) from None
             raise from_worker(e, f"prefill worker {name}") from None
+
+    def _release_abandoned(self, ref, prefill: str) -> None:
+        """Waits for a prefill call the request gave up on; its lease, if it took one, goes back."""
+        try:
+            handoff = self.ray.get(ref, timeout=self.resilience.recovery_timeout_s + self.resilience.stall_timeout_s)
+        except Exception:  # noqa: BLE001 - failed or still stuck: its lease (if any) expires by itself
+            return
+        self._release(handoff, prefill)
 
     def _release(self, handoff: Handoff, prefill: str) -> None:
         """Give back the lease the prefill worker took in its node's store."""

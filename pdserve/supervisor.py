@@ -88,6 +88,10 @@ class Supervisor:
             return {n: {"role": m.role, "state": m.state, "restarts": m.restarts, "load": dict(m.load),
                         "for_s": time.monotonic() - m.since} for n, m in self.members.items()}
 
+    def state(self, name: str) -> str:
+        with self.lock:
+            return self.members[name].state
+
     def live(self, role: str) -> list[str]:
         with self.lock:
             return [n for n, m in self.members.items() if m.role == role and m.state == "alive"]

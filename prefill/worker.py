@@ -151,6 +151,7 @@ class PrefillWorker(KVLoading):
                     waiting = admit[i:]
                     break
             try:
+                self.faults.hit("prefill.step")
                 outs = self.engine.step() if self.engine.has_work() else []
             except Exception as e:  # noqa: BLE001 - the batch fails; the engine stays clean for the next
                 outs = []

@@ -81,3 +81,28 @@ def test_a_step_longer_than_the_stall_timeout_is_stuck_then_back(cluster, refere
     s = settled(cluster)
     d = s["workers"]["decode-0"]
     assert d["restarts"] == 0 and s["store"]["live_leases"] == 0 and d["free_blocks"] == d["capacity"]
+
+
+def test_a_stuck_prefill_loses_its_request_to_a_new_placement(cluster, reference):
+    prompt = list(range(13, 113))
+    cluster.arm_fault("prefill-0", "prefill.step", "delay", seconds=STALL_S + 3)
+    seen, done = set(), threading.Event()
+
+    def watch():
+        while not done.is_set():
+            seen.add(cluster.supervisor.snapshot()["prefill-0"]["state"])
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        before = cluster.counters.snapshot()["replacements"]
+        sub = cluster.submit(prompt, PARAMS)
+        tokens = [t for out in cluster.stream(sub) for t in out.token_ids]
+    finally:
+        done.set()
+        watcher.join(5)
+    assert tokens == reference(prompt)
+    assert "stuck" in seen and cluster.counters.snapshot()["replacements"] == before + 1
+    s = settled(cluster)  # the abandoned call's lease was given back when it ended
+    assert s["store"]["live_leases"] == 0 and s["workers"]["prefill-0"]["restarts"] == 0
