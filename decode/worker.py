@@ -285,12 +285,16 @@ class DecodeWorker(KVLoading):
 
     def _publish(self, rid: str) -> None:
         """The finished conversation's KV to the store, best effort (a failure costs the next turn a
-        cache hit); its blocks are freed either way."""
+        cache hit); its blocks are freed either way. Only what the store lacks goes: the blocks since the
+        last put (at least the last one, whose answer says whether the store still holds the rest); the
+        whole context when it does not (evicted, or the store restarted)."""
         try:
             self.faults.hit("decode.publish")
-            seq = self.engine.sequences[rid]
-            data = self.engine.export_kv(rid)
-            call(self.store, "put", seq.tokens, data, self.fingerprint, timeout=self.store_timeout_s)
+            seq, bs, t = self.engine.sequences[rid], self.spec.block_size, self.store_timeout_s
+            start = min(self.published.get(rid, 0), (seq.computed - 1) // bs * bs)
+            tail = self.engine.export_kv(rid, start)
+            if call(self.store, "put", seq.tokens, tail, self.fingerprint, timeout=t) is None:
+                call(self.store, "put", seq.tokens, self.engine.export_kv(rid), self.fingerprint, timeout=t)
         except (StoreUnavailable, InjectedFault, ValueError):
             self.publish_failures += 1
         finally:
@@ -302,7 +306,8 @@ class DecodeWorker(KVLoading):
         """Each running request's newly filled blocks go to the store without waiting for the answer
         (a migrated request resumes from them): only the blocks since its last put, which extend the
         prefix the store holds (its whole context at every block would cost O(context) a block). Best
-        effort: a failed put only costs recomputing, and the put at the end sends the whole context."""
+        effort: a failed put only costs recomputing, and the put at the end sends the whole context if the
+        store lacks part of it."""
         bs = self.spec.block_size
         for rid, seq in self.engine.sequences.items():
             full, start = seq.computed // bs * bs, self.published.get(rid, 0)

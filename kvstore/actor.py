@@ -22,7 +22,7 @@ class StoreActor(KVStore):
         self.incarnation = uuid.uuid4().hex[:12]
         self.faults = Faults()
 
-    def put(self, tokens, data, fingerprint: int) -> list[int]:
+    def put(self, tokens, data, fingerprint: int) -> list[int] | None:
         self.faults.hit("store.put")
         return super().put(tokens, data, fingerprint)
 

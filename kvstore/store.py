@@ -84,14 +84,15 @@ class KVStore:
         self.stats = Stats()
 
     # -- the API -----------------------------------------------------------------------------------
-    def put(self, tokens: list[int], data: KVExport, fingerprint: int) -> list[int]:
+    def put(self, tokens: list[int], data: KVExport, fingerprint: int) -> list[int] | None:
         """Cache the KV of ``tokens[:data.end]``; returns the keys newly stored. Validates everything
         before changing anything, so a refused put leaves the store as it was.
 
-        An export that starts past position 0 extends a prefix this store holds already (a running
-        request publishing the blocks it has filled since its last put, not its whole context again);
-        when the store no longer holds all of that prefix (evicted, or the store restarted) nothing is
-        stored: blocks the chain cannot reach would never be matched."""
+        An export that starts past position 0 extends a prefix this store holds already (a decode worker
+        publishing the blocks it has filled since its last put, not its whole context again); when the
+        store no longer holds all of that prefix (evicted, or the store restarted) nothing is stored and
+        the answer is None (the writer may send the whole context): blocks the chain cannot reach would
+        never be matched."""
         if fingerprint != self.fingerprint:
             raise ValueError(f"model fingerprint {fingerprint:#x} does not match the store's {self.fingerprint:#x}")
         if len(tokens) < data.end:
@@ -103,7 +104,7 @@ class KVStore:
         chain = block_keys(self.fingerprint, prefix, self.spec.block_size, partial=True)
         held = data.start // self.spec.block_size
         if not all(k in self.index for k in chain[:held]):
-            return []
+            return None
         added = set(self.index.insert(prefix, groups=[0] * held + [m for m, _ in blocks]))
         keys = list(itertools.takewhile(lambda k: k in self.index, chain))[held:]  # capacity may cut the chain
         new = []

@@ -232,7 +232,7 @@ def test_a_running_request_extends_its_stored_prefix_block_by_block():
                 np.testing.assert_array_equal(x[i], y[j])
 
     fresh = KVStore(spec, FP, KVLayout.of(cfg))  # holds nothing of the prefix
-    assert fresh.put(tokens, e.export_kv(rid, 32, 48), FP) == [] and not fresh.index.entries
+    assert fresh.put(tokens, e.export_kv(rid, 32, 48), FP) is None and not fresh.index.entries
     unaligned = e.export_kv(rid, 32, 48)
     unaligned.start = 40
     with pytest.raises(ValueError, match="must start on a block boundary, not at position 40"):
