@@ -57,13 +57,13 @@ class DecodeWorker(KVLoading):
         self.publish = publish  # put each finished conversation's KV in the store (next turn hits)
         self.lock = FairLock()  # (a plain lock starves every thread but the engine loop's)
         self.streams: dict[str, queue.Queue] = {}
-        self.prompts: dict[str, list[int]] = {}
         self.step_times: list[float] = []
         self.device = device_of(model)
         self.store_timeout_s = store_timeout_s
         self.kv_load_failure = check_kv_load_failure(kv_load_failure)
         self.faults = Faults()
         self.published: dict[str, int] = {}  # running request -> tokens of its KV already in the store
+        self.last_puts: dict[str, object] = {}  # running request -> its last put's answer (a Ray ref under Ray)
         self.pending: collections.deque[_Import] = collections.deque()  # handoffs waiting for free blocks
         self.kv_load_failures = self.recomputed_tokens = self.publish_failures = self.step_failures = 0
         self.keepalive_s = keepalive_s
@@ -110,15 +110,13 @@ class DecodeWorker(KVLoading):
                 if data is not None:
                     self.engine.blocks_to_import(data)  # (raises for KV this pool cannot take: wrong layout)
                 self.pending.append(_Import(rid, data, tokens, rest))
-                self.prompts[rid] = tokens
                 if not recomputed and source is None:  # what the prefill worker stored in this node's store
                     self.published[rid] = handoff.kv_tokens // self.spec.block_size * self.spec.block_size
                 self._admit_pending()
         except Exception:
             with self.lock:  # the caller gets the exception; nobody will stream this request
                 self.streams.pop(rid, None)
-                self.prompts.pop(rid, None)
-                self.published.pop(rid, None)
+                self._forget(rid)
             raise
         return {"recomputed_tokens": recomputed}
 
@@ -141,8 +139,7 @@ class DecodeWorker(KVLoading):
                 self.engine.add_request(head.tokens, head.params, request_id=head.rid, prefix=prefix,
                                         hold_kv=self.publish)
             except Exception as e:  # noqa: BLE001 - this request fails, the others go on
-                self.prompts.pop(head.rid, None)
-                self.published.pop(head.rid, None)
+                self._forget(head.rid)
                 q = self.streams.get(head.rid)
                 if q is not None:
                     q.put(RequestOutput(head.rid, [], finished=True, finish_reason=f"{IMPORT_FAILED}: {e}"))
@@ -199,8 +196,7 @@ class DecodeWorker(KVLoading):
             waiting = [p for p in self.pending if p.rid == request_id]
             for p in waiting:
                 self.pending.remove(p)
-            self.prompts.pop(request_id, None)
-            self.published.pop(request_id, None)
+            self._forget(request_id)
             q = self.streams.get(request_id)
         if q is not None:
             q.put(RequestOutput(request_id, [], finished=True, finish_reason="abort"))
@@ -263,7 +259,7 @@ class DecodeWorker(KVLoading):
                 if out.finished and self.publish and out.request_id in self.engine.sequences:
                     self._publish(out.request_id)
                 elif out.finished:
-                    self.published.pop(out.request_id, None)
+                    self._forget(out.request_id)
             if self.publish:
                 self._publish_running()
             return outs
@@ -276,8 +272,7 @@ class DecodeWorker(KVLoading):
             failed = list(self.engine.sequences)
             for rid in failed:
                 self.engine.abort(rid)
-                self.prompts.pop(rid, None)
-                self.published.pop(rid, None)
+                self._forget(rid)
         for rid in failed:
             q = self.streams.get(rid)
             if q is not None:
@@ -299,25 +294,48 @@ class DecodeWorker(KVLoading):
             self.publish_failures += 1
         finally:
             self.engine.release(rid)
-            self.prompts.pop(rid, None)
-            self.published.pop(rid, None)
+            self._forget(rid)
+
+    def _forget(self, rid: str) -> None:
+        """What this worker kept about a request's publishing, once it ends here."""
+        self.published.pop(rid, None)
+        self.last_puts.pop(rid, None)
+
+    def _prefix_lost(self, rid: str) -> bool:
+        """Whether the store refused the request's last put (answered None: it no longer holds the prefix
+        those blocks extend, evicted or restarted). An answer not in yet, or a put that failed (a store
+        that died), says nothing: the next put that finds the prefix missing is refused, and tells."""
+        answer = self.last_puts.pop(rid, [])
+        if answer is None or isinstance(answer, list):
+            return answer is None
+        import ray
+
+        if not ray.wait([answer], timeout=0)[0]:
+            self.last_puts[rid] = answer
+            return False
+        try:
+            return ray.get(answer) is None
+        except Exception:  # noqa: BLE001
+            return False
 
     def _publish_running(self) -> None:
         """Each running request's newly filled blocks go to the store without waiting for the answer
         (a migrated request resumes from them): only the blocks since its last put, which extend the
-        prefix the store holds (its whole context at every block would cost O(context) a block). Best
-        effort: a failed put only costs recomputing, and the put at the end sends the whole context if the
-        store lacks part of it."""
+        prefix the store holds (its whole context at every block would cost O(context) a block). A store
+        that answered that it lost that prefix (evicted, restarted) gets the whole context at the next
+        block. Best effort: a failed put only costs recomputing."""
         bs = self.spec.block_size
         for rid, seq in self.engine.sequences.items():
             full, start = seq.computed // bs * bs, self.published.get(rid, 0)
             if full <= start or seq.status.name != "RUNNING":
                 continue
+            if self._prefix_lost(rid):
+                start = 0  # the store lost what the last puts extended: the whole context, once
             self.published[rid] = full
             try:
                 data = self.engine.export_kv(rid, start, full)
                 fn = self.store.put
                 args = (seq.tokens[:full], data, self.fingerprint)
-                fn.remote(*args) if hasattr(fn, "remote") else fn(*args)
+                self.last_puts[rid] = fn.remote(*args) if hasattr(fn, "remote") else fn(*args)
             except Exception:  # noqa: BLE001 - publishing is a help, never the request's failure
                 self.publish_failures += 1

@@ -49,7 +49,7 @@ def tokens_of(decode: DecodeWorker, rid: str):
 def assert_clean(decode: DecodeWorker) -> None:
     with decode.lock:
         assert decode.engine.pool.free_counts() == decode.engine.pool.capacity
-        assert not decode.engine.sequences and not decode.pending and not decode.prompts
+        assert not decode.engine.sequences and not decode.pending and not decode.published
 
 
 def test_handoffs_beyond_the_pool_wait_and_decode_as_alone(pair, model):

@@ -105,3 +105,24 @@ def test_the_end_of_a_conversation_sends_only_what_the_store_lacks(model, lost):
     else:  # only the last, partial block went
         assert last[:2] == (80, 89) and len(last[2]) == 1 and decode.publish_failures == 0
     assert_holds(decode.store, tokens, held)
+
+
+def test_a_store_that_lost_the_prefix_gets_the_whole_context_at_the_next_block(model):
+    """After a store restart (here: a new, empty store) the running request's next put is refused (None);
+    the one after sends its whole context, so that a migration resumes from it, not from nothing."""
+    fp = fingerprint_of(model)
+    store = new_store(model)
+    prefill = PrefillWorker("p", model, store, fp, ENGINE)
+    decode = DecodeWorker("d", model, store, fp, ENGINE)
+    decode.shutdown()  # stepped by hand
+    params = SamplingParams(max_tokens=80, ignore_eos=True)
+    decode.submit(prefill.prefill("r", list(range(3, 43)), params), params)
+    while decode.engine.sequences["r"].computed < 50:
+        decode._step()
+    decode.store = RecordingStore(BlockSpec.of(CFG), fp, KVLayout.of(CFG))  # the store restarted, empty
+    decode.store.puts = []
+    while decode.engine.sequences["r"].computed < 96:
+        decode._step()
+    assert [p[:2] for p in decode.store.puts] == [(48, 64), (0, 80), (80, 96)] and decode.store.puts[0][2] is None
+    seq = decode.engine.sequences["r"]
+    assert_holds(decode.store, seq.tokens[:96], decode.engine.export_kv("r", 0, 96))
