@@ -8,12 +8,12 @@ import time
 
 import pytest
 
+from alone import skv_tiny_alone
 from model.config import QuantConfig
 from model.engine import Engine, EngineConfig, SamplingParams
 from model.loader import load
 from pdserve.config import Resilience
 from test_resilience_cluster import settled
-from threads import one_torch_thread
 
 pytestmark = pytest.mark.slow
 
@@ -32,10 +32,8 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def reference():
-    with one_torch_thread():
-        model = load("skv-tiny", quant=QuantConfig()).model
-        engine = Engine(model, EngineConfig(kv_cache_bytes=64 * 2**20, max_seqs=1))
-        yield lambda prompt: engine.generate([prompt], PARAMS)[0]
+    with skv_tiny_alone(PARAMS) as run:
+        yield run
 
 
 def prompts(seed: int, n: int = 8) -> list[list[int]]:

@@ -14,13 +14,12 @@ import time
 
 import pytest
 
+from alone import skv_tiny_alone
 from model.config import QuantConfig
-from model.engine import Engine, EngineConfig, SamplingParams
-from model.loader import load
+from model.engine import SamplingParams
 from pdserve.config import Resilience
 from pdserve.topology import NodeSpec, Topology
 from streams import stream_all
-from threads import one_torch_thread
 
 pytestmark = pytest.mark.slow
 
@@ -64,9 +63,8 @@ def cluster(ray_nodes):
 @pytest.fixture(scope="module")
 def reference():
     """The single-node run: the paged engine serving each prompt alone in this process."""
-    with one_torch_thread():
-        engine = Engine(load("skv-tiny", quant=QuantConfig()).model, EngineConfig(kv_cache_bytes=64 * 2**20, max_seqs=1))
-        yield lambda prompt, params=PARAMS: engine.generate([prompt], params)[0]
+    with skv_tiny_alone(PARAMS) as run:
+        yield run
 
 
 @contextlib.contextmanager

@@ -10,12 +10,12 @@ import time
 
 import pytest
 
+from alone import skv_tiny_alone
 from model.config import QuantConfig
 from model.engine import Engine, EngineConfig, SamplingParams
 from model.loader import load
 from pdserve.config import Resilience
 from streams import stream_all
-from threads import one_torch_thread
 
 pytestmark = pytest.mark.slow
 
@@ -82,10 +82,8 @@ def test_a_dead_decode_worker_hands_its_streams_to_the_live_one(cluster):
 
 @pytest.fixture(scope="module")
 def reference():
-    """The paged engine running each prompt alone, one torch thread (the workers keep the cores busy)."""
-    with one_torch_thread():
-        engine = Engine(load("skv-tiny", quant=QuantConfig()).model, EngineConfig(kv_cache_bytes=64 * 2**20, max_seqs=1))
-        yield lambda prompt: engine.generate([prompt], PARAMS)[0]
+    with skv_tiny_alone(PARAMS) as run:
+        yield run
 
 
 def assert_settled_and_serving(cluster, reference, since: float) -> None:

@@ -17,14 +17,13 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from alone import skv_tiny_alone
 from model.config import QuantConfig
-from model.engine import Engine, EngineConfig, SamplingParams
-from model.loader import load
+from model.engine import SamplingParams
 from pdserve.config import Resilience
 from protos.pdserve.v1 import pdserve_pb2 as pb
 from protos.pdserve.v1 import pdserve_pb2_grpc as pb_grpc
 from streams import stream_all
-from threads import one_torch_thread
 
 pytestmark = pytest.mark.slow
 
@@ -45,12 +44,8 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def reference():
-    """The paged engine running each prompt alone, in this process. One torch thread: the Ray
-    workers keep the cores busy, and two intra-op threads on two busy cores run ~15x slower."""
-    with one_torch_thread():
-        model = load("skv-tiny", quant=QuantConfig()).model
-        engine = Engine(model, EngineConfig(kv_cache_bytes=64 * 2**20, max_seqs=1))
-        yield lambda prompt, params=PARAMS: engine.generate([prompt], params)[0]
+    with skv_tiny_alone(PARAMS) as run:
+        yield run
 
 
 def prompts(seed: int, n: int = 8) -> list[list[int]]:
