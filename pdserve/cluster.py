@@ -251,7 +251,7 @@ class LocalCluster(RequestFlow, NodeParts):
         for name in [*self.prefill, *self.decode]:
             h = health[name]
             load = loads.get(name) or {k: v for k, v in h["load"].items() if k != "info"}
-            if h["state"] != "alive":  # its batch is gone: no stale numbers in the gauges
+            if h["state"] not in ("alive", "stuck"):  # its batch is gone: no stale numbers in the gauges
                 load = {k: v for k, v in load.items() if k not in ("running", "waiting", "queued_tokens")}
             info = self.workers[name]
             workers[name] = {**load, "role": h["role"], "state": h["state"], "restarts": h["restarts"],

@@ -262,8 +262,9 @@ def _status(args) -> int:
         print(f"  OpenAI API {http_base(state)}/v1, dashboard {http_base(state)}/")
     for w in s.workers:
         placed = w.device + (f" GPU {','.join(w.gpu_ids)}" if w.gpu_ids else "") + (f" @{w.node}" if w.node else "")
+        step = f"  in one step for {w.step_s:.1f} s" if w.step_s >= 1.0 else ""  # (a long step, or a stuck one)
         print(f"  {w.name:<12} {w.role:<8} {w.state or 'alive':<10} {placed:<12} running {w.running:>3}  "
-              f"waiting {w.waiting:>3}  free blocks {w.free_blocks}/{w.capacity_blocks}  restarts {w.restarts}")
+              f"waiting {w.waiting:>3}  free blocks {w.free_blocks}/{w.capacity_blocks}  restarts {w.restarts}{step}")
     print(f"  store        {s.store_state or 'alive':<10} restarts {s.store_restarts}")
     for n in s.nodes:  # a multi-node topology: each node's store and workers
         print(f"  node {n.name:<8} {n.state:<6} store {n.store_state:<10} {n.blocks:>7} blocks  "

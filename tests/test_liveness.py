@@ -4,6 +4,7 @@ returns) answers while their engine is inside a step, and reports how long that 
 ``stuck_s``, and puts it back once a ping finds its engine between steps.
 (tests/test_liveness_cluster.py checks the same through Ray.)"""
 import threading
+from types import SimpleNamespace
 
 import pytest
 
@@ -105,3 +106,20 @@ def test_supervisor_takes_a_stuck_worker_out_and_back():
     no_rule = Member("decode-1", "decode", handle=None)
     Supervisor([no_rule], downs.append, lambda m: True, lambda name: None)._answered(no_rule, {"busy_s": 1e6})
     assert no_rule.state == "alive"  # without stuck_s, a step of any length is a live worker
+
+
+def test_pdserve_status_shows_a_stuck_worker_and_its_step(capsys, monkeypatch):
+    import pdserve.server_cli as cli
+    from pdserve.gateway import status_message
+
+    workers = {"prefill-0": {"queued_tokens": 0, "free_blocks": 4, "state": "alive", "busy_s": 0.2},
+               "decode-0": {"running": 3, "waiting": 0, "free_blocks": 4, "capacity": 8, "state": "stuck",
+                            "busy_s": 42.5}}
+    status = status_message("skv-tiny", {"workers": workers})  # what ClusterStatus sends
+    assert [w.step_s for w in status.workers] == [0.2, 42.5]
+    monkeypatch.setattr(cli, "_client", lambda args: SimpleNamespace(status=lambda: status))
+    assert cli._status(SimpleNamespace()) == 0
+    lines = capsys.readouterr().out.splitlines()
+    decode = next(line for line in lines if "decode-0" in line)
+    assert " stuck " in decode and decode.endswith("in one step for 42.5 s")
+    assert "in one step" not in next(line for line in lines if "prefill-0" in line)  # a short step: not shown
