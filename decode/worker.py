@@ -86,8 +86,10 @@ class DecodeWorker(KVLoading):
         rid = handoff.request_id
         out_q: queue.Queue = queue.Queue()
         with self.lock:
-            if rid in self.streams:
-                raise ValueError(f"request_id {rid!r} is already being decoded here")
+            stale = self.streams.get(rid)
+            if stale is not None:  # placed here again: the cluster gave this placement up (silent past the
+                self._drop(rid)  # stall timeout, e.g. a stuck step), so it ends and the new one takes over
+                stale.put(RequestOutput(rid, [], finished=True, finish_reason="abort"))
             self.streams[rid] = out_q
         if handoff.first_token is None or handoff.finish_reason is not None:
             tokens = [handoff.first_token] if handoff.first_token is not None else []
@@ -115,8 +117,9 @@ class DecodeWorker(KVLoading):
                 self._admit_pending()
         except Exception:
             with self.lock:  # the caller gets the exception; nobody will stream this request
-                self.streams.pop(rid, None)
-                self._forget(rid)
+                if self.streams.get(rid) is out_q:
+                    del self.streams[rid]
+                    self._forget(rid)
             raise
         return {"recomputed_tokens": recomputed}
 
@@ -188,18 +191,26 @@ class DecodeWorker(KVLoading):
                 if out.finished:
                     return
         finally:
-            self.streams.pop(request_id, None)
+            with self.lock:
+                if self.streams.get(request_id) is out_q:  # (not a newer placement's of the same request)
+                    del self.streams[request_id]
 
     def cancel(self, request_id: str) -> bool:
         with self.lock:
-            out = self.engine.abort(request_id)
-            waiting = [p for p in self.pending if p.rid == request_id]
-            for p in waiting:
-                self.pending.remove(p)
-            self._forget(request_id)
+            dropped = self._drop(request_id)
             q = self.streams.get(request_id)
         if q is not None:
             q.put(RequestOutput(request_id, [], finished=True, finish_reason="abort"))
+        return dropped
+
+    def _drop(self, rid: str) -> bool:
+        """The request out of the engine (its blocks freed) and out of the waiting handoffs; False if neither held
+        it. The caller holds the lock."""
+        out = self.engine.abort(rid)
+        waiting = [p for p in self.pending if p.rid == rid]
+        for p in waiting:
+            self.pending.remove(p)
+        self._forget(rid)
         return out is not None or bool(waiting)
 
     def load(self) -> dict:
@@ -239,13 +250,14 @@ class DecodeWorker(KVLoading):
             if outs is None:
                 time.sleep(0.002)
                 continue
-            for out in outs:
-                q = self.streams.get(out.request_id)
+            for q, out in outs:
                 if q is not None:
                     out.completion_tokens += 1  # the first token came from the prefill worker
                     q.put(out)
 
-    def _step(self) -> list[RequestOutput] | None:
+    def _step(self) -> list[tuple[queue.Queue | None, RequestOutput]] | None:
+        """One engine step; its outputs with the streams they go to, looked up under the lock (a request
+        placed here again after the step would otherwise get the old placement's token)."""
         with self.lock:
             self._admit_pending()
             if not self.engine.has_work():
@@ -262,7 +274,7 @@ class DecodeWorker(KVLoading):
                     self._forget(out.request_id)
             if self.publish:
                 self._publish_running()
-            return outs
+            return [(self.streams.get(out.request_id), out) for out in outs]
 
     def _fail_running(self) -> None:
         """An engine step raised: the requests of the engine end with an error (the cluster may
@@ -273,8 +285,8 @@ class DecodeWorker(KVLoading):
             for rid in failed:
                 self.engine.abort(rid)
                 self._forget(rid)
-        for rid in failed:
-            q = self.streams.get(rid)
+            streams = [(rid, self.streams.get(rid)) for rid in failed]
+        for rid, q in streams:
             if q is not None:
                 q.put(RequestOutput(rid, [], finished=True, finish_reason=STEP_FAILED))
 

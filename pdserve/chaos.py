@@ -1,9 +1,12 @@
 """``pdserve chaos soak``: Poisson arrivals on a local cluster while a random worker or the store is
 killed (SIGKILL, as `kill -9` would) every few seconds; every finished stream is compared with the
-fault-free tokens of its prompt. (``python -m benchmarks.chaos_soak`` runs the same.)
+fault-free tokens of its prompt. (``python -m benchmarks.chaos_soak`` runs the same.) With
+``--stuck-every``, a random worker's next engine step also hangs, now and then, for longer than the
+stall timeout (alive, answering pings, but stuck): its requests must move and still end right.
 
     pdserve chaos soak [--seconds 120] [--rate 2] [--kill-every 8] [--n-prefill 1] [--n-decode 1]
-                       [--max-tokens 32] [--seed 0] [--admission-wait 10] [--json]
+                       [--max-tokens 32] [--seed 0] [--admission-wait 10] [--stuck-every 0]
+                       [--stall-timeout 20] [--json]
 
 Prints: sent / completed / failed with an explicit status / lost (no final answer at all: must
 be 0) / completed with duplicated or missing tokens against the fault-free run (must be 0) /
@@ -33,6 +36,7 @@ class Tally:
     failed: int = 0  # ended with an explicit error (a status a client would get)
     wrong: int = 0  # completed, but tokens duplicated, missing or different from the fault-free run
     kills: list[str] = field(default_factory=list)
+    stuck: list[str] = field(default_factory=list)  # workers whose engine step was made to hang
     recover_s: list[float] = field(default_factory=list)
     failures: dict[str, int] = field(default_factory=dict)
     messages: dict[str, int] = field(default_factory=dict)  # what the failed clients read, and how often
@@ -85,6 +89,19 @@ def killer(cluster, every_s: float, stop: threading.Event, tally: Tally, rng: ra
         tally.recover_s.append(time.monotonic() - t0)
 
 
+def staller(cluster, every_s: float, hang_s: float, stop: threading.Event, tally: Tally, rng: random.Random) -> None:
+    """Every ``every_s``, a random worker's next engine step hangs for ``hang_s`` (fault point ``*.step``)."""
+    names = [*cluster.prefill, *cluster.decode]
+    while not stop.wait(every_s):
+        name = rng.choice(names)
+        try:
+            cluster.arm_fault(name, "prefill.step" if name in cluster.prefill else "decode.step", "delay",
+                              seconds=hang_s)
+        except Exception:  # noqa: BLE001 - restarting from a kill: try later
+            continue
+        tally.stuck.append(name)
+
+
 def add_parsers(sub) -> None:
     chaos = sub.add_parser("chaos", help="fault injection: check that a local cluster survives its parts")
     csub = chaos.add_subparsers(dest="chaos_command", required=True)
@@ -103,6 +120,9 @@ def add_soak_args(ap) -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--admission-wait", type=float, default=10.0, help="resilience.admission_wait_s")
+    ap.add_argument("--stuck-every", type=float, default=0.0,
+                    help="every so many seconds a random worker's next step hangs past the stall timeout (0: never)")
+    ap.add_argument("--stall-timeout", type=float, default=20.0, help="resilience.stall_timeout_s")
     ap.add_argument("--json", action="store_true")
 
 
@@ -132,13 +152,17 @@ def soak(args) -> int:
     rng = random.Random(args.seed)
     tally, stop = Tally(), threading.Event()
     with LocalCluster("skv-tiny", quant=QuantConfig(), n_prefill=args.n_prefill, n_decode=args.n_decode,
-                      resilience=Resilience(recovery_timeout_s=120.0, stall_timeout_s=20.0,
+                      resilience=Resilience(recovery_timeout_s=120.0, stall_timeout_s=args.stall_timeout,
                                             admission_wait_s=args.admission_wait)) as cluster:
         probe = lambda: cluster.generate(list(range(3, 20)), SamplingParams(max_tokens=2, ignore_eos=True))
         k = threading.Thread(target=killer, args=(cluster, args.kill_every, stop, tally, random.Random(args.seed + 1),
                                                   probe), daemon=True)
+        hang = threading.Thread(target=staller, args=(cluster, args.stuck_every, args.stall_timeout + 2.0, stop, tally,
+                                                      random.Random(args.seed + 2)), daemon=True)
         t0 = time.monotonic()
         k.start()
+        if args.stuck_every > 0:
+            hang.start()
         with ThreadPoolExecutor(max_workers=64) as pool:
             futures = []
             while time.monotonic() - t0 < args.seconds:
@@ -150,26 +174,34 @@ def soak(args) -> int:
             for f in futures:
                 f.result(timeout=600)  # every request ends: completed or an explicit failure
         k.join(timeout=300)
+        if hang.is_alive():
+            hang.join(timeout=30)
         counters = cluster.status()["counters"]
     lost = tally.sent - tally.completed - tally.failed
     rec = sorted(tally.recover_s)
     out = {"sent": tally.sent, "completed": tally.completed, "failed": tally.failed, "failures": tally.failures, "messages": tally.messages,
-           "wrong": tally.wrong, "kills": tally.kills, "lost": lost,
+           "wrong": tally.wrong, "kills": tally.kills, "stuck_steps": tally.stuck, "lost": lost,
            "recover_p50_s": statistics.median(rec) if rec else None,
            "recover_p99_s": rec[min(len(rec) - 1, int(0.99 * len(rec)))] if rec else None,
            "counters": counters, "args": {k: v for k, v in vars(args).items() if k != "func"},
            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"}
-    ok = lost == 0 and tally.wrong == 0
     if args.json:
         print(json.dumps(out, indent=1))
-        return 0 if ok else 1
+    else:
+        print_report(args, out, tally)
+    return 0 if lost == 0 and tally.wrong == 0 else 1
+
+
+def print_report(args, out: dict, tally: Tally) -> None:
     print(f"soak {args.seconds:g}s, Poisson {args.rate:g}/s, a kill every {args.kill_every:g}s, "
           f"{args.n_prefill} prefill + {args.n_decode} decode, skv-tiny int8, {args.max_tokens} tokens each")
     print(f"sent {tally.sent}  completed {tally.completed}  failed (explicit status) {tally.failed} {tally.failures}  "
-          f"lost {lost}  duplicated/missing/wrong tokens {tally.wrong}")
+          f"lost {out['lost']}  duplicated/missing/wrong tokens {tally.wrong}")
     print(f"kills {len(tally.kills)} ({', '.join(tally.kills)}); time to recover p50 {out['recover_p50_s'] or 0:.1f}s "
           f"p99 {out['recover_p99_s'] or 0:.1f}s")
+    if args.stuck_every > 0:
+        print(f"stuck steps {len(tally.stuck)} ({', '.join(tally.stuck)}), each {args.stall_timeout + 2:g}s "
+              f"against a stall timeout of {args.stall_timeout:g}s")
     for message, n in tally.messages.items():
         print(f"  {n} x {message}")
-    print(f"cluster counters: {counters}")
-    return 0 if ok else 1
+    print(f"cluster counters: {out['counters']}")

@@ -100,6 +100,8 @@ class RequestFlow:
                request_id: str | None = None, ttft_slo_s: float | None = None, tbt_slo_s: float | None = None,
                priority: int = 0) -> Submitted:
         rid = request_id or f"r{next(self._ids)}"
+        if rid in self._live:  # (a worker takes a request id it holds as the same request placed again)
+            raise ServeError("ALREADY_EXISTS", f"request_id: {rid!r} is in flight")
         request = PlacementRequest(rid, len(prompt), session_id, ttft_slo_s, tbt_slo_s, priority, tuple(prompt))
         deadline = time.monotonic() + self.resilience.admission_wait_s
         while not self.conductor.can_serve() and time.monotonic() < deadline:  # a worker is restarting

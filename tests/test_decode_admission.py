@@ -81,7 +81,7 @@ def test_a_handoff_waits_rather_than_preempt_a_running_request(pair):
     assert [p.rid for p in decode.pending] == ["b", "c"]
     done = set()
     while decode.engine.has_work() or decode.pending:
-        done |= {o.request_id for o in decode._step() or [] if o.finished}
+        done |= {o.request_id for _, o in decode._step() or [] if o.finished}
         assert "b" not in decode.engine.sequences or "a" in done  # B admitted only once A is done
         assert "c" not in decode.engine.sequences or "b" in decode.engine.sequences or "b" in done
     assert done == {"a", "b", "c"} and decode.engine.scheduler.preemptions == 0
@@ -99,7 +99,7 @@ def test_a_waiting_handoff_can_be_cancelled(pair):
     assert decode.load()["waiting"] == 3  # c0 and c1 in the engine, not stepped yet; c2 waiting for room
     done = set()
     while decode.engine.has_work() or decode.pending:
-        done |= {o.request_id for o in decode._step() or [] if o.finished}
+        done |= {o.request_id for _, o in decode._step() or [] if o.finished}
     assert done == {"c0", "c1", "c2"}
     got, reason = tokens_of(decode, "c3")
     assert reason == "abort" and len(got) == 1  # the first token (from prefill) was streamed at submit
@@ -151,3 +151,24 @@ def test_the_engine_lock_serves_threads_in_the_order_they_asked():
         pass
     with pytest.raises(RuntimeError, match="does not hold it"):
         lock.release()
+
+
+def test_a_request_placed_here_again_replaces_the_placement_given_up(pair, model):
+    """The cluster gave a placement up (its stream silent past the stall timeout, e.g. a stuck step) and
+    placed the request here again: the new handoff replaces the old one, which ends as an abort; the new
+    stream gets the tokens the prompt gets alone, and nothing of either is left after."""
+    prefill, decode = pair
+    p = prompt(3, 60)
+    h = prefill.prefill("r", p, PARAMS)
+    decode.submit(h, PARAMS)
+    old = decode.stream("r", timeout_s=60)
+    assert next(old).token_ids == [h.first_token]
+    decode.submit(prefill.prefill("r", p, PARAMS), PARAMS)  # (was: ValueError, "already being decoded here")
+    new = decode.stream("r", timeout_s=60)
+    first = next(new)
+    assert list(old)[-1].finish_reason == "abort"  # the old stream ends, and leaves the new one's queue alone
+    outs = [first, *new]
+    alone = Engine(model, EngineConfig(kv_cache_bytes=16 * 2**20, max_seqs=1)).generate([p], PARAMS)[0]
+    assert [t for o in outs for t in o.token_ids] == alone and outs[-1].finish_reason == "length"
+    assert_clean(decode)
+    assert "r" not in decode.streams

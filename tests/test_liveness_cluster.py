@@ -103,3 +103,16 @@ def test_a_stuck_prefill_loses_its_request_to_a_new_placement(cluster, reference
     assert "stuck" in seen and cluster.counters.snapshot()["replacements"] == before + 1
     s = settled(cluster)  # the abandoned call's lease was given back when it ended
     assert s["store"]["live_leases"] == 0 and s["workers"]["prefill-0"]["restarts"] == 0
+
+
+def test_a_request_id_in_flight_is_refused(cluster, reference):
+    from pdserve.errors import ServeError
+
+    prompt = list(range(21, 121))
+    first = cluster.submit(prompt, PARAMS, request_id="same")
+    with pytest.raises(ServeError, match="request_id: 'same' is in flight") as refused:
+        cluster.submit(list(range(30, 60)), PARAMS, request_id="same")
+    assert refused.value.code == "ALREADY_EXISTS"
+    assert [t for out in cluster.stream(first) for t in out.token_ids] == reference(prompt)
+    again = cluster.submit(prompt, PARAMS, request_id="same")  # once it is done, the id is free again
+    assert [t for out in cluster.stream(again) for t in out.token_ids] == reference(prompt)
