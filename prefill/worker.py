@@ -172,6 +172,10 @@ class PrefillWorker(KVLoading):
         """The job into the engine, or settled with its error; False (nothing done) when its prefix finds no free
         blocks while other requests hold them: it is admitted once they are done and their blocks freed."""
         prefix = None
+        stale = self._in_engine.get(job.request_id)
+        if stale is not None:  # the request placed here again: the cluster gave up the call still computing it
+            self.engine.abort(job.request_id)  # (its engine step outlasted the stall timeout)
+            self._settle(stale, error=RuntimeError(f"request {job.request_id!r} was placed on this worker again"))
         try:
             prefix = self.engine.import_kv(job.data) if job.data is not None else None
             self.engine.add_request(job.prompt, job.params, request_id=job.request_id, prefix=prefix, hold_kv=True)

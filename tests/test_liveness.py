@@ -4,6 +4,7 @@ returns) answers while their engine is inside a step, and reports how long that 
 ``stuck_s``, and puts it back once a ping finds its engine between steps.
 (tests/test_liveness_cluster.py checks the same through Ray.)"""
 import threading
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -123,3 +124,35 @@ def test_pdserve_status_shows_a_stuck_worker_and_its_step(capsys, monkeypatch):
     decode = next(line for line in lines if "decode-0" in line)
     assert " stuck " in decode and decode.endswith("in one step for 42.5 s")
     assert "in one step" not in next(line for line in lines if "prefill-0" in line)  # a short step: not shown
+
+
+def test_a_prefill_placed_again_replaces_the_call_given_up(model, store):
+    """The cluster gave up a prefill call whose step outlasted the stall timeout and placed the request on the
+    same worker again while the old call still computes it: the old call ends with an error (nobody waits for
+    it), the new one gets the first token the prompt gets alone."""
+    prefill = PrefillWorker("p", model, store, fingerprint_of(model), ENGINE)
+    long_prompt = [(7 * j) % 300 + 3 for j in range(600)]  # two steps of 512 tokens
+    entered, release = hold_steps(prefill.engine)
+    got: dict = {}
+
+    def call(name):
+        try:
+            got[name] = prefill.prefill("r", long_prompt, PARAMS)
+        except Exception as e:  # noqa: BLE001
+            got[name] = e
+
+    old = threading.Thread(target=call, args=("old",), daemon=True)
+    old.start()
+    assert entered.wait(30)
+    new = threading.Thread(target=call, args=("new",), daemon=True)
+    new.start()
+    while prefill.queued_tokens < 2 * len(long_prompt):  # the new call is queued
+        time.sleep(0.01)
+    release.set()
+    old.join(60)
+    new.join(60)
+    assert isinstance(got["old"], RuntimeError) and "placed on this worker again" in str(got["old"])
+    alone = PrefillWorker("q", model, KVStore(BlockSpec.of(CFG), fingerprint_of(model), KVLayout.of(CFG)),
+                          fingerprint_of(model), ENGINE).prefill("r", long_prompt, PARAMS)
+    assert got["new"].first_token == alone.first_token and got["new"].kv_tokens == alone.kv_tokens
+    assert prefill.queued_tokens == 0 and prefill.engine.pool.free_counts() == prefill.engine.pool.capacity
