@@ -94,10 +94,10 @@ def staller(cluster, every_s: float, hang_s: float, stop: threading.Event, tally
     names = [*cluster.prefill, *cluster.decode]
     while not stop.wait(every_s):
         name = rng.choice(names)
-        try:
-            cluster.arm_fault(name, "prefill.step" if name in cluster.prefill else "decode.step", "delay",
-                              seconds=hang_s)
-        except Exception:  # noqa: BLE001 - restarting from a kill: try later
+        point = "prefill.step" if name in cluster.prefill else "decode.step"
+        try:  # (a short wait: a worker restarting from a kill is skipped, not waited for)
+            cluster.ray.get(cluster.actor(name).arm_fault.remote(point, "delay", 0, 1, hang_s), timeout=2)
+        except Exception:  # noqa: BLE001
             continue
         tally.stuck.append(name)
 
