@@ -1,7 +1,8 @@
 """Through a local Ray cluster (1 prefill + 1 decode, skv-tiny int8): a decode step longer than the
 supervisor's ``unresponsive_s`` (1 s) keeps the worker in placement and the cluster serving (its ping
 answers beside the step); a step longer than ``stall_timeout_s`` makes it ``stuck`` until the step ends,
-and its request still ends with the tokens it gets alone."""
+and its request still ends with the tokens it gets alone; a stuck prefill worker loses its request to a new
+placement, and the lease of the call given up goes back; a request id in flight is refused."""
 import threading
 import time
 
@@ -34,13 +35,13 @@ def reference():
         yield run
 
 
-def run_watched(cluster, prompt: list[int]) -> tuple[list[int], set[tuple[str, bool]]]:
-    """The request's tokens, and every (decode-0 state, cluster serving) seen while it ran."""
+def run_watched(cluster, prompt: list[int], worker: str = "decode-0") -> tuple[list[int], set[tuple[str, bool]]]:
+    """The request's tokens, and every (``worker``'s state, cluster serving) seen while it ran."""
     seen, done = set(), threading.Event()
 
     def watch():
         while not done.is_set():
-            seen.add((cluster.supervisor.snapshot()["decode-0"]["state"], cluster.serving()))
+            seen.add((cluster.supervisor.snapshot()[worker]["state"], cluster.serving()))
             time.sleep(0.05)
 
     watcher = threading.Thread(target=watch, daemon=True)
@@ -83,24 +84,10 @@ def test_a_step_longer_than_the_stall_timeout_is_stuck_then_back(cluster, refere
 def test_a_stuck_prefill_loses_its_request_to_a_new_placement(cluster, reference):
     prompt = list(range(13, 113))
     cluster.arm_fault("prefill-0", "prefill.step", "delay", seconds=STALL_S + 3)
-    seen, done = set(), threading.Event()
-
-    def watch():
-        while not done.is_set():
-            seen.add(cluster.supervisor.snapshot()["prefill-0"]["state"])
-            time.sleep(0.05)
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    try:
-        before = cluster.counters.snapshot()["replacements"]
-        sub = cluster.submit(prompt, PARAMS)
-        tokens = [t for out in cluster.stream(sub) for t in out.token_ids]
-    finally:
-        done.set()
-        watcher.join(5)
+    before = cluster.counters.snapshot()["replacements"]
+    tokens, seen = run_watched(cluster, prompt, "prefill-0")
     assert tokens == reference(prompt)
-    assert "stuck" in seen and cluster.counters.snapshot()["replacements"] == before + 1
+    assert ("stuck", False) in seen and cluster.counters.snapshot()["replacements"] == before + 1
     s = settled(cluster)  # the abandoned call's lease was given back when it ended
     assert s["store"]["live_leases"] == 0 and s["workers"]["prefill-0"]["restarts"] == 0
 
