@@ -2,7 +2,7 @@
 Poisson load on a local cluster while a random worker or the store is killed every few seconds.
 
     python -m benchmarks.chaos_soak [--seconds 120] [--rate 2] [--kill-every 8] [--n-prefill 1]
-                                    [--n-decode 1] [--max-tokens 32] [--admission-wait 10]
+                                    [--n-decode 1] [--max-tokens 32] [--max-prompt 96] [--admission-wait 10]
                                     [--stuck-every 0] [--stall-timeout 20] [--json]
 """
 from __future__ import annotations

@@ -5,8 +5,8 @@ fault-free tokens of its prompt. (``python -m benchmarks.chaos_soak`` runs the s
 stall timeout (alive, answering pings, but stuck): its requests must move and still end right.
 
     pdserve chaos soak [--seconds 120] [--rate 2] [--kill-every 8] [--n-prefill 1] [--n-decode 1]
-                       [--max-tokens 32] [--seed 0] [--admission-wait 10] [--stuck-every 0]
-                       [--stall-timeout 20] [--json]
+                       [--max-tokens 32] [--max-prompt 96] [--seed 0] [--admission-wait 10]
+                       [--stuck-every 0] [--stall-timeout 20] [--json]
 
 Prints: sent / completed / failed with an explicit status / lost (no final answer at all: must
 be 0) / completed with duplicated or missing tokens against the fault-free run (must be 0) /
@@ -37,6 +37,7 @@ class Tally:
     wrong: int = 0  # completed, but tokens duplicated, missing or different from the fault-free run
     kills: list[str] = field(default_factory=list)
     stuck: list[str] = field(default_factory=list)  # workers whose engine step was made to hang
+    stuck_skipped: int = 0  # hangs not armed: the worker picked was restarting from a kill
     recover_s: list[float] = field(default_factory=list)
     failures: dict[str, int] = field(default_factory=dict)
     messages: dict[str, int] = field(default_factory=dict)  # what the failed clients read, and how often
@@ -98,6 +99,7 @@ def staller(cluster, every_s: float, hang_s: float, stop: threading.Event, tally
         try:  # (a short wait: a worker restarting from a kill is skipped, not waited for)
             cluster.ray.get(cluster.actor(name).arm_fault.remote(point, "delay", 0, 1, hang_s), timeout=2)
         except Exception:  # noqa: BLE001
+            tally.add(stuck_skipped=1)
             continue
         tally.stuck.append(name)
 
@@ -118,6 +120,8 @@ def add_soak_args(ap) -> None:
     ap.add_argument("--n-prefill", type=int, default=1)
     ap.add_argument("--n-decode", type=int, default=1)
     ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--max-prompt", type=int, default=96,
+                    help="prompts of 8 to this many tokens (past 512: prefills of several steps)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--admission-wait", type=float, default=10.0, help="resilience.admission_wait_s")
     ap.add_argument("--stuck-every", type=float, default=0.0,
@@ -167,7 +171,7 @@ def soak(args) -> int:
             futures = []
             while time.monotonic() - t0 < args.seconds:
                 vocab = cluster.model_config.vocab_size
-                prompt = [rng.randrange(3, vocab) for _ in range(rng.randint(8, 96))]
+                prompt = [rng.randrange(3, vocab) for _ in range(rng.randint(8, args.max_prompt))]
                 futures.append(pool.submit(one_request, cluster, reference, prompt, params, tally))
                 time.sleep(rng.expovariate(args.rate))
             stop.set()
@@ -180,7 +184,8 @@ def soak(args) -> int:
     lost = tally.sent - tally.completed - tally.failed
     rec = sorted(tally.recover_s)
     out = {"sent": tally.sent, "completed": tally.completed, "failed": tally.failed, "failures": tally.failures, "messages": tally.messages,
-           "wrong": tally.wrong, "kills": tally.kills, "stuck_steps": tally.stuck, "lost": lost,
+           "wrong": tally.wrong, "kills": tally.kills, "stuck_steps": tally.stuck,
+           "stuck_skipped": tally.stuck_skipped, "lost": lost,
            "recover_p50_s": statistics.median(rec) if rec else None,
            "recover_p99_s": rec[min(len(rec) - 1, int(0.99 * len(rec)))] if rec else None,
            "counters": counters, "args": {k: v for k, v in vars(args).items() if k != "func"},
@@ -201,7 +206,7 @@ def print_report(args, out: dict, tally: Tally) -> None:
           f"p99 {out['recover_p99_s'] or 0:.1f}s")
     if args.stuck_every > 0:
         print(f"stuck steps {len(tally.stuck)} ({', '.join(tally.stuck)}), each {args.stall_timeout + 2:g}s "
-              f"against a stall timeout of {args.stall_timeout:g}s")
+              f"against a stall timeout of {args.stall_timeout:g}s; {tally.stuck_skipped} not armed (worker restarting)")
     for message, n in tally.messages.items():
         print(f"  {n} x {message}")
     print(f"cluster counters: {out['counters']}")
