@@ -55,6 +55,9 @@ class Metrics:
                              registry=r)
         self.workers = Gauge("pdserve:workers", "Workers by role and state (alive, restarting, stuck, dead)",
                              m + ["role", "state"], registry=r)
+        self.step_seconds = Gauge("pdserve:worker_step_seconds", "How long each worker's engine has been in its "
+                                  "current step (0 between steps; past resilience.stall_timeout_s: stuck)",
+                                  m + ["worker"], registry=r)
         self.restarts = Counter("pdserve:worker_restarts", "Times Ray restarted a worker or the store", m + ["role"],
                                 registry=r)
         self.migrations = Counter("pdserve:request_migrations", "Streams moved to another decode worker mid-stream",
@@ -107,6 +110,8 @@ class Metrics:
                 states[(w["role"], w["state"])] = states.get((w["role"], w["state"]), 0) + 1
         for (role, state), n in states.items():
             self.workers.labels(lm, role, state).set(n)
+        for name, w in status.get("workers", {}).items():
+            self.step_seconds.labels(lm, name).set(float(w.get("busy_s", 0.0)))
         restarts = {r: 0 for r in ("prefill", "decode")}
         for w in status.get("workers", {}).values():
             if w.get("role") in restarts:

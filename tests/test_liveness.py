@@ -156,3 +156,19 @@ def test_a_prefill_placed_again_replaces_the_call_given_up(model, store):
                           fingerprint_of(model), ENGINE).prefill("r", long_prompt, PARAMS)
     assert got["new"].first_token == alone.first_token and got["new"].kv_tokens == alone.kv_tokens
     assert prefill.queued_tokens == 0 and prefill.engine.pool.free_counts() == prefill.engine.pool.capacity
+
+
+def test_metrics_show_a_stuck_worker_and_how_long_its_step_has_run():
+    from pdserve.metrics import Metrics
+
+    m = Metrics("skv-tiny")
+    m.update_cluster({"workers": {"prefill-0": {"role": "prefill", "state": "alive", "busy_s": 0.0},
+                                  "decode-0": {"role": "decode", "state": "stuck", "busy_s": 42.5}}})
+
+    def value(name, **labels):
+        return m.registry.get_sample_value(name, {"model_name": "skv-tiny", **labels})
+
+    assert value("pdserve:workers", role="decode", state="stuck") == 1
+    assert value("pdserve:workers", role="decode", state="alive") == 0
+    assert value("pdserve:worker_step_seconds", worker="decode-0") == 42.5
+    assert value("pdserve:worker_step_seconds", worker="prefill-0") == 0.0
