@@ -172,3 +172,12 @@ def test_metrics_show_a_stuck_worker_and_how_long_its_step_has_run():
     assert value("pdserve:workers", role="decode", state="alive") == 0
     assert value("pdserve:worker_step_seconds", worker="decode-0") == 42.5
     assert value("pdserve:worker_step_seconds", worker="prefill-0") == 0.0
+
+
+def test_the_dashboard_json_carries_each_workers_step():
+    from pdserve.dashboard import Dashboard
+
+    door = SimpleNamespace(limits=SimpleNamespace(model="skv-tiny"), serving=False, live={},
+                           metrics=SimpleNamespace(recent=SimpleNamespace(percentiles=lambda: {})))
+    shaped = Dashboard(door).shape({"workers": {"decode-0": {"role": "decode", "state": "stuck", "busy_s": 42.46}}})
+    assert [(w["name"], w["state"], w["step_s"]) for w in shaped["workers"]] == [("decode-0", "stuck", 42.5)]

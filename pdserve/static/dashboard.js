@@ -43,7 +43,7 @@ function render(d) {
     r.className = "worker";
     cell(r, w.name);
     cell(r, w.role);
-    cell(r, w.state, "state-" + w.state);
+    cell(r, w.step_s >= 1 ? w.state + " (step " + w.step_s.toFixed(1) + " s)" : w.state, "state-" + w.state);
     cell(r, w.device || "-");
     cell(r, w.role === "decode" ? w.running : "-");
     cell(r, w.role === "decode" ? w.waiting : w.queued_tokens + " tokens queued");
