@@ -54,10 +54,9 @@ def main() -> None:
         watcher.join(5)
         counters = cluster.counters.snapshot()
     drops, down_s = 0, 0.0
-    for (t, serving, _), (t_next, _, _) in zip(samples, samples[1:]):
+    for (t, serving, _), (t_next, serving_next, _) in zip(samples, samples[1:]):
         down_s += 0.0 if serving else t_next - t
-    for (_, was, _), (_, now, _) in zip(samples, samples[1:]):
-        drops += was and not now
+        drops += serving and not serving_next
     states = sorted({s for _, _, s in samples})
     print(f"{args.requests} x ({args.prompt} -> {args.max_tokens}), {args.model}, KV recomputed at decode: "
           f"{completed}/{args.requests} completed in {wall:.1f} s; recomputed {counters['recomputed_tokens']} tokens, "

@@ -170,7 +170,8 @@ class PrefillWorker(KVLoading):
 
     def _admit(self, job: _Job) -> bool:
         """The job into the engine, or settled with its error; False (nothing done) when its prefix finds no free
-        blocks while other requests hold them: it is admitted once they are done and their blocks freed."""
+        blocks while other requests hold them: it is admitted once they are done and their blocks freed. A job
+        for a request the engine still computes for an earlier call (given up by the cluster) replaces that call."""
         prefix = None
         stale = self._in_engine.get(job.request_id)
         if stale is not None:  # the request placed here again: the cluster gave up the call still computing it
