@@ -105,7 +105,8 @@ def status_message(model: str, s: dict) -> pb.ClusterStatusResponse:
     return pb.ClusterStatusResponse(
         model=model, policy=str(s.get("policy", "")), workers=workers, tiers=tiers,
         live_leases=store.get("live_leases", 0), predicted_hit_tokens=int(s.get("predicted_hit_tokens", 0)),
-        delivered_hit_tokens=int(s.get("delivered_hit_tokens", 0)), requests=int(s.get("requests", 0)),
+        delivered_hit_tokens=int(s.get("delivered_hit_tokens", 0)),
+        delivered_partial_tokens=int(s.get("delivered_partial_tokens", 0)), requests=int(s.get("requests", 0)),
         rejected=int(s.get("rejected", 0)), in_flight=int(s.get("in_flight", 0)),
         bytes_transferred=store.get("bytes_in", 0) + store.get("bytes_out", 0), serving=bool(s.get("serving", True)),
         store_state=store.get("state", "alive"), store_restarts=int(store.get("restarts", 0)),

@@ -47,6 +47,8 @@ class Metrics:
                                     m, registry=r)
         self.hits_delivered = Gauge("pdserve:prefix_cache_hit_tokens_delivered", "Hit tokens the workers delivered",
                                     m, registry=r)
+        self.hits_partial = Gauge("pdserve:prefix_cache_hit_tokens_partial", "Hit tokens the workers delivered past "
+                                  "the last whole block (on top of the delivered gauge)", m, registry=r)
         self.kv_bytes = Gauge("pdserve:kv_cache_bytes", "KV bytes held by the store per tier", m + ["tier"], registry=r)
         self.kv_blocks = Gauge("pdserve:kv_cache_blocks", "KV blocks held by the store per tier", m + ["tier"], registry=r)
         self.bytes_moved = Gauge("pdserve:kv_bytes_transferred", "KV bytes moved in and out of the store", m, registry=r)
@@ -96,6 +98,7 @@ class Metrics:
         self.waiting.labels(lm).set(sum(w["waiting"] for w in workers))
         self.hits_predicted.labels(lm).set(status.get("predicted_hit_tokens", 0))
         self.hits_delivered.labels(lm).set(status.get("delivered_hit_tokens", 0))
+        self.hits_partial.labels(lm).set(status.get("delivered_partial_tokens", 0))
         store = status.get("store", {})
         for tier, n in store.get("bytes", {}).items():
             self.kv_bytes.labels(lm, tier).set(n)

@@ -272,7 +272,8 @@ def _status(args) -> int:
               f"workers {', '.join(n.workers) or '-'}")
     for t in s.tiers:
         print(f"  store {t.tier:<5} {t.blocks:>7} blocks  {t.bytes / 2**20:9.1f} MiB  hit tokens {t.hit_tokens}")
-    print(f"  cache hit tokens: predicted {s.predicted_hit_tokens}, delivered {s.delivered_hit_tokens}; "
+    partial = f" (+{s.delivered_partial_tokens} in partial blocks)" if s.delivered_partial_tokens else ""
+    print(f"  cache hit tokens: predicted {s.predicted_hit_tokens}, delivered {s.delivered_hit_tokens}{partial}; "
           f"live leases {s.live_leases}; KV bytes moved {s.bytes_transferred}")
     print(f"  failures: {s.migrations} migrations, {s.recomputed_tokens} recomputed tokens, "
           f"{s.kv_load_failures} KV load failures")

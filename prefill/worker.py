@@ -256,7 +256,8 @@ class PrefillWorker(KVLoading):
         since = self.busy_since
         return {"name": self.name, "served": self.served, "queued_tokens": self.queued_tokens,
                 "busy_s": 0.0 if since is None else time.monotonic() - since,
-                "free_blocks": self.engine.pool.free_counts(), "kv_load_failures": self.kv_load_failures,
+                "free_blocks": self.engine.pool.free_counts(), "capacity": self.engine.pool.capacity,
+                "kv_load_failures": self.kv_load_failures,
                 "recomputed_tokens": self.recomputed_tokens}
 
     def arm_fault(self, point: str, action: str = "exit", after: int = 0, times: int = 1,

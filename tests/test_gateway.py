@@ -65,8 +65,9 @@ def test_generate_streams_token_ids_and_text(server):
 
 def test_health_reflection_models_status_metrics(server):
     messages = [("user", "Hello there! What is the capital of France?")]
-    for _ in range(2):  # its own requests and cache hit, so the counters below hold run alone or in any order
-        chat_turn(server, messages, "conv-status")
+    before = server.stub.ClusterStatus(pb.ClusterStatusRequest(), timeout=30)
+    # its own requests and cache hit, so the counters below hold run alone or in any order
+    cached = sum(chat_turn(server, messages, "conv-status")[2].usage.cached_tokens for _ in range(2))
     health = health_pb2_grpc.HealthStub(server.channel)
     for name in ("", "pdserve.v1.PDServe"):
         assert health.Check(health_pb2.HealthCheckRequest(service=name), timeout=10).status == \
@@ -81,6 +82,9 @@ def test_health_reflection_models_status_metrics(server):
     status = server.stub.ClusterStatus(pb.ClusterStatusRequest(), timeout=30)
     assert {w.role for w in status.workers} == {"prefill", "decode"} and status.requests >= 2
     assert status.delivered_hit_tokens > 0 and status.tiers[0].blocks > 0
+    delivered = [s.delivered_hit_tokens + s.delivered_partial_tokens for s in (before, status)]
+    assert cached > 0 and delivered[1] - delivered[0] == cached  # whole blocks and the partial rest: what clients got
+    assert all(0 <= w.free_blocks <= w.capacity_blocks and w.capacity_blocks > 0 for w in status.workers)
     assert server.state["log"] == str(server.state_file.with_suffix(".log"))  # the state file names the server's log
     body = urllib.request.urlopen(f"http://127.0.0.1:{server.state['metrics_port']}/metrics", timeout=10).read().decode()
     assert 'pdserve:time_to_first_token_seconds_count{model_name="skv-tiny"}' in body

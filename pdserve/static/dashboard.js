@@ -64,6 +64,7 @@ function render(d) {
   set("leases", d.store.live_leases);
   set("hits-predicted", d.hits.predicted_tokens);
   set("hits-delivered", d.hits.delivered_tokens);
+  set("hits-partial", d.hits.partial_tokens);
   set("hits-ratio", d.hits.predicted_tokens ? (d.hits.delivered_tokens / d.hits.predicted_tokens).toFixed(2) : "-");
   for (const k of ["p50", "p90", "p99"]) {
     set("ttft-" + k, ms(d.latency.ttft_s[k]));
