@@ -79,13 +79,14 @@ class LocalCluster(RequestFlow, NodeParts):
                  policy: str = "cache_aware", cost_model: str | None = None, slo: SLO = SLO(),
                  device: str = "auto", prefill_num_gpus: float = 0.0, decode_num_gpus: float = 0.0,
                  num_gpus: int | None = None, resilience: Resilience = Resilience(),
-                 topology: Topology | None = None, replication_threshold: int = 4):
+                 topology: Topology | None = None, replication_threshold: int = 4, cost_correction: bool = True):
         if quant is not None and not quant.kv:
             raise ValueError("the cluster ships int8 KV between workers: use an int8 KV precision "
                              f"(got {quant.tag}); float runs need the single-process engine")
         check_gpu_keys(device, prefill_num_gpus, decode_num_gpus)
         self.cost_model = live_cost_model(model, cost_model)  # before Ray: a bad name fails fast
         self.policy = make_policy(policy, self.cost_model, slo)
+        self.cost_correction = cost_correction  # the Conductor scales predictions by observed speeds
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # Ray binds 127.0.0.1 only
         import ray
 
@@ -162,7 +163,8 @@ class LocalCluster(RequestFlow, NodeParts):
                 handshake(p, d)
         replication = HotBlockReplication(self.replication_threshold, cfg.block_size) if self.node_of else None
         self.conductor = Conductor(self.policy, self.cost_model, list(self.prefill), list(self.decode),
-                                   cfg.block_size, self.fingerprint, nodes=self.node_of, replication=replication)
+                                   cfg.block_size, self.fingerprint, nodes=self.node_of, replication=replication,
+                                   correct=self.cost_correction)
         members = [Member(n, "prefill", a) for n, a in self.prefill.items()]
         members += [Member(n, "decode", a) for n, a in self.decode.items()]
         members += [Member(n, "store", a) for n, a in self._store_members().items()]
@@ -170,7 +172,8 @@ class LocalCluster(RequestFlow, NodeParts):
         self.supervisor = Supervisor(members, self.conductor.mark_down, self._rejoin, self._store_reset,
                                      unresponsive_s=self.resilience.unresponsive_s,
                                      stuck_s=self.resilience.stall_timeout_s,
-                                     on_round=self.node_watch.check if self.node_watch else None).start()
+                                     on_round=self.node_watch.check if self.node_watch else None,
+                                     on_report=self.conductor.observe_load).start()
 
     def _rejoin(self, member: Member) -> bool:
         """A worker answers again (maybe restarted): it must still pair with the others (handshake)
@@ -245,7 +248,7 @@ class LocalCluster(RequestFlow, NodeParts):
         loads = self.loads(timeout_s=2.0)
         self.conductor.update_loads(loads)
         self._drain_store_events()
-        stats = self.conductor.stats()
+        stats, slowdowns = self.conductor.stats(), self.conductor.slowdowns()
         health = self.supervisor.snapshot()
         workers = {}
         for name in [*self.prefill, *self.decode]:
@@ -255,7 +258,7 @@ class LocalCluster(RequestFlow, NodeParts):
                 load = {k: v for k, v in load.items() if k not in ("running", "waiting", "queued_tokens")}
             info = self.workers[name]
             workers[name] = {**load, "role": h["role"], "state": h["state"], "restarts": h["restarts"],
-                             "device": info.device, "gpu_ids": list(info.gpu_ids)}
+                             "device": info.device, "gpu_ids": list(info.gpu_ids), "slowdown": slowdowns[name]}
         try:
             store = self.store_stats()
         except Exception:  # noqa: BLE001
@@ -267,7 +270,8 @@ class LocalCluster(RequestFlow, NodeParts):
         return {"workers": workers, "store": store, "nodes": self.node_status(health, workers),
                 "policy": stats["policy"], "remote_hit_tokens": stats["remote_hit_tokens"],
                 "replicated_blocks": stats["replicated_blocks"],
-                "cost_model": self.cost_model.name, "predicted_hit_tokens": stats["predicted_hit_tokens"],
+                "cost_model": self.cost_model.name, "ttft_observed_over_predicted": stats["ttft_observed_over_predicted"],
+                "predicted_hit_tokens": stats["predicted_hit_tokens"],
                 "delivered_hit_tokens": stats["delivered_hit_tokens"],
                 "delivered_partial_tokens": stats["delivered_partial_tokens"], "requests": stats["requests"],
                 "rejected": stats["rejected"], "in_flight": stats["in_flight"], "serving": self.serving(),

@@ -7,6 +7,7 @@ n_prefill = 1
 n_decode = 1
 num_cpus = 2                 # Ray's CPU count (local clusters only)
 policy = "cache_aware"       # a scheduler.policies name
+cost_correction = true       # scale the cost model's predictions by each worker's observed speed
 kv_cache_bytes = 536870912   # per worker engine
 max_seqs = 64
 block_size = 16              # optional: must equal the model's (checked, never overridden)
@@ -81,6 +82,7 @@ class ClusterSection:
     n_decode: int = 1
     num_cpus: int = 0  # 0 = all the machine's cores (at least 2)
     policy: str = "cache_aware"
+    cost_correction: bool = True
     kv_cache_bytes: int = 512 * 2**20
     max_seqs: int = 64
     block_size: int = 0  # 0 = the model's

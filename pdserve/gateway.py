@@ -97,7 +97,7 @@ def status_message(model: str, s: dict) -> pb.ClusterStatusResponse:
                                capacity_blocks=total_blocks(w.get("capacity", 0)), device=w.get("device", ""),
                                gpu_ids=w.get("gpu_ids", []), state=w.get("state", "alive"),
                                restarts=int(w.get("restarts", 0)), node=w.get("node", ""),
-                               step_s=float(w.get("busy_s", 0.0)))
+                               step_s=float(w.get("busy_s", 0.0)), slowdown=float(w.get("slowdown", 1.0)))
                for name, w in s.get("workers", {}).items()]
     store, counters = s.get("store", {}), s.get("counters", {})
     tiers = [pb.TierStatus(tier=t, blocks=store.get("blocks", {}).get(t, 0), bytes=store.get("bytes", {}).get(t, 0),
@@ -106,7 +106,8 @@ def status_message(model: str, s: dict) -> pb.ClusterStatusResponse:
         model=model, policy=str(s.get("policy", "")), workers=workers, tiers=tiers,
         live_leases=store.get("live_leases", 0), predicted_hit_tokens=int(s.get("predicted_hit_tokens", 0)),
         delivered_hit_tokens=int(s.get("delivered_hit_tokens", 0)),
-        delivered_partial_tokens=int(s.get("delivered_partial_tokens", 0)), requests=int(s.get("requests", 0)),
+        delivered_partial_tokens=int(s.get("delivered_partial_tokens", 0)), cost_model=str(s.get("cost_model", "")),
+        ttft_observed_over_predicted=float(s.get("ttft_observed_over_predicted", 0.0)), requests=int(s.get("requests", 0)),
         rejected=int(s.get("rejected", 0)), in_flight=int(s.get("in_flight", 0)),
         bytes_transferred=store.get("bytes_in", 0) + store.get("bytes_out", 0), serving=bool(s.get("serving", True)),
         store_state=store.get("state", "alive"), store_restarts=int(store.get("restarts", 0)),

@@ -60,6 +60,10 @@ class Metrics:
         self.step_seconds = Gauge("pdserve:worker_step_seconds", "How long each worker's engine has been in its "
                                   "current step (0 between steps; past resilience.stall_timeout_s: stuck)",
                                   m + ["worker"], registry=r)
+        self.slowdown = Gauge("pdserve:worker_slowdown", "Each worker's observed over its cost model's predicted "
+                              "time (the placement's correction; 1 = as predicted)", m + ["worker"], registry=r)
+        self.ttft_error = Gauge("pdserve:ttft_observed_over_predicted", "Median over recent requests of observed "
+                                "over predicted time to the first token (0 = none yet)", m, registry=r)
         self.restarts = Counter("pdserve:worker_restarts", "Times Ray restarted a worker or the store", m + ["role"],
                                 registry=r)
         self.migrations = Counter("pdserve:request_migrations", "Streams moved to another decode worker mid-stream",
@@ -115,6 +119,8 @@ class Metrics:
             self.workers.labels(lm, role, state).set(n)
         for name, w in status.get("workers", {}).items():
             self.step_seconds.labels(lm, name).set(float(w.get("busy_s", 0.0)))
+            self.slowdown.labels(lm, name).set(float(w.get("slowdown", 1.0)))
+        self.ttft_error.labels(lm).set(float(status.get("ttft_observed_over_predicted", 0.0)))
         restarts = {r: 0 for r in ("prefill", "decode")}
         for w in status.get("workers", {}).values():
             if w.get("role") in restarts:

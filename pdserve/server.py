@@ -60,6 +60,7 @@ def build_cluster(cfg: Config, ray_address: str | None):
     cluster = LocalCluster(c.model, n_prefill=c.n_prefill, n_decode=c.n_decode,
                            engine_config=EngineConfig(kv_cache_bytes=c.kv_cache_bytes, max_seqs=c.max_seqs),
                            store_config=store, num_cpus=c.num_cpus or None, policy=c.policy,
+                           cost_correction=c.cost_correction,
                            slo=SLO(ttft_s=cfg.slo.ttft_ms / 1000, tbt_s=cfg.slo.tbt_ms / 1000), device=c.device,
                            prefill_num_gpus=c.prefill_num_gpus, decode_num_gpus=c.decode_num_gpus,
                            num_gpus=c.num_gpus or None, resilience=cfg.resilience,

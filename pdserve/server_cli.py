@@ -275,6 +275,10 @@ def _status(args) -> int:
     partial = f" (+{s.delivered_partial_tokens} in partial blocks)" if s.delivered_partial_tokens else ""
     print(f"  cache hit tokens: predicted {s.predicted_hit_tokens}, delivered {s.delivered_hit_tokens}{partial}; "
           f"live leases {s.live_leases}; KV bytes moved {s.bytes_transferred}")
+    if s.cost_model:
+        slow = ", ".join(f"{w.name} {w.slowdown:.2f}" for w in s.workers)
+        ttft = f"; TTFT {s.ttft_observed_over_predicted:.2f}" if s.ttft_observed_over_predicted else ""
+        print(f"  cost model {s.cost_model}, observed / predicted time: {slow}{ttft}")
     print(f"  failures: {s.migrations} migrations, {s.recomputed_tokens} recomputed tokens, "
           f"{s.kv_load_failures} KV load failures")
     return 0

@@ -7,7 +7,8 @@ whose ping fails, is taken out of placement; one that answers again is put back,
 answers as a new incarnation (Ray restarted it) that counts as a restart. A store that comes back
 as a new incarnation is empty: the Conductor forgets every block it held (``on_store_reset(name)``).
 Members whose node is gone are ``retire``d: dead for good, never pinged again. ``on_round`` runs
-once per round (the node watch).
+once per round (the node watch); ``on_report(name, load)`` gets each worker's report (the Conductor
+corrects its cost model by the speeds they show).
 
 A worker's ping answers while its engine steps (it does not wait for the engine), so a long step (a
 512-token chunk of a big model on CPU) is not taken for a lost worker; the ping reports how long the
@@ -43,14 +44,15 @@ class Member:
 class Supervisor:
     def __init__(self, members: list[Member], on_down: Callable[[str], None], on_up: Callable[[Member], bool],
                  on_store_reset: Callable[[str], None], interval_s: float = 0.25, unresponsive_s: float = 1.0,
-                 on_round: Callable[[], None] | None = None, stuck_s: float | None = None):
+                 on_round: Callable[[], None] | None = None, stuck_s: float | None = None,
+                 on_report: Callable[[str, dict], None] | None = None):
         import ray
 
         self.ray = ray
         self.members = {m.name: m for m in members}
         self.on_down, self.on_up, self.on_store_reset = on_down, on_up, on_store_reset
         self.interval_s, self.unresponsive_s, self.stuck_s = interval_s, unresponsive_s, stuck_s
-        self.on_round = on_round
+        self.on_round, self.on_report = on_round, on_report
         self.lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pdserve-supervisor", daemon=True)
@@ -152,7 +154,9 @@ class Supervisor:
             if restarted:
                 m.restarts += 1
             m.incarnation = report.get("incarnation", m.incarnation)
-            was = m.state
+            was, load = m.state, m.load
+        if self.on_report is not None and m.role != "store":
+            self.on_report(m.name, load)
         if self.stuck_s is not None and report.get("busy_s", 0.0) > self.stuck_s:
             self._down(m, "stuck")  # back in placement once a ping finds its engine between steps again
             return

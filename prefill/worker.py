@@ -92,6 +92,7 @@ class PrefillWorker(KVLoading):
         self._in_engine: dict[str, _Job] = {}
         self._stepping = False
         self.busy_since: float | None = None  # when the engine's current step began (None: between steps)
+        self.busy_total_s = 0.0  # seconds in engine steps since start (the Conductor's measure of this speed)
 
     def info(self) -> WorkerInfo:
         cfg = self.engine.mcfg
@@ -163,6 +164,7 @@ class PrefillWorker(KVLoading):
                 if job is not None and out.finished:
                     self._finish(job, out)
         finally:
+            self.busy_total_s += time.monotonic() - self.busy_since
             self.busy_since = None
             self._turn.acquire()
             self._queue = waiting + self._queue
@@ -255,7 +257,7 @@ class PrefillWorker(KVLoading):
         """``busy_s``: how long the engine's current step has run (the supervisor tells a stuck worker by it)."""
         since = self.busy_since
         return {"name": self.name, "served": self.served, "queued_tokens": self.queued_tokens,
-                "busy_s": 0.0 if since is None else time.monotonic() - since,
+                "busy_s": 0.0 if since is None else time.monotonic() - since, "busy_total_s": self.busy_total_s,
                 "free_blocks": self.engine.pool.free_counts(), "capacity": self.engine.pool.capacity,
                 "kv_load_failures": self.kv_load_failures,
                 "recomputed_tokens": self.recomputed_tokens}

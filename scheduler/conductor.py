@@ -13,6 +13,10 @@ What feeds the view:
   the next turn finds its prefix there;
 - worker load reports (running / waiting sequences) and the store's ``removed`` events, which
   drop blocks from every worker's index;
+- each worker's observed speed (``observe_load``: a prefill worker's busy seconds, a decode worker's
+  mean step time) against the cost model's: its ``slowdown`` scales what the policies predict for it
+  (``scheduler.correction``; ``correct=False`` keeps the model as it is). Observed TTFTs are kept next to
+  the predicted ones, so ``stats()`` says how far the predictions are off;
 - liveness: a worker marked down (dead, restarting or not answering) leaves placement until it is
   marked up again; a store that restarted empty makes the Conductor forget every block (of its node).
 
@@ -27,11 +31,14 @@ A plain thread-safe class: ``pdserve.cluster.LocalCluster`` calls it from its su
 """
 from __future__ import annotations
 
+import collections
+import statistics
 import threading
 import time
 from dataclasses import dataclass
 
 from kvstore.keys import block_keys
+from scheduler.correction import CostCorrection
 from scheduler.cost_model import CostModel
 from scheduler.placement import ClusterView, Placement, PlacementRequest, Reject
 from scheduler.replication import HotBlockReplication, Replicate
@@ -46,13 +53,17 @@ class Outstanding:
     predicted_s: float
     prompt_tokens: int
     kv_bytes: float
+    placed_at: float = 0.0
+    prefilled: bool = False  # reported by its prefill worker (its decode slot went from incoming to running)
 
 
 class Conductor:
     def __init__(self, policy, cost: CostModel, prefill: list[str], decode: list[str], block_size: int,
                  fingerprint: int, clock=time.monotonic, nodes: dict[str, str] | None = None,
-                 replication: HotBlockReplication | None = None):
+                 replication: HotBlockReplication | None = None, correct: bool = True):
         self.policy, self.cost, self.clock = policy, cost, clock
+        self.correction = CostCorrection() if correct else None
+        self.ttfts: collections.deque[tuple[float, float]] = collections.deque(maxlen=256)  # (observed, predicted)
         self.view = ClusterView(list(prefill), list(decode), block_size=block_size, fingerprint=fingerprint,
                                 nodes=dict(nodes or {}))
         for name in [*prefill, *(decode if nodes else [])]:  # a decode-only node's store holds blocks too
@@ -64,6 +75,7 @@ class Conductor:
         self.remote_hit_tokens = 0  # predicted hits placed to be fetched from another node
         self.lock = threading.Lock()
         self.outstanding: dict[str, Outstanding] = {}
+        self.pending_s: dict[str, float] = {}  # per prefill worker: predicted seconds of the prompts placed there
         self.block_size = block_size
         self.predicted_hit_tokens = 0
         self.delivered_hit_tokens = 0  # whole blocks, as predicted
@@ -135,15 +147,16 @@ class Conductor:
                 return got
             n = request.prompt_tokens
             cached = min(got.predicted_hit_tokens, max(0, n - 1))
-            predicted = self.cost.prefill_time(n - cached, cached)
             ps = self.view.prefill_state[got.prefill]
+            predicted = self.cost.prefill_time(n - cached, cached) * ps.slowdown
             ps.busy_until = max(now, ps.busy_until) + predicted
             ps.queued += 1
+            self.pending_s[got.prefill] = self.pending_s.get(got.prefill, 0.0) + predicted
             ds = self.view.decode_state[got.decode]
             kv = self.cost.kv_bytes(n)
             ds.incoming += 1
             ds.incoming_kv_bytes += kv
-            self.outstanding[request.request_id] = Outstanding(got, predicted, n, kv)
+            self.outstanding[request.request_id] = Outstanding(got, predicted, n, kv, now)
             self.predicted_hit_tokens += got.predicted_hit_tokens
             if got.fetch_from is not None:
                 self.remote_hit_tokens += got.predicted_hit_tokens
@@ -156,13 +169,18 @@ class Conductor:
         """The prefill worker's report: its published blocks and the hit it delivered."""
         with self.lock:
             out = self.outstanding.get(request_id)
-            if out is None:
+            if out is None or out.prefilled:
                 return
-            p = out.placement.prefill
-            ps = self.view.prefill_state[p]
-            ps.queued = max(0, ps.queued - 1)
-            now = self.clock()
-            ps.busy_until = max(now, ps.busy_until - out.predicted_s) if ps.queued else now
+            out.prefilled = True
+            p, now = out.placement.prefill, self.clock()
+            self._dequeue(out, now)
+            if out.placement.predicted_ttft_s:
+                self.ttfts.append((now - out.placed_at, out.placement.predicted_ttft_s))
+            if self.correction is not None:
+                n = out.prompt_tokens
+                done = min(cached_tokens, max(0, n - 1))
+                ps = self.view.prefill_state[p]
+                ps.slowdown = self.correction.prefilled(p, self.cost.prefill_time(n - done, done), now)
             whole = cached_tokens // self.block_size * self.block_size
             self.delivered_hit_tokens += whole
             self.delivered_partial_tokens += cached_tokens - whole
@@ -175,13 +193,31 @@ class Conductor:
             ds.running += 1
             ds.kv_bytes += out.kv_bytes
 
+    def _dequeue(self, out: Outstanding, now: float) -> None:
+        """``out`` leaves its prefill worker's predicted queue (under the lock): the worker is busy from now
+        for the predicted time of the prompts still placed on it, as in the simulator (subtracting the
+        finished prompt's time from the old busy-until instead lost the time since, so a queue read shorter
+        with every completion: under load the predicted TTFT fell behind the observed by minutes)."""
+        p = out.placement.prefill
+        ps = self.view.prefill_state[p]
+        ps.queued = max(0, ps.queued - 1)
+        self.pending_s[p] = max(0.0, self.pending_s.get(p, 0.0) - out.predicted_s) if ps.queued else 0.0
+        ps.busy_until = now + self.pending_s[p]
+
     def finished(self, request_id: str, tokens: list[int] | None = None) -> None:
-        """The request left decode; ``tokens`` (prompt + answer) is what its decode worker published."""
+        """The request left the cluster: decode finished it, or it ended (cancelled, failed, lost and placed
+        again) before its prefill was reported, when it leaves the prefill queue and the decode worker's
+        incoming sequences instead. ``tokens`` (prompt + answer) is what its decode worker published."""
         with self.lock:
             out = self.outstanding.pop(request_id, None)
             if out is None:
                 return
             ds = self.view.decode_state[out.placement.decode]
+            if not out.prefilled:
+                self._dequeue(out, self.clock())
+                ds.incoming = max(0, ds.incoming - 1)
+                ds.incoming_kv_bytes = max(0.0, ds.incoming_kv_bytes - out.kv_bytes)
+                return
             ds.running = max(0, ds.running - 1)
             ds.kv_bytes = max(0.0, ds.kv_bytes - out.kv_bytes)
             if tokens:
@@ -221,6 +257,25 @@ class Conductor:
                 self.view.cache_insert(order.target, keys, tokens)
                 self.replicated_blocks += len(keys)
 
+    def observe_load(self, name: str, load: dict) -> None:
+        """A worker's load report (the supervisor's ping): its observed speed corrects the model's for it."""
+        if self.correction is None:
+            return
+        with self.lock:
+            now = self.clock()
+            ps, ds = self.view.prefill_state.get(name), self.view.decode_state.get(name)
+            if ps is not None and "busy_total_s" in load:
+                ps.slowdown = self.correction.prefill_busy(name, float(load["busy_total_s"]), now)
+            if ds is not None and load.get("running") and load.get("mean_step_s"):
+                predicted = self.cost.decode_step_time(int(load["running"]), ds.kv_bytes)
+                ds.slowdown = self.correction.decode_step(name, float(load["mean_step_s"]), predicted, now)
+
+    def slowdowns(self) -> dict[str, float]:
+        """Each worker's observed over predicted time (1.0: as the cost model says, or not yet observed)."""
+        with self.lock:
+            return {**{n: s.slowdown for n, s in self.view.prefill_state.items()},
+                    **{n: s.slowdown for n, s in self.view.decode_state.items()}}
+
     def update_loads(self, loads: dict[str, dict]) -> None:
         with self.lock:
             self.view.load = dict(loads)
@@ -258,7 +313,9 @@ class Conductor:
                     "predicted_hit_tokens": self.predicted_hit_tokens,
                     "delivered_hit_tokens": self.delivered_hit_tokens,
                     "delivered_partial_tokens": self.delivered_partial_tokens, "in_flight": len(self.outstanding),
-                    "remote_hit_tokens": self.remote_hit_tokens, "replicated_blocks": self.replicated_blocks}
+                    "remote_hit_tokens": self.remote_hit_tokens, "replicated_blocks": self.replicated_blocks,
+                    "ttft_observed_over_predicted": (statistics.median(o / p for o, p in self.ttfts)
+                                                     if self.ttfts else 0.0)}
 
 
 def _drop_subtree(index, key: int) -> None:

@@ -2,8 +2,11 @@
 
 The live Conductor and the simulator call these very objects. Each predicts with a ``CostModel``:
 
-    TTFT(p) = queue(p) + [transfer of a fetched prefix] + prefill(new tokens, cached tokens)
-    TBT(d)  = decode step time of d's batch with this request added (at the time it arrives there)
+    TTFT(p) = queue(p) + [transfer of a fetched prefix] + prefill(new tokens, cached tokens) x slowdown(p)
+    TBT(d)  = decode step time of d's batch with this request added (at the time it arrives there) x slowdown(d)
+
+(``slowdown``: the live Conductor's observed-over-predicted time of each worker, ``scheduler.correction``;
+always 1 in the simulator.)
 
 - ``random`` / ``round_robin``: baselines that ignore state.
 - ``least_loaded``: the shortest prefill queue and the lightest decode batch (load balancing).
@@ -45,7 +48,8 @@ class Policy:
     def ttft(self, view: ClusterView, p: str, request: PlacementRequest, cached: int, fetched: int = 0) -> float:
         n = request.prompt_tokens
         cached = min(cached, n - 1) if n > 0 else 0
-        t = view.prefill_state[p].queue_s(view.now) + self.cost.prefill_time(n - cached, cached)
+        ps = view.prefill_state[p]
+        t = ps.queue_s(view.now) + self.cost.prefill_time(n - cached, cached) * ps.slowdown
         if fetched > 0:
             t += self.cost.transfer_time(self.cost.kv_bytes(fetched))
         return t
@@ -58,7 +62,7 @@ class Policy:
         batch = s.running + s.incoming + 1 - leaving
         per_seq = s.kv_bytes / s.running if s.running else 0.0
         kv = s.kv_bytes - leaving * per_seq + s.incoming_kv_bytes + self.cost.kv_bytes(request.prompt_tokens)
-        return self.cost.decode_step_time(max(1, round(batch)), max(0.0, kv))
+        return self.cost.decode_step_time(max(1, round(batch)), max(0.0, kv)) * s.slowdown
 
     def pick_decode(self, view: ClusterView, p: str, request: PlacementRequest, after_s: float) -> tuple[str, float]:
         if view.colocated:

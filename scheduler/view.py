@@ -62,6 +62,7 @@ class PrefillState:
     busy_until: float = 0.0  # predicted time the queued and running prefills are done
     queued: int = 0  # requests placed here and not yet prefilled
     cache: PrefixIndex | None = None  # the blocks this instance holds (None: holds nothing)
+    slowdown: float = 1.0  # observed over predicted prefill time (the live correction; 1 in the simulator)
 
     def queue_s(self, now: float) -> float:
         return max(0.0, self.busy_until - now)
@@ -75,6 +76,7 @@ class DecodeState:
     incoming: int = 0  # placed here, still prefilling
     incoming_kv_bytes: float = 0.0
     finish_rate: float = 0.0  # sequences leaving per second (recent), for prediction
+    slowdown: float = 1.0  # observed over predicted step time (the live correction; 1 in the simulator)
 
 
 @dataclass

@@ -159,6 +159,13 @@ def test_prefill_dies_mid_prefill(cluster, reference):
     assert s["workers"]["prefill-0"]["restarts"] == before + 1 and s["counters"]["replacements"] >= 1
     assert_nothing_held(cluster)
     assert_recovered(cluster, reference, t0)
+    # the Conductor's picture: the re-placed requests left no predicted queue nor incoming decode slot behind
+    view = cluster.conductor.view
+    assert (view.prefill_state["prefill-0"].queued, view.decode_state["decode-0"].incoming) == (0, 0)
+    assert cluster.conductor.pending_s["prefill-0"] == 0.0
+    # and its correction still reads the restarted worker's speed (its busy count began again at 0)
+    slowdown = cluster.status()["workers"]["prefill-0"]["slowdown"]
+    assert slowdown != 1.0 and 0.05 < slowdown < 50.0
 
 
 def test_prefill_dies_after_leasing_before_its_reply(cluster, reference):

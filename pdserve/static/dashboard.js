@@ -49,6 +49,7 @@ function render(d) {
     cell(r, w.role === "decode" ? w.waiting : w.queued_tokens + " tokens queued");
     bar(r, w.capacity_blocks - w.free_blocks, w.capacity_blocks);
     cell(r, w.restarts);
+    cell(r, "x" + w.slowdown.toFixed(2));
   }
   const tb = $("tiers").tBodies[0];
   tb.replaceChildren();

@@ -1,0 +1,75 @@
+"""The live Conductor's correction of its cost model, from what the workers report.
+
+A cost model is a fit (``pdserve calibrate``, of the engine alone in one process) or a guess
+(``CPU_FALLBACK``), and live workers run under conditions no fit saw: one torch thread each, neighbours on
+the same cores, another GPU. On a 2-core CPU the fallback predicted SmolLM2's prefills ~5x too fast, so
+a policy that rejects early (``mooncake``, ``goodput``) admitted requests that then waited far past their
+TTFT SLO. Here each worker's observed over predicted time becomes its ``slowdown``, by which the policies
+scale that worker's predictions (its queue, TTFT and TBT), so early rejection and the choice between
+workers rest on the speed the cluster has. The simulator never corrects: there the model is the truth.
+
+- prefill: the engine's busy seconds (a cumulative count in each load report) over the model's time for
+  the prompts the worker finished meanwhile (new and cached tokens as delivered);
+- decode: the worker's mean step time over the model's step time at its reported batch.
+
+Both are ratios of sums decayed with a half-life of ``half_life_s``, so they follow a machine whose speed
+changes; a worker is corrected only after ``min_seen`` observations, and the ratio stays within
+[``lo``, ``hi``] so that one odd report cannot shut placement.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class _Sums:
+    observed: float = 0.0
+    predicted: float = 0.0
+    seen: int = 0  # observations so far
+    at: float | None = None  # when last decayed
+    busy_total: float | None = None  # a prefill worker's cumulative busy seconds at its last report
+
+
+class CostCorrection:
+    def __init__(self, half_life_s: float = 60.0, min_seen: int = 3, lo: float = 0.05, hi: float = 50.0):
+        self.half_life_s, self.min_seen, self.lo, self.hi = half_life_s, min_seen, lo, hi
+        self.sums: dict[tuple[str, str], _Sums] = {}
+
+    def _at(self, role: str, worker: str, now: float) -> _Sums:
+        s = self.sums.setdefault((role, worker), _Sums())
+        if s.at is not None and now > s.at:
+            f = 0.5 ** ((now - s.at) / self.half_life_s)
+            s.observed, s.predicted = s.observed * f, s.predicted * f
+        s.at = now if s.at is None else max(s.at, now)
+        return s
+
+    def prefilled(self, worker: str, predicted_s: float, now: float) -> float:
+        """A prompt of ``worker`` is done; the model gave it ``predicted_s``. Returns the worker's slowdown."""
+        s = self._at("prefill", worker, now)
+        s.predicted += predicted_s
+        s.seen += 1
+        return self.slowdown("prefill", worker)
+
+    def prefill_busy(self, worker: str, busy_total_s: float, now: float) -> float:
+        """A load report: the engine's busy seconds since the worker started (a restart counts from 0 again)."""
+        s = self._at("prefill", worker, now)
+        if s.busy_total is not None and busy_total_s >= s.busy_total:
+            s.observed += busy_total_s - s.busy_total
+        s.busy_total = busy_total_s
+        return self.slowdown("prefill", worker)
+
+    def decode_step(self, worker: str, observed_s: float, predicted_s: float, now: float) -> float:
+        """A load report of a decode worker with a batch: its mean step time, and the model's for that batch."""
+        if observed_s <= 0 or predicted_s <= 0:
+            return self.slowdown("decode", worker)
+        s = self._at("decode", worker, now)
+        s.observed += observed_s
+        s.predicted += predicted_s
+        s.seen += 1
+        return self.slowdown("decode", worker)
+
+    def slowdown(self, role: str, worker: str) -> float:
+        s = self.sums.get((role, worker))
+        if s is None or s.seen < self.min_seen or s.predicted <= 0 or s.observed <= 0:
+            return 1.0
+        return min(self.hi, max(self.lo, s.observed / s.predicted))

@@ -1,0 +1,176 @@
+"""The live Conductor corrects its cost model by each worker's observed speed (scheduler.correction), and keeps
+its predicted queues honest when a request ends before its prefill is reported."""
+from types import SimpleNamespace
+
+import pytest
+
+from scheduler.conductor import Conductor
+from scheduler.correction import CostCorrection
+from scheduler.cost_model import CostModel
+from scheduler.placement import Placement, PlacementRequest, Reject
+from scheduler.policies import SLO, make_policy
+
+BS = 16
+# 1 ms per prompt token, decode steps of 10 ms + 1 ms per sequence
+COST = CostModel("unit", prefill_overhead_s=0.0, prefill_s_per_token=1e-3, prefill_s_per_pair=0.0,
+                 decode_overhead_s=0.01, decode_weights_s=0.0, decode_s_per_seq=1e-3, decode_s_per_kv_byte=0.0,
+                 kv_bytes_global_per_token=100.0, kv_bytes_local_per_token=0.0, net_bytes_per_s=1e9)
+
+
+class Clock:
+    def __init__(self):
+        self.t = 100.0
+
+    def __call__(self):
+        return self.t
+
+
+def conductor(policy="mooncake", slo=SLO(ttft_s=2.0, tbt_s=1.0), correct=True, clock=None):
+    return Conductor(make_policy(policy, COST, slo), COST, ["p0"], ["d0"], BS, 0, clock=clock or Clock(),
+                     correct=correct)
+
+
+def req(rid, n=1000, ttft_slo_s=None):
+    start = 3 + sum(map(ord, rid)) * 7 % 1000
+    return PlacementRequest(rid, n, ttft_slo_s=ttft_slo_s, prompt=tuple(range(start, start + n)))
+
+
+def test_the_ratio_waits_for_enough_observations_is_bounded_and_follows_a_change():
+    c = CostCorrection(half_life_s=10.0, min_seen=3, lo=0.1, hi=20.0)
+    c.prefill_busy("p", 0.0, now=0.0)
+    for i in range(2):
+        c.prefill_busy("p", 5.0 * (i + 1), now=i + 1.0)
+        assert c.prefilled("p", 1.0, now=i + 1.0) == 1.0  # two prompts: not yet
+    c.prefill_busy("p", 15.0, now=3.0)
+    assert c.prefilled("p", 1.0, now=3.0) == pytest.approx(5.0)
+    c.prefill_busy("p", 3.0, now=4.0)  # the worker restarted: its count starts again, nothing negative is added
+    assert c.slowdown("prefill", "p") == pytest.approx(5.0, rel=0.1)
+    for i in range(60):  # the machine got 5x faster: the old observations fade
+        t = 5.0 + i
+        c.prefill_busy("p", 3.0 + (i + 1) * 1.0, now=t)
+        c.prefilled("p", 1.0, now=t)
+    assert c.slowdown("prefill", "p") == pytest.approx(1.0, rel=0.1)
+    for i in range(5):
+        c.decode_step("d", observed_s=10.0, predicted_s=0.01, now=i)
+    assert c.slowdown("decode", "d") == 20.0  # bounded: one odd worker cannot shut placement
+    assert c.slowdown("decode", "unseen") == 1.0
+
+
+def test_a_worker_five_times_slower_than_its_model_gets_five_times_the_predicted_ttft_and_is_rejected_early():
+    clock = Clock()
+    c = conductor(clock=clock)
+    c.observe_load("p0", {"busy_total_s": 0.0})
+    first = c.place(req("warm-0"))
+    assert isinstance(first, Placement) and first.predicted_ttft_s == pytest.approx(1.0)  # 1000 tokens x 1 ms
+    c.finished("warm-0")
+    for i in range(4):  # four prompts of 1000 tokens, each taking 5 s of the engine's time (a lax SLO)
+        rid = f"r{i}"
+        assert isinstance(c.place(req(rid, ttft_slo_s=60.0)), Placement)
+        clock.t += 5.0
+        c.observe_load("p0", {"busy_total_s": 5.0 * (i + 1)})
+        c.prefilled(rid, [], 0, 0)
+        c.finished(rid)
+    assert c.slowdowns()["p0"] == pytest.approx(5.0, rel=0.05)
+    got = c.place(req("late"))  # 1 s by the model, ~5 s by what p0 shows: past the 2 s SLO
+    assert isinstance(got, Reject) and "predicted TTFT" in got.reason
+    ok = c.place(req("short", n=200))  # 0.2 s by the model, ~1 s observed: within the SLO
+    assert isinstance(ok, Placement) and ok.predicted_ttft_s == pytest.approx(1.0, rel=0.05)
+    stats = c.stats()
+    assert stats["ttft_observed_over_predicted"] == pytest.approx(5.0, rel=0.05)  # corrected only afterwards
+
+
+def test_without_correction_the_model_stands():
+    clock = Clock()
+    c = conductor(correct=False, clock=clock)
+    for i in range(4):
+        c.place(req(f"r{i}"))
+        clock.t += 5.0
+        c.observe_load("p0", {"busy_total_s": 5.0 * (i + 1)})
+        c.prefilled(f"r{i}", [], 0, 0)
+        c.finished(f"r{i}")
+    assert c.slowdowns() == {"p0": 1.0, "d0": 1.0}
+    assert isinstance(c.place(req("late")), Placement)
+
+
+def test_decode_steps_slower_than_the_model_raise_the_predicted_tbt():
+    c = conductor(slo=SLO(ttft_s=60.0, tbt_s=0.05))
+    for _ in range(4):  # batch of 4: the model says 14 ms a step, the worker shows 70 ms
+        c.observe_load("d0", {"running": 4, "waiting": 0, "mean_step_s": 0.07})
+    assert c.slowdowns()["d0"] == pytest.approx(5.0)
+    got = c.place(req("x", n=100))
+    assert isinstance(got, Reject) and "predicted TBT" in got.reason
+
+
+def test_a_request_that_ends_before_its_prefill_is_reported_leaves_no_queue_behind():
+    """Cancelled, failed or placed again before prefill: its prefill worker's predicted queue and its decode
+    worker's incoming count go back (the old code moved it out of ``running``, leaving ``incoming`` +1 forever)."""
+    c = conductor(policy="cache_aware", correct=False)
+    for i in range(3):
+        assert isinstance(c.place(req(f"gone-{i}")), Placement)
+        c.finished(f"gone-{i}")
+    ps, ds = c.view.prefill_state["p0"], c.view.decode_state["d0"]
+    assert (ps.queued, ds.incoming, ds.incoming_kv_bytes, ds.running) == (0, 0, 0.0, 0)
+    assert ps.queue_s(c.clock()) == 0.0
+    c.place(req("kept"))
+    c.prefilled("kept", [], 0, 0)
+    c.prefilled("kept", [], 0, 0)  # a second report changes nothing
+    assert (ps.queued, ds.incoming, ds.running) == (0, 0, 1)
+    c.finished("kept")
+    assert (ds.incoming, ds.running) == (0, 0)
+
+
+def test_the_predicted_queue_after_a_completion_is_the_work_still_placed_there():
+    """Three prompts of 1 s (by the model) placed at once; when the first finishes on time, 2 s remain. The old
+    update subtracted the finished prompt's second from the old busy-until and read 1 s, one second short per
+    completion, so under steady load the queue looked ever shorter than it was."""
+    clock = Clock()
+    c = conductor(policy="cache_aware", correct=False, clock=clock)
+    for i in range(3):
+        c.place(req(f"q{i}"))
+    ps = c.view.prefill_state["p0"]
+    assert ps.queue_s(clock()) == pytest.approx(3.0)
+    clock.t += 1.0
+    c.prefilled("q0", [], 0, 0)
+    assert ps.queue_s(clock()) == pytest.approx(2.0)
+    clock.t += 1.5  # late: the second prompt took 1.5 s
+    c.prefilled("q1", [], 0, 0)
+    assert ps.queue_s(clock()) == pytest.approx(1.0)
+    c.finished("q2")  # given up before its prefill: nothing left
+    assert ps.queue_s(clock()) == 0.0
+
+
+def test_the_supervisor_hands_every_workers_report_to_the_conductor():
+    from pdserve.supervisor import Member, Supervisor
+
+    seen = []
+    members = [Member("p0", "prefill", None), Member("store", "store", None)]
+    sup = Supervisor(members, lambda n: None, lambda m: True, lambda n: None, on_report=lambda n, l: seen.append((n, l)))
+    sup._answered(members[0], {"incarnation": "a", "busy_total_s": 3.5, "ready": True})
+    sup._answered(members[1], {"incarnation": "s"})
+    assert seen == [("p0", {"busy_total_s": 3.5})]
+
+
+def test_status_metrics_and_pdserve_status_show_the_correction(capsys, monkeypatch):
+    import pdserve.server_cli as cli
+    from pdserve.gateway import status_message
+    from pdserve.metrics import Metrics
+
+    s = {"cost_model": "cpu-fallback", "ttft_observed_over_predicted": 3.2,
+         "workers": {"prefill-0": {"role": "prefill", "slowdown": 4.9}, "decode-0": {"role": "decode", "running": 1, "waiting": 0,
+                                                                                  "slowdown": 1.25}}}
+    status = status_message("skv-tiny", s)
+    assert [w.slowdown for w in status.workers] == [4.9, 1.25] and status.cost_model == "cpu-fallback"
+    monkeypatch.setattr(cli, "_client", lambda args: SimpleNamespace(status=lambda: status))
+    assert cli._status(SimpleNamespace()) == 0
+    out = capsys.readouterr().out
+    assert "cost model cpu-fallback, observed / predicted time: prefill-0 4.90, decode-0 1.25; TTFT 3.20" in out
+    m = Metrics("skv-tiny")
+    m.update_cluster(s)
+    value = m.registry.get_sample_value
+    assert value("pdserve:worker_slowdown", {"model_name": "skv-tiny", "worker": "prefill-0"}) == 4.9
+    assert value("pdserve:ttft_observed_over_predicted", {"model_name": "skv-tiny"}) == 3.2
+    from pdserve.dashboard import Dashboard
+
+    door = SimpleNamespace(limits=SimpleNamespace(model="skv-tiny"), serving=True, live={},
+                           metrics=SimpleNamespace(recent=SimpleNamespace(percentiles=lambda: {})))
+    assert [w["slowdown"] for w in Dashboard(door).shape(s)["workers"]] == [4.9, 1.25]
