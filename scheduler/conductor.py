@@ -95,9 +95,15 @@ class Conductor:
             self._live()
 
     def mark_up(self, name: str) -> None:
+        """``name`` is back in placement (restarted, or answering again): it starts over in the correction,
+        at its peers' speed, not judged by the figure of a process that died or of a step that stuck."""
         with self.lock:
             self.down.discard(name)
             self._live()
+            if self.correction is not None:
+                for role in ("prefill", "decode"):
+                    self.correction.forget(role, name)
+                self._correct()
 
     def _live(self) -> None:
         self.view.prefill = [p for p in self.all_prefill if p not in self.down]
@@ -179,8 +185,8 @@ class Conductor:
             if self.correction is not None:
                 n = out.prompt_tokens
                 done = min(cached_tokens, max(0, n - 1))
-                ps = self.view.prefill_state[p]
-                ps.slowdown = self.correction.prefilled(p, self.cost.prefill_time(n - done, done), now)
+                self.correction.prefilled(p, self.cost.prefill_time(n - done, done), now)
+                self._correct()
             whole = cached_tokens // self.block_size * self.block_size
             self.delivered_hit_tokens += whole
             self.delivered_partial_tokens += cached_tokens - whole
@@ -263,12 +269,19 @@ class Conductor:
             return
         with self.lock:
             now = self.clock()
-            ps, ds = self.view.prefill_state.get(name), self.view.decode_state.get(name)
-            if ps is not None and "busy_total_s" in load:
-                ps.slowdown = self.correction.prefill_busy(name, float(load["busy_total_s"]), now)
+            ds = self.view.decode_state.get(name)
+            if name in self.view.prefill_state and "busy_total_s" in load:
+                self.correction.prefill_busy(name, float(load["busy_total_s"]), now)
             if ds is not None and load.get("running") and load.get("mean_step_s"):
                 predicted = self.cost.decode_step_time(int(load["running"]), ds.kv_bytes)
-                ds.slowdown = self.correction.decode_step(name, float(load["mean_step_s"]), predicted, now)
+                self.correction.decode_step(name, float(load["mean_step_s"]), predicted, now)
+            self._correct()
+
+    def _correct(self) -> None:
+        """Every worker's slowdown from the correction's sums (under the lock)."""
+        for role, states in (("prefill", self.view.prefill_state), ("decode", self.view.decode_state)):
+            for name, factor in self.correction.slowdowns(role, states).items():
+                states[name].slowdown = factor
 
     def slowdowns(self) -> dict[str, float]:
         """Each worker's observed over predicted time (1.0: as the cost model says, or not yet observed)."""

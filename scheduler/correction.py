@@ -13,11 +13,14 @@ workers rest on the speed the cluster has. The simulator never corrects: there t
 - decode: the worker's mean step time over the model's step time at its reported batch.
 
 Both are ratios of sums decayed with a half-life of ``half_life_s``, so they follow a machine whose speed
-changes; a worker is corrected only after ``min_seen`` observations, and the ratio stays within
-[``lo``, ``hi``] so that one odd report cannot shut placement.
+changes; the ratio stays within [``lo``, ``hi``] so that one odd report cannot shut placement. A worker with
+fewer than ``min_seen`` observations of its own (new, restarted, back from a stuck step: ``forget``) takes the
+geometric mean of its peers' ratios: the same hardware, most likely, and a worker judged by a stale figure
+could lose every placement to its peers and never be observed again.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -43,33 +46,44 @@ class CostCorrection:
         s.at = now if s.at is None else max(s.at, now)
         return s
 
-    def prefilled(self, worker: str, predicted_s: float, now: float) -> float:
-        """A prompt of ``worker`` is done; the model gave it ``predicted_s``. Returns the worker's slowdown."""
+    def prefilled(self, worker: str, predicted_s: float, now: float) -> None:
+        """A prompt of ``worker`` is done; the model gave it ``predicted_s``."""
         s = self._at("prefill", worker, now)
         s.predicted += predicted_s
         s.seen += 1
-        return self.slowdown("prefill", worker)
 
-    def prefill_busy(self, worker: str, busy_total_s: float, now: float) -> float:
+    def prefill_busy(self, worker: str, busy_total_s: float, now: float) -> None:
         """A load report: the engine's busy seconds since the worker started (a restart counts from 0 again)."""
         s = self._at("prefill", worker, now)
         if s.busy_total is not None and busy_total_s >= s.busy_total:
             s.observed += busy_total_s - s.busy_total
         s.busy_total = busy_total_s
-        return self.slowdown("prefill", worker)
 
-    def decode_step(self, worker: str, observed_s: float, predicted_s: float, now: float) -> float:
+    def decode_step(self, worker: str, observed_s: float, predicted_s: float, now: float) -> None:
         """A load report of a decode worker with a batch: its mean step time, and the model's for that batch."""
-        if observed_s <= 0 or predicted_s <= 0:
-            return self.slowdown("decode", worker)
-        s = self._at("decode", worker, now)
-        s.observed += observed_s
-        s.predicted += predicted_s
-        s.seen += 1
-        return self.slowdown("decode", worker)
+        if observed_s > 0 and predicted_s > 0:
+            s = self._at("decode", worker, now)
+            s.observed += observed_s
+            s.predicted += predicted_s
+            s.seen += 1
 
-    def slowdown(self, role: str, worker: str) -> float:
+    def forget(self, role: str, worker: str) -> None:
+        """``worker`` starts over (restarted, or back in placement after a stuck step): its peers' ratio until
+        it has its own."""
+        self.sums.pop((role, worker), None)
+
+    def _own(self, role: str, worker: str) -> float | None:
         s = self.sums.get((role, worker))
         if s is None or s.seen < self.min_seen or s.predicted <= 0 or s.observed <= 0:
-            return 1.0
+            return None
         return min(self.hi, max(self.lo, s.observed / s.predicted))
+
+    def slowdowns(self, role: str, workers) -> dict[str, float]:
+        """Each of ``workers``' ratio: its own, else the geometric mean of every worker of ``role`` that has
+        one, else 1 (nothing seen yet)."""
+        seen = [r for (ro, w) in self.sums if ro == role and (r := self._own(ro, w)) is not None]
+        peers = math.exp(sum(map(math.log, seen)) / len(seen)) if seen else 1.0
+        return {w: peers if (r := self._own(role, w)) is None else r for w in workers}
+
+    def slowdown(self, role: str, worker: str) -> float:
+        return self.slowdowns(role, [worker])[worker]

@@ -40,9 +40,11 @@ def test_the_ratio_waits_for_enough_observations_is_bounded_and_follows_a_change
     c.prefill_busy("p", 0.0, now=0.0)
     for i in range(2):
         c.prefill_busy("p", 5.0 * (i + 1), now=i + 1.0)
-        assert c.prefilled("p", 1.0, now=i + 1.0) == 1.0  # two prompts: not yet
+        c.prefilled("p", 1.0, now=i + 1.0)
+        assert c.slowdown("prefill", "p") == 1.0  # two prompts: not yet
     c.prefill_busy("p", 15.0, now=3.0)
-    assert c.prefilled("p", 1.0, now=3.0) == pytest.approx(5.0)
+    c.prefilled("p", 1.0, now=3.0)
+    assert c.slowdown("prefill", "p") == pytest.approx(5.0)
     c.prefill_busy("p", 3.0, now=4.0)  # the worker restarted: its count starts again, nothing negative is added
     assert c.slowdown("prefill", "p") == pytest.approx(5.0, rel=0.1)
     for i in range(60):  # the machine got 5x faster: the old observations fade
@@ -53,7 +55,25 @@ def test_the_ratio_waits_for_enough_observations_is_bounded_and_follows_a_change
     for i in range(5):
         c.decode_step("d", observed_s=10.0, predicted_s=0.01, now=i)
     assert c.slowdown("decode", "d") == 20.0  # bounded: one odd worker cannot shut placement
-    assert c.slowdown("decode", "unseen") == 1.0
+    assert c.slowdown("decode", "unseen") == pytest.approx(20.0)  # a worker not yet seen takes its peers' figure
+
+
+def test_a_worker_back_in_placement_starts_at_its_peers_speed():
+    """decode-0 died while slow (x4); back, judged by that figure, it would lose every placement to decode-1
+    (x2) and never be observed again. It starts over at its peers' figure instead."""
+    c = conductor(policy="cache_aware", slo=SLO(ttft_s=60.0, tbt_s=10.0))
+    c.view.decode_state["d1"] = type(c.view.decode_state["d0"])("d1")
+    c.all_decode.append("d1")
+    c._live()
+    for _ in range(4):
+        c.observe_load("d0", {"running": 1, "mean_step_s": 0.044})  # the model: 11 ms
+        c.observe_load("d1", {"running": 1, "mean_step_s": 0.022})
+    assert c.slowdowns() == {"p0": 1.0, "d0": pytest.approx(4.0), "d1": pytest.approx(2.0)}
+    c.mark_down("d0")
+    c.mark_up("d0")
+    assert c.slowdowns()["d0"] == pytest.approx(2.0)
+    placed = [c.place(req(f"x{i}", n=50)).decode for i in range(4)]
+    assert "d0" in placed
 
 
 def test_a_worker_five_times_slower_than_its_model_gets_five_times_the_predicted_ttft_and_is_rejected_early():
