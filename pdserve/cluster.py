@@ -258,7 +258,7 @@ class LocalCluster(RequestFlow, NodeParts):
                 load = {k: v for k, v in load.items() if k not in ("running", "waiting", "queued_tokens")}
             info = self.workers[name]
             workers[name] = {**load, "role": h["role"], "state": h["state"], "restarts": h["restarts"],
-                             "device": info.device, "gpu_ids": list(info.gpu_ids), "slowdown": slowdowns[name]}
+                             "device": info.device, "gpu_ids": list(info.gpu_ids), "slowdown": slowdowns.get(name, 1.0)}
         try:
             store = self.store_stats()
         except Exception:  # noqa: BLE001
