@@ -39,9 +39,9 @@ from scheduler.placement import Placement, PlacementRequest, Reject
 class Rejected(RuntimeError):
     """The placement policy refused the request (early rejection); ``reason`` says why."""
 
-    def __init__(self, request_id: str, reason: str):
+    def __init__(self, request_id: str, reason: str, retry_after_s: float | None = None):
         super().__init__(f"request {request_id} rejected: {reason}")
-        self.request_id, self.reason = request_id, reason
+        self.request_id, self.reason, self.retry_after_s = request_id, reason, retry_after_s
 
 
 class WorkerLost(Exception):
@@ -111,7 +111,7 @@ class RequestFlow:
             if placement.reason == NO_LIVE_WORKER:
                 raise ServeError("UNAVAILABLE", "no live prefill or decode worker right now (one is restarting); "
                                                 "retry in a few seconds")  # after admission_wait_s
-            raise Rejected(rid, placement.reason)
+            raise Rejected(rid, placement.reason, placement.retry_after_s)
         sub = Submitted(rid, placement, Future(), list(prompt), params, session_id)
         with self._lock:
             self._live[rid] = sub

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import itertools
+import math
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -59,11 +60,18 @@ def check_exposure(opts: ServerOptions) -> None:
 
 class Refused(ServeError):
     """A request the front door ends: ``code`` names a grpc.StatusCode; ``field`` the request field at
-    fault (validation); ``rejected`` marks the Conductor's early rejection (HTTP: 429 + Retry-After)."""
+    fault (validation); ``rejected`` marks the Conductor's early rejection (HTTP: 429 + Retry-After, gRPC: the
+    ``grpc-retry-pushback-ms`` trailer), with ``retry_after_s`` the wait after which it predicts admission."""
 
-    def __init__(self, code: str, message: str, field: str | None = None, why: str = "", rejected: bool = False):
+    def __init__(self, code: str, message: str, field: str | None = None, why: str = "", rejected: bool = False,
+                 retry_after_s: float | None = None):
         super().__init__(code, message)
         self.field, self.why, self.rejected = field, why or message, rejected
+        self.retry_after_s = retry_after_s
+
+    def retry_after(self) -> int:
+        """Whole seconds a client should wait before retrying a rejected request (at least 1)."""
+        return max(1, math.ceil(self.retry_after_s or 0.0))
 
 
 class StopMatcher:
@@ -163,7 +171,8 @@ class FrontDoor:
             s.cluster_done = True
             self.close(s)
             self.metrics.rejected.labels(self.limits.model).inc()
-            raise Refused("RESOURCE_EXHAUSTED", f"rejected: {e.reason}", rejected=True) from None
+            raise Refused("RESOURCE_EXHAUSTED", f"rejected: {e.reason}", rejected=True,
+                          retry_after_s=e.retry_after_s) from None
         except BaseException as e:  # noqa: BLE001 - a status of ours, never the exception's text
             s.cluster_done = True
             self.close(s)

@@ -69,6 +69,8 @@ class Gateway(pb_grpc.PDServeServicer):
             req = await self.door.prepare(request, chat)
             stream = await self.door.open(req, t0)
         except Refused as e:
+            if e.rejected:  # gRPC's retry pushback: when the Conductor would predict admission
+                context.set_trailing_metadata((("grpc-retry-pushback-ms", str(1000 * e.retry_after())),))
             await context.abort(grpc.StatusCode[e.code], e.message)
         async with contextlib.aclosing(self.door.events(stream)) as events:
             try:

@@ -28,7 +28,6 @@ STATUS = {"INVALID_ARGUMENT": (400, "invalid_request_error"), "NOT_FOUND": (404,
           "UNAUTHENTICATED": (401, "authentication_error"), "DEADLINE_EXCEEDED": (504, "timeout_error"),
           "UNAVAILABLE": (503, "service_unavailable_error"), "ABORTED": (500, "internal_error"),
           "INTERNAL": (500, "internal_error")}
-RETRY_AFTER_S = 1
 
 
 def error_response(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
@@ -41,7 +40,7 @@ def error_response(status: int, message: str, type_: str = "invalid_request_erro
 def refused_body(e: Refused, param: str | None = None) -> tuple[int, dict, dict]:
     status, type_ = STATUS.get(e.code, (500, "internal_error"))
     code = "model_not_found" if e.code == "NOT_FOUND" else "rejected" if e.rejected else e.code.lower()
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 429 else {}
+    headers = {"Retry-After": str(e.retry_after())} if status == 429 else {}
     body = {"error": {"message": e.message, "type": type_, "param": param, "code": code}}
     return status, body, headers
 

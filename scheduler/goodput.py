@@ -48,7 +48,8 @@ class GoodputPolicy(MooncakePolicy):
         cost = placement.predicted_ttft_s - queue
         backlog = sum(view.prefill_state[p].queue_s(view.now) for p in view.prefill) / len(view.prefill)
         if backlog > self.free_backlog * ttft_slo and cost > self.share * (ttft_slo - queue):
-            return Reject(f"goodput admission: prefill {cost:.2f}s > {self.share} x slack {ttft_slo - queue:.2f}s")
+            return Reject(f"goodput admission: prefill {cost:.2f}s > {self.share} x slack {ttft_slo - queue:.2f}s",
+                          retry_after_s=queue - (ttft_slo - cost / self.share))  # when the slack would fit it
         if placement.predicted_tbt_s > self.tbt_headroom * tbt_slo:
             return Reject(f"predicted TBT {placement.predicted_tbt_s * 1e3:.0f}ms leaves no headroom under "
                           f"{tbt_slo * 1e3:.0f}ms")

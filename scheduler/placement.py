@@ -33,6 +33,7 @@ class Placement:
 @dataclass(frozen=True)
 class Reject:
     reason: str
+    retry_after_s: float | None = None  # when the prediction would admit it (a queue drained); None: unknown
 
 
 class RoundRobinSticky:

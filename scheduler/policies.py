@@ -78,7 +78,8 @@ class Policy:
             return placement
         ttft_slo, tbt_slo = self.slos(request)
         if placement.predicted_ttft_s is not None and placement.predicted_ttft_s > ttft_slo:
-            return Reject(f"predicted TTFT {placement.predicted_ttft_s:.2f}s > SLO {ttft_slo:.2f}s")
+            return Reject(f"predicted TTFT {placement.predicted_ttft_s:.2f}s > SLO {ttft_slo:.2f}s",
+                          retry_after_s=placement.predicted_ttft_s - ttft_slo)  # the queue ahead, drained that much
         if placement.predicted_tbt_s is not None and placement.predicted_tbt_s > tbt_slo:
             return Reject(f"predicted TBT {placement.predicted_tbt_s * 1e3:.0f}ms > SLO {tbt_slo * 1e3:.0f}ms")
         return placement

@@ -182,5 +182,7 @@ def test_early_rejection_is_resource_exhausted_with_the_reason(server):
     with pytest.raises(grpc.RpcError) as e:
         list(server.stub.Generate(gen(slo=pb.SLOHints(ttft_ms=1e-6)), timeout=30))
     assert e.value.code() == C.RESOURCE_EXHAUSTED and "rejected: predicted TTFT" in e.value.details()
+    # gRPC's retry pushback: the queue ahead is well under a second here, so the floor of 1 s
+    assert dict(e.value.trailing_metadata())["grpc-retry-pushback-ms"] == "1000"
     wait_idle(server)
     still_serving(server)

@@ -278,3 +278,14 @@ def test_tls_and_a_token_on_the_http_edge(tmp_path):
             door.pool.shutdown(wait=False)
 
     asyncio.run(main())
+
+
+def test_a_rejection_says_when_the_conductor_would_admit_it():
+    """Retry-After is the Conductor's predicted wait (the TTFT past the SLO), in whole seconds, at least 1."""
+    from pdserve.frontdoor import Refused
+    from pdserve.openai_api import refused_body
+
+    for wait, header in ((4.2, "5"), (0.01, "1"), (None, "1")):
+        status, body, headers = refused_body(Refused("RESOURCE_EXHAUSTED", "rejected: predicted TTFT 9.20s > SLO "
+                                                     "5.00s", rejected=True, retry_after_s=wait))
+        assert (status, headers, body["error"]["code"]) == (429, {"Retry-After": header}, "rejected")

@@ -65,6 +65,11 @@ def test_rejects_when_every_placement_misses_the_ttft_slo(name):
     view = view_with({}, {"p0": 29.0, "p1": 29.5, "p2": 30.0})  # 1.28 s of prefill after >= 29 s of queue
     got = make_policy(name, COST).place(request(), view)
     assert isinstance(got, Reject) and ("TTFT" in got.reason or "admission" in got.reason)
+    # its retry-after: mooncake, the 0.28 s past the SLO; goodput, until a quarter of the slack holds its 1.28 s
+    assert got.retry_after_s == pytest.approx(0.28 if name == "mooncake" else 29.0 - (30.0 - 1.28 / 0.25))
+    wait = got.retry_after_s + 1e-3  # the queues that much shorter: admitted
+    later = view_with({}, {"p0": 29.0 - wait, "p1": 29.5 - wait, "p2": 30.0 - wait})
+    assert isinstance(make_policy(name, COST).place(request(), later), Placement)
     view = view_with({}, {"p0": 29.0, "p1": 29.5, "p2": 27.0})  # p2 fits: 28.28 s
     assert isinstance(make_policy("mooncake", COST).place(request(), view), Placement)
 
