@@ -23,6 +23,8 @@ from kvstore.handoff import Handoff, WorkerInfo, lease_owner
 from model.engine import Engine, EngineConfig, KVExport, RequestOutput, SamplingParams
 from model.transformer import Transformer
 
+WARM_UP_TOKENS = (128, 512)  # prompts a prefill worker times at start (scheduler.correction's first estimate)
+
 
 class KVLoading:
     """Fetching KV from the store with the recompute fallback, shared by both workers. Expects
@@ -93,6 +95,24 @@ class PrefillWorker(KVLoading):
         self._stepping = False
         self.busy_since: float | None = None  # when the engine's current step began (None: between steps)
         self.busy_total_s = 0.0  # seconds in engine steps since start (the Conductor's measure of this speed)
+        self.warm_up = self._warm_up()  # [(prompt tokens, seconds)]: this worker's speed before any request
+
+    def _warm_up(self) -> list[tuple[int, float]]:
+        """Pays the engine's first-call costs (the int8 GEMM plan's probe, the weights' CPU forms, kernel caches)
+        before the first request instead of in its TTFT, then times prompts of ``WARM_UP_TOKENS``, from which
+        the Conductor starts its estimate of this worker's speed (it has no other until prompts finish here)."""
+        cfg, one, timed = self.engine.mcfg, SamplingParams(max_tokens=1), []
+        for n in (16, *WARM_UP_TOKENS):  # the first pays the first-call costs, untimed
+            prompt = [3 + (n + 7 * i) % (cfg.vocab_size - 3) for i in range(min(n, cfg.max_seq_len - 1))]
+            try:
+                self.engine.check_request(prompt, one)
+            except ValueError:  # a pool too small for it (tests): a shorter warm-up
+                break
+            t = time.perf_counter()
+            self.engine.generate([prompt], one)
+            if n != 16:
+                timed.append((len(prompt), time.perf_counter() - t))
+        return timed
 
     def info(self) -> WorkerInfo:
         cfg = self.engine.mcfg
@@ -258,6 +278,7 @@ class PrefillWorker(KVLoading):
         since = self.busy_since
         return {"name": self.name, "served": self.served, "queued_tokens": self.queued_tokens,
                 "busy_s": 0.0 if since is None else time.monotonic() - since, "busy_total_s": self.busy_total_s,
+                "warm_up": self.warm_up,
                 "free_blocks": self.engine.pool.free_counts(), "capacity": self.engine.pool.capacity,
                 "kv_load_failures": self.kv_load_failures,
                 "recomputed_tokens": self.recomputed_tokens}

@@ -271,6 +271,9 @@ class Conductor:
             now = self.clock()
             ds = self.view.decode_state.get(name)
             if name in self.view.prefill_state and "busy_total_s" in load:
+                timed = load.get("warm_up") or []
+                self.correction.seed("prefill", name, sum(s for _, s in timed),
+                                     sum(self.cost.prefill_time(n) for n, _ in timed), now)
                 self.correction.prefill_busy(name, float(load["busy_total_s"]), now)
             if ds is not None and load.get("running") and load.get("mean_step_s"):
                 predicted = self.cost.decode_step_time(int(load["running"]), ds.kv_bytes)

@@ -9,7 +9,9 @@ scale that worker's predictions (its queue, TTFT and TBT), so early rejection an
 workers rest on the speed the cluster has. The simulator never corrects: there the model is the truth.
 
 - prefill: the engine's busy seconds (a cumulative count in each load report) over the model's time for
-  the prompts the worker finished meanwhile (new and cached tokens as delivered);
+  the prompts the worker finished meanwhile (new and cached tokens as delivered), seeded by the prompts the
+  worker timed at start (``seed``: without it, every request that arrived before three prompts finished was
+  placed on the model's figure alone);
 - decode: the worker's mean step time over the model's step time at its reported batch.
 
 Both are ratios of sums decayed with a half-life of ``half_life_s``, so they follow a machine whose speed
@@ -66,6 +68,12 @@ class CostCorrection:
             s.observed += observed_s
             s.predicted += predicted_s
             s.seen += 1
+
+    def seed(self, role: str, worker: str, observed_s: float, predicted_s: float, now: float) -> None:
+        """A first estimate (a worker's own timing at start) for a worker with none: trusted at once, and washed
+        out by its real observations as they come."""
+        if (role, worker) not in self.sums and observed_s > 0 and predicted_s > 0:
+            self.sums[(role, worker)] = _Sums(observed_s, predicted_s, self.min_seen, now)
 
     def forget(self, role: str, worker: str) -> None:
         """``worker`` starts over (restarted, or back in placement after a stuck step): its peers' ratio until

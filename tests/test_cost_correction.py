@@ -194,3 +194,35 @@ def test_status_metrics_and_pdserve_status_show_the_correction(capsys, monkeypat
     door = SimpleNamespace(limits=SimpleNamespace(model="skv-tiny"), serving=True, live={},
                            metrics=SimpleNamespace(recent=SimpleNamespace(percentiles=lambda: {})))
     assert [w["slowdown"] for w in Dashboard(door).shape(s)["workers"]] == [4.9, 1.25]
+
+
+def test_a_prefill_workers_timing_at_start_seeds_its_figure_at_once():
+    """Before any prompt finishes, a worker's own timed warm-up prompts set its figure (requests arriving in the
+    first seconds were placed on the model's figure alone); its real observations wash the seed out."""
+    c = conductor(correct=True)
+    c.observe_load("p0", {"busy_total_s": 0.0, "warm_up": [[128, 0.512], [512, 2.048]]})  # the model: 0.128 + 0.512
+    assert c.slowdowns()["p0"] == pytest.approx(4.0)
+    c.observe_load("p0", {"busy_total_s": 0.0, "warm_up": [[128, 6.4], [512, 25.6]]})  # seeds once per worker
+    assert c.slowdowns()["p0"] == pytest.approx(4.0)
+    got = c.place(req("first"))
+    assert isinstance(got, Reject) and "predicted TTFT 4.00s" in got.reason  # 1 s by the model: past the 2 s SLO
+
+
+def test_a_prefill_worker_times_its_warm_up_and_leaves_its_engine_clean():
+    from kvstore.blocks import BlockSpec
+    from kvstore.index import KVLayout
+    from kvstore.keys import fingerprint_of
+    from kvstore.store import KVStore
+    from model.engine import EngineConfig
+    from model.loader import build, random_state
+    from model.presets import get_preset
+    from prefill.worker import WARM_UP_TOKENS, PrefillWorker
+
+    cfg = get_preset("skv-tiny")
+    model = build(cfg, random_state(cfg, 0))
+    store = KVStore(BlockSpec.of(cfg), fingerprint_of(model), KVLayout.of(cfg))
+    worker = PrefillWorker("p", model, store, fingerprint_of(model), EngineConfig(kv_cache_bytes=16 * 2**20))
+    timed = worker.load()["warm_up"]
+    assert [n for n, _ in timed] == list(WARM_UP_TOKENS) and all(s > 0 for _, s in timed)
+    assert worker.engine.pool.free_counts() == worker.engine.pool.capacity and not worker.engine.sequences
+    assert worker.load()["busy_total_s"] == 0.0 and store.stats.bytes_in == 0  # nothing published

@@ -343,3 +343,24 @@ def test_the_step_host_benchmark_runs_both_trees(capsys):
     step_host.main(["--base", "HEAD", "--batch", "2", "--context", "1100", "--rounds", "1"])
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith("HEAD ") and "this tree" in line and line.endswith("x"), line
+
+
+def test_an_export_does_not_carry_what_the_pool_held_before(tiny):
+    """A partial last block's slots past the request's tokens are zeros, not the bytes an earlier request left
+    in that block: the export is the same from a fresh pool and from a used one."""
+    history = prompts(1, seed=9, lo=37, hi=38)[0]  # 37 tokens: 5 slots of the third block of 16 are used
+
+    def exported(e):
+        rid = e.add_request(history, SamplingParams(max_tokens=1), hold_kv=True)
+        list(e.stream())
+        return e.export_kv(rid)
+
+    fresh = exported(engine(tiny, num_blocks=9))
+    used = engine(tiny, num_blocks=9)
+    used.generate(prompts(1, seed=10, lo=130, hi=131), SamplingParams(max_tokens=4))  # writes every block, frees them
+    again = exported(used)
+    for a, b in zip(fresh.groups, again.groups):
+        for x, y in ((a.k, b.k), (a.v, b.v), (a.k_scale, b.k_scale), (a.v_scale, b.v_scale)):
+            if x is not None:
+                np.testing.assert_array_equal(x, y)
+                assert not x[-1, 37 % 16:].any()

@@ -238,7 +238,9 @@ class Engine:
     # -- KV in and out (for the store) -------------------------------------------------------------
     def export_kv(self, request_id: str, start: int = 0, end: int | None = None) -> KVExport:
         """KV of positions [start, end) of a request, per group: local groups only what their window
-        still needs at ``end`` (design invariant 3). ``start`` must sit on a block boundary."""
+        still needs at ``end`` (design invariant 3). ``start`` must sit on a block boundary. The last block's
+        slots past ``end`` are zeros: they held whatever the pool's earlier user wrote there, so an export
+        would carry another request's bytes and differ with the pool's history."""
         seq = self.sequences.get(request_id)
         if seq is None:
             raise KeyError(f"unknown request {request_id!r} (finished requests need hold_kv=True)")
@@ -251,7 +253,12 @@ class Engine:
         for g in self.mcfg.kv_groups:
             first = start if g.window is None else max(start, end - g.window)
             lo, hi = first // bs, (end - 1) // bs + 1
-            out.groups.append(self.pool.read(g.index, seq.tables[g.index][lo:hi], lo))
+            blocks = self.pool.read(g.index, seq.tables[g.index][lo:hi], lo)
+            if end % bs:
+                for arr in (blocks.k, blocks.v, blocks.k_scale, blocks.v_scale):
+                    if arr is not None:
+                        arr[-1, end % bs:] = 0
+            out.groups.append(blocks)
         return out
 
     def import_kv(self, data: KVExport) -> Prefix:
