@@ -95,8 +95,9 @@ class Conductor:
             self._live()
 
     def mark_up(self, name: str) -> None:
-        """``name`` is back in placement (restarted, or answering again): it starts over in the correction,
-        at its peers' speed, not judged by the figure of a process that died or of a step that stuck."""
+        """``name`` is back in placement (restarted, or answering again): it starts over in the correction (from
+        its start-up timing, else its peers' speed), not judged by the figure of a process that died or of a step
+        that stuck."""
         with self.lock:
             self.down.discard(name)
             self._live()

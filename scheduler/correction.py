@@ -16,9 +16,10 @@ workers rest on the speed the cluster has. The simulator never corrects: there t
 
 Both are ratios of sums decayed with a half-life of ``half_life_s``, so they follow a machine whose speed
 changes; the ratio stays within [``lo``, ``hi``] so that one odd report cannot shut placement. A worker with
-fewer than ``min_seen`` observations of its own (new, restarted, back from a stuck step: ``forget``) takes the
-geometric mean of its peers' ratios: the same hardware, most likely, and a worker judged by a stale figure
-could lose every placement to its peers and never be observed again.
+fewer than ``min_seen`` observations of its own (new, restarted, back from a stuck step: ``forget``) and no
+``seed`` (a prefill worker's timing at start) takes the geometric mean of its peers' ratios: the same hardware,
+most likely, and a worker judged by a stale figure could lose every placement to its peers and never be
+observed again.
 """
 from __future__ import annotations
 
@@ -76,8 +77,8 @@ class CostCorrection:
             self.sums[(role, worker)] = _Sums(observed_s, predicted_s, self.min_seen, now)
 
     def forget(self, role: str, worker: str) -> None:
-        """``worker`` starts over (restarted, or back in placement after a stuck step): its peers' ratio until
-        it has its own."""
+        """``worker`` starts over (restarted, or back in placement after a stuck step): from its next seed, or its
+        peers' ratio until it has its own."""
         self.sums.pop((role, worker), None)
 
     def _own(self, role: str, worker: str) -> float | None:
