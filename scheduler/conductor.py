@@ -276,6 +276,9 @@ class Conductor:
                 self.correction.seed("prefill", name, sum(s for _, s in timed),
                                      sum(self.cost.prefill_time(n) for n, _ in timed), now)
                 self.correction.prefill_busy(name, float(load["busy_total_s"]), now)
+            if ds is not None and load.get("warm_up_step_s"):  # one sequence of 16 tokens (decode.worker)
+                self.correction.seed("decode", name, float(load["warm_up_step_s"]),
+                                     self.cost.decode_step_time(1, self.cost.kv_bytes(16)), now)
             if ds is not None and load.get("running") and load.get("mean_step_s"):
                 predicted = self.cost.decode_step_time(int(load["running"]), ds.kv_bytes)
                 self.correction.decode_step(name, float(load["mean_step_s"]), predicted, now)

@@ -12,7 +12,8 @@ workers rest on the speed the cluster has. The simulator never corrects: there t
   the prompts the worker finished meanwhile (new and cached tokens as delivered), seeded by the prompts the
   worker timed at start (``seed``: without it, every request that arrived before three prompts finished was
   placed on the model's figure alone);
-- decode: the worker's mean step time over the model's step time at its reported batch.
+- decode: the worker's mean step time over the model's step time at its reported batch, seeded by the steps
+  the worker timed at start.
 
 Both are ratios of sums decayed with a half-life of ``half_life_s``, so they follow a machine whose speed
 changes; the ratio stays within [``lo``, ``hi``] so that one odd report cannot shut placement. A worker with

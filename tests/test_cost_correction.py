@@ -226,3 +226,28 @@ def test_a_prefill_worker_times_its_warm_up_and_leaves_its_engine_clean():
     assert [n for n, _ in timed] == list(WARM_UP_TOKENS) and all(s > 0 for _, s in timed)
     assert worker.engine.pool.free_counts() == worker.engine.pool.capacity and not worker.engine.sequences
     assert worker.load()["busy_total_s"] == 0.0 and store.stats.bytes_in == 0  # nothing published
+
+
+def test_a_decode_worker_times_its_warm_up_and_it_seeds_the_conductor():
+    from kvstore.blocks import BlockSpec
+    from kvstore.index import KVLayout
+    from kvstore.keys import fingerprint_of
+    from kvstore.store import KVStore
+    from decode.worker import DecodeWorker
+    from model.engine import EngineConfig
+    from model.loader import build, random_state
+    from model.presets import get_preset
+
+    cfg = get_preset("skv-tiny")
+    model = build(cfg, random_state(cfg, 0))
+    store = KVStore(BlockSpec.of(cfg), fingerprint_of(model), KVLayout.of(cfg))
+    worker = DecodeWorker("d", model, store, fingerprint_of(model), EngineConfig(kv_cache_bytes=16 * 2**20))
+    try:
+        load = worker.load()
+        assert load["warm_up_step_s"] > 0 and load["running"] == 0 and not worker.engine.sequences
+        assert worker.engine.pool.free_counts() == worker.engine.pool.capacity and worker.step_times == []
+    finally:
+        worker.shutdown()
+    c = conductor()
+    c.observe_load("d0", {"running": 0, "warm_up_step_s": 0.033})  # the model: 10 ms + 1 ms for one sequence
+    assert c.slowdowns()["d0"] == pytest.approx(3.0)
