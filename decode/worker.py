@@ -71,29 +71,26 @@ class DecodeWorker(KVLoading):
         self.keepalive_s = keepalive_s
         self.loop_ticks = 0  # engine loop iterations: a waiting stream's keep-alive says the loop moves
         self.busy_since: float | None = None  # when the engine loop's current step began (None: between steps)
-        self.warm_up_step_s = self._warm_up()  # one decode step of one sequence, timed at start (0: not timed)
+        self.warm_up = self._warm_up()  # (context tokens, seconds) of a decode step of one sequence, timed at start
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"{name}-engine", daemon=True)
         self._thread.start()
 
-    def _warm_up(self) -> float:
+    def _warm_up(self) -> tuple[int, float] | None:
         """Pays the engine's first-call costs before the first stream instead of in its first tokens, then times
-        ``WARM_UP_STEPS`` decode steps of one sequence (a prompt generating one token and one generating
-        ``WARM_UP_STEPS`` more: the difference), from which the Conductor starts its estimate of this worker."""
+        ``WARM_UP_STEPS`` decode steps of one sequence (from its first token to its last), from which the
+        Conductor starts its estimate of this worker. None where the pool cannot hold it (tests)."""
         vocab = self.engine.mcfg.vocab_size
-
-        def run(seed: int, new_tokens: int) -> float:
-            prompt = [3 + (seed + 5 * i) % (vocab - 3) for i in range(WARM_UP_PROMPT)]  # distinct: no prefix hit
-            t = time.perf_counter()
-            self.engine.generate([prompt], SamplingParams(max_tokens=new_tokens, ignore_eos=True))
-            return time.perf_counter() - t
-
+        prompt = [3 + (5 * i) % (vocab - 3) for i in range(WARM_UP_PROMPT)]
+        params = SamplingParams(max_tokens=WARM_UP_STEPS + 1, ignore_eos=True)
         try:
-            self.engine.check_request([3] * WARM_UP_PROMPT, SamplingParams(max_tokens=WARM_UP_STEPS + 1))
-        except ValueError:  # a pool too small for it (tests): not timed
-            return 0.0
-        run(0, 1)
-        return max(0.0, (run(2, WARM_UP_STEPS + 1) - run(1, 1)) / WARM_UP_STEPS)
+            self.engine.check_request(prompt, params)
+        except ValueError:
+            return None
+        self.engine.generate([prompt], SamplingParams(max_tokens=2, ignore_eos=True))  # first-call costs
+        self.engine.add_request(prompt[::-1], params)  # (another prompt: no prefix hit)
+        times = [time.perf_counter() for _ in self.engine.stream()]  # one output per step
+        return WARM_UP_PROMPT, (times[-1] - times[0]) / max(1, len(times) - 1)
 
     def info(self) -> WorkerInfo:
         cfg = self.engine.mcfg
@@ -243,7 +240,7 @@ class DecodeWorker(KVLoading):
         since = self.busy_since
         return {"name": self.name, "running": len(s.running), "waiting": len(s.waiting) + len(self.pending),
                 "free_blocks": self.engine.pool.free_counts(), "capacity": self.engine.pool.capacity,
-                "mean_step_s": sum(times) / max(1, len(times)), "warm_up_step_s": self.warm_up_step_s,
+                "mean_step_s": sum(times) / max(1, len(times)), "warm_up_step": self.warm_up,
                 "busy_s": 0.0 if since is None else time.monotonic() - since,
                 "kv_load_failures": self.kv_load_failures, "recomputed_tokens": self.recomputed_tokens,
                 "publish_failures": self.publish_failures, "step_failures": self.step_failures}

@@ -187,7 +187,7 @@ class Conductor:
                 n = out.prompt_tokens
                 done = min(cached_tokens, max(0, n - 1))
                 self.correction.prefilled(p, self.cost.prefill_time(n - done, done), now)
-                self._correct()
+                self._correct("prefill")
             whole = cached_tokens // self.block_size * self.block_size
             self.delivered_hit_tokens += whole
             self.delivered_partial_tokens += cached_tokens - whole
@@ -276,17 +276,21 @@ class Conductor:
                 self.correction.seed("prefill", name, sum(s for _, s in timed),
                                      sum(self.cost.prefill_time(n) for n, _ in timed), now)
                 self.correction.prefill_busy(name, float(load["busy_total_s"]), now)
-            if ds is not None and load.get("warm_up_step_s"):  # one sequence of 16 tokens (decode.worker)
-                self.correction.seed("decode", name, float(load["warm_up_step_s"]),
-                                     self.cost.decode_step_time(1, self.cost.kv_bytes(16)), now)
+            if ds is not None and load.get("warm_up_step"):  # (context tokens, seconds) of one sequence's step
+                tokens, seconds = load["warm_up_step"]
+                self.correction.seed("decode", name, float(seconds),
+                                     self.cost.decode_step_time(1, self.cost.kv_bytes(tokens)), now)
             if ds is not None and load.get("running") and load.get("mean_step_s"):
                 predicted = self.cost.decode_step_time(int(load["running"]), ds.kv_bytes)
                 self.correction.decode_step(name, float(load["mean_step_s"]), predicted, now)
-            self._correct()
+            self._correct(*(r for r, states in (("prefill", self.view.prefill_state),
+                                                ("decode", self.view.decode_state)) if name in states))
 
-    def _correct(self) -> None:
-        """Every worker's slowdown from the correction's sums (under the lock)."""
-        for role, states in (("prefill", self.view.prefill_state), ("decode", self.view.decode_state)):
+    def _correct(self, *roles: str) -> None:
+        """The slowdown of every worker of ``roles`` (default both) from the correction's sums, under the lock:
+        a worker's own figure moves its peers' fallback too."""
+        for role in roles or ("prefill", "decode"):
+            states = self.view.prefill_state if role == "prefill" else self.view.decode_state
             for name, factor in self.correction.slowdowns(role, states).items():
                 states[name].slowdown = factor
 

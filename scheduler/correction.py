@@ -2,7 +2,7 @@
 
 A cost model is a fit (``pdserve calibrate``, of the engine alone in one process) or a guess
 (``CPU_FALLBACK``), and live workers run under conditions no fit saw: one torch thread each, neighbours on
-the same cores, another GPU. On a 2-core CPU the fallback predicted SmolLM2's prefills ~5x too fast, so
+the same cores, another GPU. On a 2-core CPU the fallback predicted SmolLM2's prefills ~7-8x too fast, so
 a policy that rejects early (``mooncake``, ``goodput``) admitted requests that then waited far past their
 TTFT SLO. Here each worker's observed over predicted time becomes its ``slowdown``, by which the policies
 scale that worker's predictions (its queue, TTFT and TBT), so early rejection and the choice between

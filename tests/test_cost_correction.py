@@ -244,10 +244,11 @@ def test_a_decode_worker_times_its_warm_up_and_it_seeds_the_conductor():
     worker = DecodeWorker("d", model, store, fingerprint_of(model), EngineConfig(kv_cache_bytes=16 * 2**20))
     try:
         load = worker.load()
-        assert load["warm_up_step_s"] > 0 and load["running"] == 0 and not worker.engine.sequences
+        assert load["warm_up_step"][0] == 16 and load["warm_up_step"][1] > 0
+        assert load["running"] == 0 and not worker.engine.sequences
         assert worker.engine.pool.free_counts() == worker.engine.pool.capacity and worker.step_times == []
     finally:
         worker.shutdown()
     c = conductor()
-    c.observe_load("d0", {"running": 0, "warm_up_step_s": 0.033})  # the model: 10 ms + 1 ms for one sequence
+    c.observe_load("d0", {"running": 0, "warm_up_step": (16, 0.033)})  # the model: 10 ms + 1 ms for one sequence
     assert c.slowdowns()["d0"] == pytest.approx(3.0)
