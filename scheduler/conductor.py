@@ -274,12 +274,12 @@ class Conductor:
             if name in self.view.prefill_state and "busy_total_s" in load:
                 timed = load.get("warm_up") or []
                 self.correction.seed("prefill", name, sum(s for _, s in timed),
-                                     sum(self.cost.prefill_time(n) for n, _ in timed), now)
+                                     sum(self.cost.prefill_time(n) for n, _ in timed))
                 self.correction.prefill_busy(name, float(load["busy_total_s"]), now)
             if ds is not None and load.get("warm_up_step"):  # (context tokens, seconds) of one sequence's step
                 tokens, seconds = load["warm_up_step"]
                 self.correction.seed("decode", name, float(seconds),
-                                     self.cost.decode_step_time(1, self.cost.kv_bytes(tokens)), now)
+                                     self.cost.decode_step_time(1, self.cost.kv_bytes(tokens)))
             if ds is not None and load.get("running") and load.get("mean_step_s"):
                 predicted = self.cost.decode_step_time(int(load["running"]), ds.kv_bytes)
                 self.correction.decode_step(name, float(load["mean_step_s"]), predicted, now)

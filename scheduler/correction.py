@@ -9,18 +9,21 @@ scale that worker's predictions (its queue, TTFT and TBT), so early rejection an
 workers rest on the speed the cluster has. The simulator never corrects: there the model is the truth.
 
 - prefill: the engine's busy seconds (a cumulative count in each load report) over the model's time for
-  the prompts the worker finished meanwhile (new and cached tokens as delivered), seeded by the prompts the
-  worker timed at start (``seed``: without it, every request that arrived before three prompts finished was
-  placed on the model's figure alone);
-- decode: the worker's mean step time over the model's step time at its reported batch, seeded by the steps
-  the worker timed at start.
+  the prompts the worker finished meanwhile (new and cached tokens as delivered);
+- decode: the worker's mean step time over the model's step time at its reported batch.
 
 Both are ratios of sums decayed with a half-life of ``half_life_s``, so they follow a machine whose speed
 changes; the ratio stays within [``lo``, ``hi``] so that one odd report cannot shut placement. A worker with
-fewer than ``min_seen`` observations of its own (new, restarted, back from a stuck step: ``forget``) and no
-``seed`` (a prefill worker's timing at start) takes the geometric mean of its peers' ratios: the same hardware,
-most likely, and a worker judged by a stale figure could lose every placement to its peers and never be
-observed again.
+fewer than ``min_seen`` observations of its own (new, restarted, back from a stuck step: ``forget``) takes the
+geometric mean of its peers' ratios: the same hardware, most likely, and a worker judged by a stale figure
+could lose every placement to its peers and never be observed again.
+
+Before any worker of a role has its own ratio, the timings the workers took at start (``seed``) set one figure
+for the whole role, the geometric mean of their ratios: without them, every request that arrived before three
+prompts finished was placed on the model's figure alone. They are pooled, not kept per worker, because they
+are taken while every worker starts at once: on a 2-core CPU two identical decode workers timed 19 ms and 8 ms,
+and a per-worker seed sent a burst of eight streams all to the "faster" one. Real observations under load tell
+workers apart.
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ class CostCorrection:
     def __init__(self, half_life_s: float = 60.0, min_seen: int = 3, lo: float = 0.05, hi: float = 50.0):
         self.half_life_s, self.min_seen, self.lo, self.hi = half_life_s, min_seen, lo, hi
         self.sums: dict[tuple[str, str], _Sums] = {}
+        self.seeds: dict[tuple[str, str], float] = {}  # (role, worker) -> its ratio timed at start
 
     def _at(self, role: str, worker: str, now: float) -> _Sums:
         s = self.sums.setdefault((role, worker), _Sums())
@@ -71,16 +75,16 @@ class CostCorrection:
             s.predicted += predicted_s
             s.seen += 1
 
-    def seed(self, role: str, worker: str, observed_s: float, predicted_s: float, now: float) -> None:
-        """A first estimate (a worker's own timing at start) for a worker with none: trusted at once, and washed
-        out by its real observations as they come."""
-        if (role, worker) not in self.sums and observed_s > 0 and predicted_s > 0:
-            self.sums[(role, worker)] = _Sums(observed_s, predicted_s, self.min_seen, now)
+    def seed(self, role: str, worker: str, observed_s: float, predicted_s: float) -> None:
+        """A worker's timing at start (once per start): with its peers', the role's figure until one has its own."""
+        if (role, worker) not in self.seeds and observed_s > 0 and predicted_s > 0:
+            self.seeds[(role, worker)] = min(self.hi, max(self.lo, observed_s / predicted_s))
 
     def forget(self, role: str, worker: str) -> None:
-        """``worker`` starts over (restarted, or back in placement after a stuck step): from its next seed, or its
-        peers' ratio until it has its own."""
+        """``worker`` starts over (restarted, or back in placement after a stuck step): at its peers' ratio until
+        it has its own; a restart's new timing replaces its old one."""
         self.sums.pop((role, worker), None)
+        self.seeds.pop((role, worker), None)
 
     def _own(self, role: str, worker: str) -> float | None:
         s = self.sums.get((role, worker))
@@ -90,8 +94,9 @@ class CostCorrection:
 
     def slowdowns(self, role: str, workers) -> dict[str, float]:
         """Each of ``workers``' ratio: its own, else the geometric mean of every worker of ``role`` that has
-        one, else 1 (nothing seen yet)."""
+        one, else that of the role's timings at start, else 1 (nothing seen yet)."""
         seen = [r for (ro, w) in self.sums if ro == role and (r := self._own(ro, w)) is not None]
+        seen = seen or [r for (ro, _), r in self.seeds.items() if ro == role]
         peers = math.exp(sum(map(math.log, seen)) / len(seen)) if seen else 1.0
         return {w: peers if (r := self._own(role, w)) is None else r for w in workers}
 

@@ -48,36 +48,41 @@ def test_a_dead_decode_worker_hands_its_streams_to_the_live_one(cluster):
         torch.set_num_threads(threads)
     subs = [cluster.submit(p, IN_FLIGHT) for p in prompts]
     streams = [cluster.stream(s) for s in subs]
-    got = [list(next(st).token_ids) for st in streams]
-    on = {s.request_id: s.placement.decode for s in subs}
-    assert set(on.values()) == {"decode-0", "decode-1"}  # both hold streams
-    victim = cluster.ray.get(cluster.actor("decode-0").pid.remote(), timeout=30)
-    os.kill(victim, signal.SIGKILL)
-    t0 = time.monotonic()
-    while "decode-0" in cluster.conductor.view.decode:  # out of placement within about a second
-        assert time.monotonic() - t0 < 3.0
-        time.sleep(0.02)
-    assert cluster.serving()  # decode-1 and both prefill workers are alive
-    # new requests are served while decode-0 restarts, on decode-1
-    extra = cluster.submit(list(range(100, 130)), PARAMS)
-    extra_tokens = [t for out in cluster.stream(extra) for t in out.token_ids]
-    assert extra.placement.decode == "decode-1" and len(extra_tokens) == PARAMS.max_tokens
-    for g, st in zip(got, streams):
-        for out in st:
-            g.extend(out.token_ids)
-    assert got == expected
-    moved = [s for s in subs if on[s.request_id] == "decode-0"]
-    assert moved and all(s.migrations >= 1 for s in moved)
-    assert cluster.counters.migrations >= len(moved)
-    deadline = t0 + 60
-    while cluster.supervisor.snapshot()["decode-0"]["state"] != "alive":
-        assert time.monotonic() < deadline, "decode-0 did not come back"
-        time.sleep(0.1)
-    assert cluster.status()["workers"]["decode-0"]["restarts"] == 1
-    later = [cluster.submit(list(range(200 + i, 220 + i)), PARAMS) for i in range(6)]
-    assert "decode-0" in {s.placement.decode for s in later}  # back in placement
-    for s in later:
-        assert len([t for out in cluster.stream(s) for t in out.token_ids]) == PARAMS.max_tokens
+    try:
+        got = [list(next(st).token_ids) for st in streams]
+        on = {s.request_id: s.placement.decode for s in subs}
+        assert set(on.values()) == {"decode-0", "decode-1"}  # both hold streams
+        victim = cluster.ray.get(cluster.actor("decode-0").pid.remote(), timeout=30)
+        os.kill(victim, signal.SIGKILL)
+        t0 = time.monotonic()
+        while "decode-0" in cluster.conductor.view.decode:  # out of placement within about a second
+            assert time.monotonic() - t0 < 3.0
+            time.sleep(0.02)
+        assert cluster.serving()  # decode-1 and both prefill workers are alive
+        # new requests are served while decode-0 restarts, on decode-1
+        extra = cluster.submit(list(range(100, 130)), PARAMS)
+        extra_tokens = [t for out in cluster.stream(extra) for t in out.token_ids]
+        assert extra.placement.decode == "decode-1" and len(extra_tokens) == PARAMS.max_tokens
+        for g, st in zip(got, streams):
+            for out in st:
+                g.extend(out.token_ids)
+        assert got == expected
+        moved = [s for s in subs if on[s.request_id] == "decode-0"]
+        assert moved and all(s.migrations >= 1 for s in moved)
+        assert cluster.counters.migrations >= len(moved)
+        deadline = t0 + 60
+        while cluster.supervisor.snapshot()["decode-0"]["state"] != "alive":
+            assert time.monotonic() < deadline, "decode-0 did not come back"
+            time.sleep(0.1)
+        assert cluster.status()["workers"]["decode-0"]["restarts"] == 1
+        later = [cluster.submit(list(range(200 + i, 220 + i)), PARAMS) for i in range(6)]
+        assert "decode-0" in {s.placement.decode for s in later}  # back in placement
+        for s in later:
+            assert len([t for out in cluster.stream(s) for t in out.token_ids]) == PARAMS.max_tokens
+    finally:  # a failure here must not leave eight streams in flight for the tests after it
+        for sub, st in zip(subs, streams):
+            cluster.cancel(sub.request_id)
+            st.close()
 
 
 @pytest.fixture(scope="module")
