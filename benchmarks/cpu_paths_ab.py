@@ -9,7 +9,7 @@ Variants (each is the one before it plus one change; the last is the default eng
 - ``threads``: every weight of 64 KiB or more split across the threads
 - ``one-call linear``: the rotated linear's prologue and rows GEMM in one C call
 - ``C RoPE/norm``: RoPE and RMSNorm's tail as C calls (the default, with oneDNN below)
-Prefill rows compare ``_int_mm`` with oneDNN's prepacked matmul from 512 rows (``kernels.cpu_gemm.onednn_from``),
+Prefill rows compare ``_int_mm`` with oneDNN's prepacked matmul from 512 rows (``kernels.gemm_plan.onednn_from``),
 then (where the CPU has AMX) the attention on AMX tiles (``kernels/cpu_attention_amx.c``; the two before it with
 ``PDSERVE_CPU_AMX=off``), and ``--gemm-rows`` the two kernels alone on SmolLM2's four layer weights (int8 sums, no epilogue).
 Each line: the median step per variant and the median of the paired ratios against the first.
@@ -29,10 +29,10 @@ import kernels
 from benchmarks.common import machine
 from benchmarks.decode_steps import placed_engine
 from benchmarks.profile_steps import prefill_engine
-from kernels import cpu_fused, cpu_gemm
+from kernels import cpu_fused, cpu_gemm, gemm_plan
 
 
-_REAL = (cpu_gemm.plan, cpu_gemm._rows_threads, kernels.fused_linear, kernels.small_ops_in_c)  # the default engine's
+_REAL = (gemm_plan.plan, cpu_gemm._rows_threads, kernels.fused_linear, kernels.small_ops_in_c)  # the default engine's
 
 
 _AMX = os.environ.get("PDSERVE_CPU_AMX")  # read by the C attention on every call
@@ -46,7 +46,7 @@ def _amx(mode: str | None) -> None:
 
 
 def _restore() -> None:
-    cpu_gemm.plan, cpu_gemm._rows_threads, kernels.fused_linear, kernels.small_ops_in_c = _REAL
+    gemm_plan.plan, cpu_gemm._rows_threads, kernels.fused_linear, kernels.small_ops_in_c = _REAL
     _amx(_AMX)
 
 
@@ -69,11 +69,11 @@ def _decode_variants() -> dict[str, Callable[[], None]]:
 
 def _prefill_variants() -> dict[str, Callable[[], None]]:
     plan = _REAL[0]()
-    plans = {"_int_mm": (dataclasses.replace(plan, onednn_from=cpu_gemm.ALWAYS), "off"),
-             "oneDNN from 512 rows": (dataclasses.replace(plan, onednn_from=cpu_gemm.PREFILL_PROBE_ROWS), "off")}
+    plans = {"_int_mm": (dataclasses.replace(plan, onednn_from=gemm_plan.ALWAYS), "off"),
+             "oneDNN from 512 rows": (dataclasses.replace(plan, onednn_from=gemm_plan.PREFILL_PROBE_ROWS), "off")}
     if cpu_fused.amx():
         plans["AMX attention"] = (plans["oneDNN from 512 rows"][0], "auto")
-    return {name: (lambda p=p, amx=amx: (setattr(cpu_gemm, "plan", lambda: p), _amx(amx)))
+    return {name: (lambda p=p, amx=amx: (setattr(gemm_plan, "plan", lambda: p), _amx(amx)))
             for name, (p, amx) in plans.items()}
 
 
@@ -121,7 +121,7 @@ def main() -> None:
     from model.loader import load
 
     model = load("smollm2-135m").model
-    print(f"{machine()}\n{cpu_gemm.plan().describe()}\n")
+    print(f"{machine()}\n{gemm_plan.plan().describe()}\n")
     print("| step | variant | median ms | speed-up over the first (paired) |\n|---|---|---:|---:|")
     try:
         for b in (int(x) for x in args.decode_batches.split(",") if x):

@@ -164,12 +164,12 @@ def main() -> None:
         parser.error(f"--workloads: unknown {unknown}; known: {sorted(WORKLOADS)}")
     if args.vllm_python and not os.access(args.vllm_python, os.X_OK):
         parser.error(f"--vllm-python: {args.vllm_python} is not an executable")
-    from kernels import cpu_gemm
+    from kernels import gemm_plan
     from model.loader import load
 
     model = load("smollm2-135m").model
     res = measure(model, keys, args.runs, not args.skip_peers, args.vllm_python)
-    res["int8_gemm"] = cpu_gemm.plan().describe()
+    res["int8_gemm"] = gemm_plan.plan().describe()
     print(json.dumps(res, indent=1) if args.json else table(res) + "\n" + res["int8_gemm"])
 
 

@@ -23,7 +23,7 @@ import torch
 from benchmarks.common import machine
 from benchmarks.decode_steps import placed_engine, step_time
 from benchmarks.profile_steps import prefill_engine
-from kernels import cpu_fused, cpu_gemm
+from kernels import cpu_fused, cpu_gemm, gemm_plan
 
 SHAPES = {"qkv 576->960": (576, 960), "gate_up 576->3072": (576, 3072), "down 1536->576": (1536, 576),
           "lm_head 576->49152": (576, 49152)}
@@ -33,7 +33,7 @@ ROUTES = ("int", "float", "c") if cpu_fused.available() else ("int", "float")
 def _route(mode: str) -> None:
     """Switch this process's plan: plan() re-reads PDSERVE_INT8_GEMM once its cache is cleared."""
     os.environ["PDSERVE_INT8_GEMM"] = mode
-    cpu_gemm.plan.cache_clear()
+    gemm_plan.plan.cache_clear()
 
 
 def gemm_ms(k: int, n: int, m: int, mode: str) -> float:

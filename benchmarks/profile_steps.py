@@ -87,7 +87,7 @@ def main() -> None:
     parser.add_argument("--phases", default="decode,prefill")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    from kernels import cpu_gemm
+    from kernels import gemm_plan
     from model.loader import load
 
     model = load(args.model).model
@@ -100,10 +100,10 @@ def main() -> None:
                 rows.append({"phase": phase, "batch": batch, "context": context, **r})
                 print(f"  {phase} b{batch} ctx{context}: {r['step_ms']:.1f} ms", file=sys.stderr, flush=True)
     if args.json:
-        print(json.dumps({"machine": machine(), "int8_gemm": cpu_gemm.plan().describe(), "rows": rows}, indent=1))
+        print(json.dumps({"machine": machine(), "int8_gemm": gemm_plan.plan().describe(), "rows": rows}, indent=1))
         return
     print(machine())
-    print(cpu_gemm.plan().describe())
+    print(gemm_plan.plan().describe())
     print("| phase | batch | context | step ms | linear GEMMs ms | attention ms | other ops ms "
           "| outside ops (Python) ms | op calls |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")

@@ -17,7 +17,7 @@ from types import ModuleType
 
 import torch
 
-from kernels import cpu_attention, cpu_fused, cpu_gemm, reference
+from kernels import cpu_attention, cpu_fused, cpu_gemm, gemm_plan, reference
 
 dequantize_rows = reference.dequantize_rows  # one elementwise op: torch is already optimal
 attention = reference.attention  # dense attention of the contiguous cache (tests, small runs)
@@ -65,9 +65,9 @@ def int8_matmul(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_sca
 
 
 def int8_gemm_in_float(x: torch.Tensor) -> bool:
-    """Whether the GEMM of these rows [M, K] takes a CPU route with float inputs (``kernels.cpu_gemm``'s measured
+    """Whether the GEMM of these rows [M, K] takes a CPU route with float inputs (``kernels.gemm_plan``'s measured
     plan: C or float32 GEMMs); then the caller quantizes with ``quantize_rows_float`` and passes ``WeightForms``."""
-    return x.is_cpu and not use_triton(x) and cpu_gemm.plan().use_float(x.shape[0])
+    return x.is_cpu and not use_triton(x) and gemm_plan.plan().use_float(x.shape[0])
 
 
 quantize_rows_float = reference.quantize_rows_float  # the float route runs on CPU only
@@ -87,7 +87,7 @@ def fused_linear(x: torch.Tensor) -> bool:
     """Whether a rotated int8 linear of these float32 rows runs as one C call (prologue and rows GEMM:
     ``cpu_gemm.linear_rows_c``): CPU rows the measured plan sends to the C rows route, the library built."""
     return (x.is_cpu and x.dtype == torch.float32 and not use_triton(x) and cpu_fused.available()
-            and hasattr(cpu_fused.library(), "pdserve_int8_linear_rows") and cpu_gemm.plan().use_c_rows(x.shape[0]))
+            and hasattr(cpu_fused.library(), "pdserve_int8_linear_rows") and gemm_plan.plan().use_c_rows(x.shape[0]))
 
 
 int8_linear_rows = cpu_gemm.linear_rows_c

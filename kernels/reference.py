@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from kernels import cpu_gemm
+from kernels import cpu_gemm, gemm_plan
 
 QMAX = 127.0
 DECODE_SLICE_BYTES = 8 * 2**20  # attention temporaries per slice: cache-friendly, below malloc's mmap threshold
@@ -46,11 +46,11 @@ def int8_matmul(
     Integer accumulation makes the result independent of how rows are batched, so a
     batched engine reproduces an unbatched one bit for bit. With ``forms``
     (``cpu_gemm.WeightForms(wq)``, and ``xq`` its integers in float32) the same integers come from the
-    CPU route ``kernels.cpu_gemm``'s plan picks for M rows (C on the int8 weight, C on a packed copy,
+    CPU route ``kernels.gemm_plan`` picks for M rows (C on the int8 weight, C on a packed copy,
     float32 GEMMs): the same bits, faster where the CPU's int8 path is slow.
     """
     if forms is not None:
-        out = cpu_gemm.exact_int8_matmul(xq, x_scale, forms, w_scale)  # the C routes scale in their epilogue
+        out = gemm_plan.exact_int8_matmul(xq, x_scale, forms, w_scale)  # the C routes scale in their epilogue
     else:
         acc = torch._int_mm(xq, wq.t()) if xq.is_cpu or xq.shape[0] > 16 else _int_mm_small(xq, wq)
         out = acc.to(torch.float32)  # a fresh tensor (or acc itself, ours): scaled in place, the same bits as

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import kernels
-from kernels import cpu_fused, cpu_gemm
+from kernels import cpu_fused, cpu_gemm, gemm_plan
 from model.config import QuantConfig
 from model.quant import QLinear
 
@@ -35,19 +35,19 @@ def test_a_single_float32_gemm_past_exact_k_would_round():
     assert float(cpu_gemm.int_mm_via_float(x, cpu_gemm.float_weight(w))[0, 0]) == float(exact[0, 0])
 
 
-@pytest.mark.parametrize("plan", [cpu_gemm.GemmPlan(cpu_gemm.ALWAYS, "test"),
-                                  cpu_gemm.GemmPlan(cpu_gemm.ALWAYS, "test", panels_below=cpu_gemm.ALWAYS),
-                                  cpu_gemm.GemmPlan(cpu_gemm.ALWAYS, "test", c_through=cpu_gemm.C_MAX_ROWS),
-                                  cpu_gemm.GemmPlan(cpu_gemm.NEVER, "test"),
-                                  cpu_gemm.GemmPlan(cpu_gemm.NEVER, "test", onednn_from=1)],
+@pytest.mark.parametrize("plan", [gemm_plan.GemmPlan(gemm_plan.ALWAYS, "test"),
+                                  gemm_plan.GemmPlan(gemm_plan.ALWAYS, "test", panels_below=gemm_plan.ALWAYS),
+                                  gemm_plan.GemmPlan(gemm_plan.ALWAYS, "test", c_through=cpu_gemm.C_MAX_ROWS),
+                                  gemm_plan.GemmPlan(gemm_plan.NEVER, "test"),
+                                  gemm_plan.GemmPlan(gemm_plan.NEVER, "test", onednn_from=1)],
                          ids=["float", "C panels", "C rows", "int, C epilogue", "int by oneDNN"])
 @pytest.mark.parametrize("m", [1, 17])
 def test_int8_matmul_gives_the_same_bits_by_every_route(monkeypatch, plan, m):
     if plan.route(m) == "C rows" and m > cpu_gemm.C_MAX_ROWS:
         m = cpu_gemm.C_MAX_ROWS
-    if plan.onednn_from != cpu_gemm.ALWAYS and not cpu_gemm.onednn_usable():
+    if plan.onednn_from != gemm_plan.ALWAYS and not cpu_gemm.onednn_usable():
         pytest.skip("no oneDNN int8 matmul in this torch")
-    monkeypatch.setattr(cpu_gemm, "plan", lambda: plan)
+    monkeypatch.setattr(gemm_plan, "plan", lambda: plan)
     g = torch.Generator().manual_seed(m)
     xq = torch.randint(-127, 128, (m, 1536), generator=g, dtype=torch.int8)
     wq = torch.randint(-127, 128, (40, 1536), generator=g, dtype=torch.int8)
@@ -61,49 +61,49 @@ def test_int8_matmul_gives_the_same_bits_by_every_route(monkeypatch, plan, m):
     assert torch.equal(via_int, kernels.int8_matmul(xq.float(), xs, wq, ws, forms=forms))
     made = {"float": forms._float is not None, "packed": forms._packed is not None, "oneDNN": forms._onednn is not None}
     assert made == {"float": plan.route(m) == "float", "packed": plan.route(m) == "C panels",  # only what it ran
-                    "oneDNN": plan.onednn_from != cpu_gemm.ALWAYS}
+                    "oneDNN": plan.onednn_from != gemm_plan.ALWAYS}
 
 
 @pytest.mark.parametrize("mode, rows, expected", [("int", 1, False), ("float", 4096, True)])
 def test_the_plan_follows_the_environment(monkeypatch, mode, rows, expected):
     monkeypatch.setenv("PDSERVE_INT8_GEMM", mode)
-    cpu_gemm.plan.cache_clear()
+    gemm_plan.plan.cache_clear()
     try:
-        assert cpu_gemm.plan().use_float(rows) is expected and cpu_gemm.plan().source == "env"
+        assert gemm_plan.plan().use_float(rows) is expected and gemm_plan.plan().source == "env"
         assert kernels.int8_gemm_in_float(torch.zeros(rows, 8, dtype=torch.int8)) is expected
     finally:
-        cpu_gemm.plan.cache_clear()
+        gemm_plan.plan.cache_clear()
 
 
 def test_a_bad_plan_setting_is_refused_by_name(monkeypatch):
     monkeypatch.setenv("PDSERVE_INT8_GEMM", "fast")
-    cpu_gemm.plan.cache_clear()
+    gemm_plan.plan.cache_clear()
     try:
         with pytest.raises(ValueError, match="PDSERVE_INT8_GEMM"):
-            cpu_gemm.plan()
+            gemm_plan.plan()
     finally:
-        cpu_gemm.plan.cache_clear()
+        gemm_plan.plan.cache_clear()
 
 
 def test_the_measured_plan_names_what_it_timed():
-    plan = cpu_gemm.measure()
-    probed = set(cpu_gemm.PROBE_ROWS) | set(cpu_gemm.C_PROBE_ROWS) | set(cpu_gemm.PANEL_PROBE_ROWS)
-    kernels_timed = plan.timings_ms.pop(cpu_gemm.PREFILL_PROBE_ROWS, None)  # the int route's two kernels, if timed
+    plan = gemm_plan.measure()
+    probed = set(gemm_plan.PROBE_ROWS) | set(gemm_plan.C_PROBE_ROWS) | set(gemm_plan.PANEL_PROBE_ROWS)
+    kernels_timed = plan.timings_ms.pop(gemm_plan.PREFILL_PROBE_ROWS, None)  # the int route's two kernels, if timed
     assert plan.source == "measured" and set(plan.timings_ms) <= probed
-    assert all({"int", "float"} <= set(ts) <= set(cpu_gemm.ROUTES) and min(ts.values()) > 0
+    assert all({"int", "float"} <= set(ts) <= set(gemm_plan.ROUTES) and min(ts.values()) > 0
                for ts in plan.timings_ms.values())
     if kernels_timed is None:
-        assert plan.onednn_from == cpu_gemm.ALWAYS
+        assert plan.onednn_from == gemm_plan.ALWAYS
     else:
-        assert set(kernels_timed) == {"int", "oneDNN"} and plan.float_below != cpu_gemm.ALWAYS
+        assert set(kernels_timed) == {"int", "oneDNN"} and plan.float_below != gemm_plan.ALWAYS
         faster = kernels_timed["oneDNN"] < kernels_timed["int"]
-        assert plan.onednn_from == (cpu_gemm.PREFILL_PROBE_ROWS if faster else cpu_gemm.ALWAYS)
+        assert plan.onednn_from == (gemm_plan.PREFILL_PROBE_ROWS if faster else gemm_plan.ALWAYS)
     untimed = [m for m, ts in plan.timings_ms.items() if ts["int"] == float("inf")]  # _int_mm hopeless at 1 row
     assert all(1 < m <= cpu_gemm.C_MAX_ROWS for m in untimed)
     assert not untimed or plan.timings_ms[1]["int"] > 4 * min(plan.timings_ms[1].values())
-    assert plan.float_below in (cpu_gemm.ALWAYS, *cpu_gemm.PROBE_ROWS)
-    assert plan.c_through in (0, *cpu_gemm.C_PROBE_ROWS)
-    assert plan.panels_below in (cpu_gemm.NEVER, cpu_gemm.ALWAYS, *cpu_gemm.PANEL_PROBE_ROWS[1:])
+    assert plan.float_below in (gemm_plan.ALWAYS, *gemm_plan.PROBE_ROWS)
+    assert plan.c_through in (0, *gemm_plan.C_PROBE_ROWS)
+    assert plan.panels_below in (gemm_plan.NEVER, gemm_plan.ALWAYS, *gemm_plan.PANEL_PROBE_ROWS[1:])
     for m, ts in plan.timings_ms.items():  # each route runs only where it beat every route timed beside it
         route = plan.route(m)
         if route in ("C rows", "C panels") and route in ts:  # (rows past c_through may take panels, untimed there)
@@ -183,13 +183,13 @@ def test_a_layer_gives_the_same_bits_through_the_c_rows_route(monkeypatch):
     outs, rows_in_c, c_linear = {}, [], kernels.int8_linear_rows
     monkeypatch.setattr(kernels, "int8_linear_rows", lambda x, *a: rows_in_c.append(x.shape[0]) or c_linear(x, *a))
     for c_through in (0, 8):
-        monkeypatch.setattr(cpu_gemm, "plan", lambda: cpu_gemm.GemmPlan(cpu_gemm.ALWAYS, "test", c_through=c_through))
+        monkeypatch.setattr(gemm_plan, "plan", lambda: gemm_plan.GemmPlan(gemm_plan.ALWAYS, "test", c_through=c_through))
         outs[c_through] = [layer(torch.randn(m, 576, generator=torch.Generator().manual_seed(m))) for m in (1, 5, 8, 9)]
     assert rows_in_c == [1, 5, 8]  # the C path ran where the plan said, and only there
     assert all(torch.equal(a, b) for a, b in zip(outs[0], outs[8]))
-    plan = cpu_gemm.GemmPlan(16, "test", c_through=8)
+    plan = gemm_plan.GemmPlan(16, "test", c_through=8)
     assert plan.use_c_rows(8) and not plan.use_c_rows(9) and plan.use_float(9) and not plan.use_float(16)
-    plan = cpu_gemm.GemmPlan(256, "test", c_through=4, panels_below=128)
+    plan = gemm_plan.GemmPlan(256, "test", c_through=4, panels_below=128)
     assert [plan.route(m) for m in (4, 5, 127, 128, 255, 256)] == ["C rows", "C panels", "C panels", "float",
                                                                    "float", "int"]
 
@@ -199,9 +199,9 @@ def test_a_layer_gives_the_same_bits_through_the_c_panels_route(monkeypatch):
     layer.load_float(torch.randn(576, 1536))
     x = torch.randn(70, 1536)
     outs = {}
-    for name, plan in (("float", cpu_gemm.GemmPlan(cpu_gemm.ALWAYS, "test")),
-                       ("panels", cpu_gemm.GemmPlan(cpu_gemm.ALWAYS, "test", panels_below=cpu_gemm.ALWAYS))):
-        monkeypatch.setattr(cpu_gemm, "plan", lambda plan=plan: plan)
+    for name, plan in (("float", gemm_plan.GemmPlan(gemm_plan.ALWAYS, "test")),
+                       ("panels", gemm_plan.GemmPlan(gemm_plan.ALWAYS, "test", panels_below=gemm_plan.ALWAYS))):
+        monkeypatch.setattr(gemm_plan, "plan", lambda plan=plan: plan)
         outs[name] = layer(x)
     assert torch.equal(outs["float"], outs["panels"])
     layer.load_state_dict({**layer.state_dict(), "weight_q": -layer.weight_q})  # in place: the packed copy follows
@@ -215,12 +215,12 @@ def test_a_layer_gives_the_same_bits_by_either_route_and_follows_its_weights(mon
     outs = {}
     for mode in ("int", "float", "c"):
         monkeypatch.setenv("PDSERVE_INT8_GEMM", mode)
-        cpu_gemm.plan.cache_clear()
+        gemm_plan.plan.cache_clear()
         outs[mode] = layer(x)
     assert torch.equal(outs["int"], outs["float"]) and torch.equal(outs["int"], outs["c"])
     layer.load_state_dict({**layer.state_dict(), "weight_q": -layer.weight_q})  # in place: the float copy follows
     assert torch.equal(layer(x), -outs["float"])
-    cpu_gemm.plan.cache_clear()
+    gemm_plan.plan.cache_clear()
 
 
 def test_the_float_quantizer_holds_the_int8_quantizers_integers():
@@ -248,11 +248,11 @@ def test_the_probe_times_both_paths_on_one_thread_and_restores_the_count(monkeyp
     """Several OpenMP threads on cores another process keeps busy make the fp32 GEMM wait for its
     descheduled threads, so a multi-threaded probe on a loaded machine picked _int_mm for good."""
     seen = []
-    monkeypatch.setattr(cpu_gemm, "_probe", lambda: seen.append(torch.get_num_threads()) or cpu_gemm.GemmPlan(1, "t"))
+    monkeypatch.setattr(gemm_plan, "_probe", lambda: seen.append(torch.get_num_threads()) or gemm_plan.GemmPlan(1, "t"))
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        assert cpu_gemm.measure().float_below == 1
+        assert gemm_plan.measure().float_below == 1
         assert seen == [1] and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
@@ -269,11 +269,11 @@ def test_the_few_row_probe_passes_over_more_weights_than_a_cache_holds(monkeypat
         return real(xq, wq_float)
 
     monkeypatch.setattr(cpu_gemm, "int_mm_via_float", spy)
-    cpu_gemm._probe()
-    rows, cols = cpu_gemm.STREAM_SHAPE
+    gemm_plan._probe()
+    rows, cols = gemm_plan.STREAM_SHAPE
     assert seen and min(seen) == 1
     for m, weights in seen.items():
-        assert len(weights) * rows * cols >= cpu_gemm.STREAM_BYTES if m <= cpu_gemm.C_MAX_ROWS else len(weights) == 1
+        assert len(weights) * rows * cols >= gemm_plan.STREAM_BYTES if m <= cpu_gemm.C_MAX_ROWS else len(weights) == 1
 
 
 def test_a_torch_int_mm_that_is_not_exact_is_never_planned(monkeypatch):
@@ -281,16 +281,16 @@ def test_a_torch_int_mm_that_is_not_exact_is_never_planned(monkeypatch):
     machine: sums off by ~10**5); the probe must notice and keep every row count off that route."""
     real = torch._int_mm
     monkeypatch.setattr(torch, "_int_mm", lambda a, b: real(a, b).clamp(-2**14, 2**14))  # a saturating stand-in
-    assert not cpu_gemm.int_mm_is_exact(torch.Generator().manual_seed(0))
-    plan = cpu_gemm._probe()
+    assert not gemm_plan.int_mm_is_exact(torch.Generator().manual_seed(0))
+    plan = gemm_plan._probe()
     assert all(plan.route(m) != "int" for m in (1, 4, 8, 16, 128, 4096)) and "not exact" in plan.describe()
     monkeypatch.setattr(torch, "_int_mm", real)
-    assert cpu_gemm.int_mm_is_exact(torch.Generator().manual_seed(0))
+    assert gemm_plan.int_mm_is_exact(torch.Generator().manual_seed(0))
     if cpu_gemm.onednn_usable():  # the same for oneDNN's matmul
         good = cpu_gemm.onednn_int_mm
         monkeypatch.setattr(cpu_gemm, "onednn_int_mm", lambda x, f: good(x, f).clamp(-2**14, 2**14))
-        assert not cpu_gemm.int_mm_is_exact(torch.Generator().manual_seed(0), "oneDNN")
-        assert cpu_gemm._probe().onednn_from == cpu_gemm.ALWAYS
+        assert not gemm_plan.int_mm_is_exact(torch.Generator().manual_seed(0), "oneDNN")
+        assert gemm_plan._probe().onednn_from == gemm_plan.ALWAYS
 
 
 def test_the_rows_route_splits_decode_s_weights_across_threads_alike(monkeypatch):
@@ -346,8 +346,8 @@ def test_a_layer_gives_the_same_bits_on_either_side_of_the_onednn_threshold(monk
     layer = QLinear(576, 960, QuantConfig())
     layer.load_float(torch.randn(960, 576))
     x = torch.randn(600, 576, generator=torch.Generator().manual_seed(5))
-    plan = cpu_gemm.GemmPlan(cpu_gemm.NEVER, "test", onednn_from=512)
-    monkeypatch.setattr(cpu_gemm, "plan", lambda: plan)
+    plan = gemm_plan.GemmPlan(gemm_plan.NEVER, "test", onednn_from=512)
+    monkeypatch.setattr(gemm_plan, "plan", lambda: plan)
     calls = []
     real = cpu_gemm.onednn_int_mm
     monkeypatch.setattr(cpu_gemm, "onednn_int_mm", lambda xq, f: calls.append(xq.shape[0]) or real(xq, f))
