@@ -268,6 +268,11 @@ def test_timings_at_start_set_one_figure_for_the_role_and_a_burst_spreads_over_i
     assert c.slowdowns()["d0"] == pytest.approx(pooled) and c.slowdowns()["d1"] == pytest.approx(pooled)
     placed = [c.place(req(f"x{i}", n=50)).decode for i in range(8)]
     assert placed.count("d0") == placed.count("d1") == 4
+    c.mark_down("d0")
+    c.mark_up("d0")  # restarted: its old timing no longer counts, its next report brings a new one
+    assert c.slowdowns()["d0"] == pytest.approx(0.008 / 0.011)
+    c.observe_load("d0", {"running": 0, "warm_up_step": (16, 0.019)})
+    assert c.slowdowns()["d0"] == pytest.approx(pooled)
     for _ in range(3):  # real steps under load: d0 is the slower one after all
         c.observe_load("d0", {"running": 4, "mean_step_s": 0.028})  # the model: 14 ms at batch 4
         c.observe_load("d1", {"running": 4, "mean_step_s": 0.014})
