@@ -49,3 +49,5 @@ class Handoff:
     logprob: float | None = None
     recomputed_tokens: int = 0  # cached KV the prefill worker could not load and computed again
     remote_tokens: int = 0  # of ``cached_tokens``, those fetched from another node's store
+    busy_s: float | None = None  # the prefill engine's busy seconds since its previous prompt (the Conductor's
+    # measure of the worker's speed: paired with this prompt, not with whatever a load report happened to catch)

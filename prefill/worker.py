@@ -61,6 +61,7 @@ class _Job:
     kv: KVExport | None = None  # the prompt's KV, exported before its blocks were freed
     error: BaseException | None = None
     computed_at: float = 0.0
+    busy_s: float | None = None  # the engine's busy seconds since the worker's previous prompt was computed
 
 
 class PrefillWorker(KVLoading):
@@ -94,7 +95,8 @@ class PrefillWorker(KVLoading):
         self._in_engine: dict[str, _Job] = {}
         self._stepping = False
         self.busy_since: float | None = None  # when the engine's current step began (None: between steps)
-        self.busy_total_s = 0.0  # seconds in engine steps since start (the Conductor's measure of this speed)
+        self.busy_total_s = 0.0  # seconds in engine steps since start (not the warm-up)
+        self._busy_at_last_prompt = 0.0  # ``busy_total_s`` (with the step then running) when a prompt was last computed
         self.warm_up = self._warm_up()  # [(prompt tokens, seconds)]: this worker's speed before any request
 
     def _warm_up(self) -> list[tuple[int, float]]:
@@ -138,7 +140,7 @@ class PrefillWorker(KVLoading):
         t3 = time.perf_counter()
         return Handoff(request_id, list(prompt), token, stopped, keys, kv_tokens, lease, out.cached_tokens,
                        {"load_prefix": t1 - t0, "prefill": t2 - t1, "publish": t3 - t2},
-                       out.logprobs[0] if out.logprobs else None, recomputed, remote)
+                       out.logprobs[0] if out.logprobs else None, recomputed, remote, job.busy_s)
 
     # -- the shared engine ---------------------------------------------------------------------------
     def _compute(self, job: _Job) -> None:
@@ -230,6 +232,10 @@ class PrefillWorker(KVLoading):
         self._in_engine.pop(job.request_id, None)
         job.output, job.kv, job.error, job.computed_at = output, kv, error, time.perf_counter()
         job.data = None
+        if output is not None:  # the time since the previous prompt: this one's, and its share of those computed with it
+            since = self.busy_since
+            busy = self.busy_total_s + (0.0 if since is None else time.monotonic() - since)
+            job.busy_s, self._busy_at_last_prompt = busy - self._busy_at_last_prompt, busy
         with self._turn:
             job.settled = True
             self.queued_tokens -= len(job.prompt)

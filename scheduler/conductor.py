@@ -13,8 +13,8 @@ What feeds the view:
   the next turn finds its prefix there;
 - worker load reports (running / waiting sequences) and the store's ``removed`` events, which
   drop blocks from every worker's index;
-- each worker's observed speed (``observe_load``: a prefill worker's busy seconds, a decode worker's
-  mean step time) against the cost model's: its ``slowdown`` scales what the policies predict for it
+- each worker's observed speed (a prefill worker's busy seconds for each prompt it hands off, a decode
+  worker's mean step time in its load reports) against the cost model's: its ``slowdown`` scales what the policies predict for it
   (``scheduler.correction``; ``correct=False`` keeps the model as it is). Observed TTFTs are kept next to
   the predicted ones, so ``stats()`` says how far the predictions are off;
 - liveness: a worker marked down (dead, restarting or not answering) leaves placement until it is
@@ -172,8 +172,10 @@ class Conductor:
                 self.placements.pop(next(iter(self.placements)))
             return got
 
-    def prefilled(self, request_id: str, keys: list[int], kv_tokens: int, cached_tokens: int) -> None:
-        """The prefill worker's report: its published blocks and the hit it delivered."""
+    def prefilled(self, request_id: str, keys: list[int], kv_tokens: int, cached_tokens: int,
+                  busy_s: float | None = None) -> None:
+        """The prefill worker's report: its published blocks, the hit it delivered and (``busy_s``) its engine's
+        busy seconds since its previous prompt, which the correction sets against the model's time for this one."""
         with self.lock:
             out = self.outstanding.get(request_id)
             if out is None or out.prefilled:
@@ -186,8 +188,9 @@ class Conductor:
             if self.correction is not None:
                 n = out.prompt_tokens
                 done = min(cached_tokens, max(0, n - 1))
-                self.correction.prefilled(p, self.cost.prefill_time(n - done, done), now)
-                self._correct("prefill")
+                if busy_s is not None:
+                    self.correction.prefilled(p, busy_s, self.cost.prefill_time(n - done, done), now)
+                    self._correct("prefill")
             whole = cached_tokens // self.block_size * self.block_size
             self.delivered_hit_tokens += whole
             self.delivered_partial_tokens += cached_tokens - whole
@@ -271,11 +274,10 @@ class Conductor:
         with self.lock:
             now = self.clock()
             ds = self.view.decode_state.get(name)
-            if name in self.view.prefill_state and "busy_total_s" in load:
-                timed = load.get("warm_up") or []
+            if name in self.view.prefill_state and load.get("warm_up"):
+                timed = load["warm_up"]
                 self.correction.seed("prefill", name, sum(s for _, s in timed),
                                      sum(self.cost.prefill_time(n) for n, _ in timed))
-                self.correction.prefill_busy(name, float(load["busy_total_s"]), now)
             if ds is not None and load.get("warm_up_step"):  # (context tokens, seconds) of one sequence's step
                 tokens, seconds = load["warm_up_step"]
                 self.correction.seed("decode", name, float(seconds),

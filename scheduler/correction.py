@@ -8,8 +8,11 @@ TTFT SLO. Here each worker's observed over predicted time becomes its ``slowdown
 scale that worker's predictions (its queue, TTFT and TBT), so early rejection and the choice between
 workers rest on the speed the cluster has. The simulator never corrects: there the model is the truth.
 
-- prefill: the engine's busy seconds (a cumulative count in each load report) over the model's time for
-  the prompts the worker finished meanwhile (new and cached tokens as delivered);
+- prefill: the engine's busy seconds since the worker's previous prompt, carried by each prompt's handoff,
+  over the model's time for that prompt (new and cached tokens as delivered). Paired per prompt: the busy
+  count of a load report, set against the prompts reported done by then, was off by whatever prompt was
+  half-way between the two (a prefill-worker ratio of 0.5 where the prompts matched the model), and on two
+  identical workers that was enough to move a conversation off the worker holding its KV;
 - decode: the worker's mean step time over the model's step time at its reported batch.
 
 Both are ratios of sums decayed with a half-life of ``half_life_s``, so they follow a machine whose speed
@@ -17,6 +20,12 @@ changes; the ratio stays within [``lo``, ``hi``] so that one odd report cannot s
 fewer than ``min_seen`` observations of its own (new, restarted, back from a stuck step: ``forget``) takes the
 geometric mean of its peers' ratios: the same hardware, most likely, and a worker judged by a stale figure
 could lose every placement to its peers and never be observed again.
+
+A worker's own ratio counts against its role's figure by the weight of its evidence, ``seen / (seen +
+pool_weight)`` in logs: single prompts of a small model on a shared 2-core CPU took 8 to 20 ms on identical
+workers, so three of them could tell two workers apart by 1.8x, enough to move a conversation off the worker
+holding its KV; a real difference still shows, by half after ``pool_weight`` observations and nearly whole
+after a few times that.
 
 Before any worker of a role has its own ratio, the timings the workers took at start (``seed``) set one figure
 for the whole role, the geometric mean of their ratios: without them, every request that arrived before three
@@ -37,12 +46,13 @@ class _Sums:
     predicted: float = 0.0
     seen: int = 0  # observations so far
     at: float | None = None  # when last decayed
-    busy_total: float | None = None  # a prefill worker's cumulative busy seconds at its last report
 
 
 class CostCorrection:
-    def __init__(self, half_life_s: float = 60.0, min_seen: int = 3, lo: float = 0.05, hi: float = 50.0):
+    def __init__(self, half_life_s: float = 60.0, min_seen: int = 3, lo: float = 0.05, hi: float = 50.0,
+                 pool_weight: float = 8.0):
         self.half_life_s, self.min_seen, self.lo, self.hi = half_life_s, min_seen, lo, hi
+        self.pool_weight = pool_weight  # observations' worth of evidence the role's figure weighs against a worker's
         self.sums: dict[tuple[str, str], _Sums] = {}
         self.seeds: dict[tuple[str, str], float] = {}  # (role, worker) -> its ratio timed at start
 
@@ -54,23 +64,18 @@ class CostCorrection:
         s.at = now if s.at is None else max(s.at, now)
         return s
 
-    def prefilled(self, worker: str, predicted_s: float, now: float) -> None:
-        """A prompt of ``worker`` is done; the model gave it ``predicted_s``."""
-        s = self._at("prefill", worker, now)
-        s.predicted += predicted_s
-        s.seen += 1
-
-    def prefill_busy(self, worker: str, busy_total_s: float, now: float) -> None:
-        """A load report: the engine's busy seconds since the worker started (a restart counts from 0 again)."""
-        s = self._at("prefill", worker, now)
-        if s.busy_total is not None and busy_total_s >= s.busy_total:
-            s.observed += busy_total_s - s.busy_total
-        s.busy_total = busy_total_s
+    def prefilled(self, worker: str, observed_s: float, predicted_s: float, now: float) -> None:
+        """A prompt of ``worker`` is done: its engine was busy ``observed_s`` for it, the model gave it
+        ``predicted_s``."""
+        self._observe("prefill", worker, observed_s, predicted_s, now)
 
     def decode_step(self, worker: str, observed_s: float, predicted_s: float, now: float) -> None:
         """A load report of a decode worker with a batch: its mean step time, and the model's for that batch."""
-        if observed_s > 0 and predicted_s > 0:
-            s = self._at("decode", worker, now)
+        self._observe("decode", worker, observed_s, predicted_s, now)
+
+    def _observe(self, role: str, worker: str, observed_s: float, predicted_s: float, now: float) -> None:
+        if observed_s >= 0 and predicted_s > 0:  # 0: a prompt done in the step its neighbour's busy_s counted
+            s = self._at(role, worker, now)
             s.observed += observed_s
             s.predicted += predicted_s
             s.seen += 1
@@ -93,12 +98,17 @@ class CostCorrection:
         return min(self.hi, max(self.lo, s.observed / s.predicted))
 
     def slowdowns(self, role: str, workers) -> dict[str, float]:
-        """Each of ``workers``' ratio: its own, else the geometric mean of every worker of ``role`` that has
-        one, else that of the role's timings at start, else 1 (nothing seen yet)."""
-        seen = [r for (ro, w) in self.sums if ro == role and (r := self._own(ro, w)) is not None]
-        seen = seen or [r for (ro, _), r in self.seeds.items() if ro == role]
-        peers = math.exp(sum(map(math.log, seen)) / len(seen)) if seen else 1.0
-        return {w: peers if (r := self._own(role, w)) is None else r for w in workers}
+        """Each of ``workers``' ratio: the role's figure (the geometric mean of the own ratios of the role's workers
+        that have one, else of the role's timings at start, else 1), moved toward the worker's own ratio, where it
+        has one, by the weight of its evidence."""
+        own = {w: r for (ro, w) in self.sums if ro == role and (r := self._own(ro, w)) is not None}
+        logs = [math.log(r) for r in own.values()] or [math.log(r) for (ro, _), r in self.seeds.items() if ro == role]
+        pool = sum(logs) / len(logs) if logs else 0.0
+        out = {}
+        for w in workers:
+            n = self.sums[(role, w)].seen if w in own else 0
+            out[w] = math.exp((n * math.log(own[w]) + self.pool_weight * pool) / (n + self.pool_weight) if n else pool)
+        return out
 
     def slowdown(self, role: str, worker: str) -> float:
         return self.slowdowns(role, [worker])[worker]
