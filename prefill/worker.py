@@ -232,7 +232,7 @@ class PrefillWorker(KVLoading):
         self._in_engine.pop(job.request_id, None)
         job.output, job.kv, job.error, job.computed_at = output, kv, error, time.perf_counter()
         job.data = None
-        if output is not None:  # the time since the previous prompt: this one's, and its share of those computed with it
+        if output is not None:  # the busy time since the previous prompt: this one's, and its share of its batch's
             since = self.busy_since
             busy = self.busy_total_s + (0.0 if since is None else time.monotonic() - since)
             job.busy_s, self._busy_at_last_prompt = busy - self._busy_at_last_prompt, busy

@@ -14,9 +14,9 @@ What feeds the view:
 - worker load reports (running / waiting sequences) and the store's ``removed`` events, which
   drop blocks from every worker's index;
 - each worker's observed speed (a prefill worker's busy seconds for each prompt it hands off, a decode
-  worker's mean step time in its load reports) against the cost model's: its ``slowdown`` scales what the policies predict for it
-  (``scheduler.correction``; ``correct=False`` keeps the model as it is). Observed TTFTs are kept next to
-  the predicted ones, so ``stats()`` says how far the predictions are off;
+  worker's mean step time in its load reports) against the cost model's: its ``slowdown`` scales what the
+  policies predict for it (``scheduler.correction``; ``correct=False`` keeps the model as it is). Observed
+  TTFTs are kept next to the predicted ones, so ``stats()`` says how far the predictions are off;
 - liveness: a worker marked down (dead, restarting or not answering) leaves placement until it is
   marked up again; a store that restarted empty makes the Conductor forget every block (of its node).
 
