@@ -163,7 +163,10 @@ def test_prefill_dies_mid_prefill(cluster, reference):
     view = cluster.conductor.view
     assert (view.prefill_state["prefill-0"].queued, view.decode_state["decode-0"].incoming) == (0, 0)
     assert cluster.conductor.pending_s["prefill-0"] == 0.0
-    # and its correction still reads the restarted worker's speed (its busy count began again at 0)
+    # and its correction reads the restarted worker's speed: forgotten at the restart, then fed by the new
+    # process's handoffs, each with the busy time of its own prompt (that process counts from 0)
+    sums = cluster.conductor.correction.sums[("prefill", "prefill-0")]
+    assert sums.seen >= 1 and sums.observed > 0 and sums.predicted > 0
     slowdown = cluster.status()["workers"]["prefill-0"]["slowdown"]
     assert slowdown != 1.0 and 0.05 < slowdown < 50.0
 
