@@ -10,7 +10,7 @@ run cut off at its limit still returns what it measured. Stages, in order:
 
 1. ``device``: name, versions, and the two ceilings measured here (device-to-device copy GB/s,
    8192^3 bf16 matmul TFLOP/s) plus ``torch._int_mm`` TOPS.
-2. ``kernel_tests``: tests/test_kernels_triton.py on the device (the interpreter's tests, with
+2. ``kernel_tests``: tests/test_kernels_triton*.py on the device (the interpreter's tests, with
    CUDA tensors), then ``benchmarks.kernels``' correctness checks at the model's shapes.
 3. ``kernels``: W8A8 GEMM vs bf16 matmul, paged decode attention vs the HBM floor, prefill
    attention and KV write, the fused rotate + quantize vs the torch butterflies (``benchmarks.kernels``),
@@ -163,7 +163,7 @@ def stage_kernel_tests(s: Session) -> dict:
     if s.dev.type == "cuda":
         env.pop("TRITON_INTERPRET", None)
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels_triton.py",
-           *s.plan.test_args]
+           "tests/test_kernels_triton_paged.py", *s.plan.test_args]
     timeout = max(30.0, min(240.0, s.left() - 60))
     try:
         done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)

@@ -3,7 +3,7 @@
 import json
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernels.triton_* import, as in test_kernels_triton
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernels.triton_* import, as in triton_device
 
 import subprocess  # noqa: E402
 import sys  # noqa: E402
