@@ -293,7 +293,7 @@ class Conductor:
         a worker's own figure moves its peers' fallback too."""
         for role in roles or ("prefill", "decode"):
             states = self.view.prefill_state if role == "prefill" else self.view.decode_state
-            for name, factor in self.correction.slowdowns(role, states).items():
+            for name, factor in self.correction.slowdowns(role, states, self.clock()).items():
                 states[name].slowdown = factor
 
     def slowdowns(self) -> dict[str, float]:

@@ -21,11 +21,13 @@ fewer than ``min_seen`` observations of its own (new, restarted, back from a stu
 geometric mean of its peers' ratios: the same hardware, most likely, and a worker judged by a stale figure
 could lose every placement to its peers and never be observed again.
 
-A worker's own ratio counts against its role's figure by the weight of its evidence, ``seen / (seen +
-pool_weight)`` in logs: single prompts of a small model on a shared 2-core CPU took 8 to 20 ms on identical
-workers, so three of them could tell two workers apart by 1.8x, enough to move a conversation off the worker
-holding its KV; a real difference still shows, by half after ``pool_weight`` observations and nearly whole
-after a few times that.
+A worker's own ratio counts against its role's figure by the weight of its evidence, ``n / (n + pool_weight)``
+in logs, ``n`` its observations decayed like the sums (what the ratio rests on now): single prompts of a small
+model on a shared 2-core CPU took 8 to 20 ms on identical workers, so three of them could tell two workers apart
+by 1.8x, enough to move a conversation off the worker holding its KV; a real difference still shows, by half
+after ``pool_weight`` observations and nearly whole after a few times that. Decayed, a figure that is no longer
+refreshed (a worker placement has come to avoid, a decode worker with nothing to run) drifts back toward its
+role's, so the worker is tried again and judged by what it does now.
 
 Before any worker of a role has its own ratio, the timings the workers took at start (``seed``) set one figure
 for the whole role, the geometric mean of their ratios: without them, every request that arrived before three
@@ -45,6 +47,7 @@ class _Sums:
     observed: float = 0.0
     predicted: float = 0.0
     seen: int = 0  # observations so far
+    weight: float = 0.0  # observations so far, decayed like the sums: the evidence the ratio holds now
     at: float | None = None  # when last decayed
 
 
@@ -60,7 +63,7 @@ class CostCorrection:
         s = self.sums.setdefault((role, worker), _Sums())
         if s.at is not None and now > s.at:
             f = 0.5 ** ((now - s.at) / self.half_life_s)
-            s.observed, s.predicted = s.observed * f, s.predicted * f
+            s.observed, s.predicted, s.weight = s.observed * f, s.predicted * f, s.weight * f
         s.at = now if s.at is None else max(s.at, now)
         return s
 
@@ -79,6 +82,7 @@ class CostCorrection:
             s.observed += observed_s
             s.predicted += predicted_s
             s.seen += 1
+            s.weight += 1.0
 
     def seed(self, role: str, worker: str, observed_s: float, predicted_s: float) -> None:
         """A worker's timing at start (once per start): with its peers', the role's figure until one has its own."""
@@ -97,18 +101,18 @@ class CostCorrection:
             return None
         return min(self.hi, max(self.lo, s.observed / s.predicted))
 
-    def slowdowns(self, role: str, workers) -> dict[str, float]:
+    def slowdowns(self, role: str, workers, now: float | None = None) -> dict[str, float]:
         """Each of ``workers``' ratio: the role's figure (the geometric mean of the own ratios of the role's workers
         that have one, else of the role's timings at start, else 1), moved toward the worker's own ratio, where it
-        has one, by the weight of its evidence."""
+        has one, by the weight of its evidence (at ``now``, where given: decayed since its last observation)."""
         own = {w: r for (ro, w) in self.sums if ro == role and (r := self._own(ro, w)) is not None}
         logs = [math.log(r) for r in own.values()] or [math.log(r) for (ro, _), r in self.seeds.items() if ro == role]
         pool = sum(logs) / len(logs) if logs else 0.0
         out = {}
         for w in workers:
-            n = self.sums[(role, w)].seen if w in own else 0
+            n = (self._at(role, w, now) if now is not None else self.sums[(role, w)]).weight if w in own else 0.0
             out[w] = math.exp((n * math.log(own[w]) + self.pool_weight * pool) / (n + self.pool_weight) if n else pool)
         return out
 
-    def slowdown(self, role: str, worker: str) -> float:
-        return self.slowdowns(role, [worker])[worker]
+    def slowdown(self, role: str, worker: str, now: float | None = None) -> float:
+        return self.slowdowns(role, [worker], now)[worker]

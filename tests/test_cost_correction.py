@@ -298,3 +298,35 @@ def test_a_few_noisy_prompts_do_not_tell_identical_workers_apart_and_a_real_diff
         c.prefilled("p1", 0.010, 0.010, now=0.0)
     many = c.slowdowns("prefill", ["p0", "p1"])
     assert many["p0"] / many["p1"] == pytest.approx(2 ** (48 / 56)) and many["p0"] / many["p1"] > 1.8
+
+
+def test_a_figure_no_longer_refreshed_drifts_back_toward_the_roles_and_the_worker_is_tried_again():
+    """d0 read 4x slower than d1 over 48 reports each; then it had nothing to run for ten minutes while d1 kept
+    reporting. Judged by its old figure at full weight it would be chosen only as a last resort; its evidence
+    fades like its sums (half-life 60 s), so its figure returns to the role's (the geometric mean of the two) and
+    placement tries it sooner."""
+    def cluster():
+        c = conductor(policy="cache_aware", slo=SLO(ttft_s=60.0, tbt_s=10.0))
+        c.view.decode_state["d1"] = type(c.view.decode_state["d0"])("d1")
+        c.all_decode.append("d1")
+        c._live()
+        clock = [0.0]
+        c.clock = lambda: clock[0]
+        for i in range(48):
+            clock[0] = float(i)
+            c.observe_load("d0", {"running": 1, "mean_step_s": 0.044})  # the model: 11 ms
+            c.observe_load("d1", {"running": 1, "mean_step_s": 0.011})
+        return c, clock
+
+    fresh, _ = cluster()
+    stale, clock = cluster()
+    for i in range(600):  # d1 keeps reporting, d0 has nothing to run
+        clock[0] = 48.0 + i
+        stale.observe_load("d0", {"running": 0})
+        stale.observe_load("d1", {"running": 1, "mean_step_s": 0.011})
+    was, now = fresh.slowdowns(), stale.slowdowns()
+    assert was["d0"] / was["d1"] > 3.0
+    assert now["d1"] < was["d1"] < 1.2  # still observed: its own figure (1) holds, and weighs more
+    assert now["d0"] == pytest.approx(2.0, rel=0.02)  # the role's figure, sqrt(4 x 1)
+    to_d0 = [sum(c.place(req(f"r{i}", n=50)).decode == "d0" for i in range(24)) for c in (fresh, stale)]
+    assert to_d0[1] > to_d0[0], to_d0
