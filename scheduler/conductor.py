@@ -274,11 +274,12 @@ class Conductor:
         with self.lock:
             now = self.clock()
             ds = self.view.decode_state.get(name)
-            if name in self.view.prefill_state and load.get("warm_up"):
+            seeded = self.correction.seeded  # a worker's timing at start counts once per start: predict it once
+            if name in self.view.prefill_state and load.get("warm_up") and not seeded("prefill", name):
                 timed = load["warm_up"]
                 self.correction.seed("prefill", name, sum(s for _, s in timed),
                                      sum(self.cost.prefill_time(n) for n, _ in timed))
-            if ds is not None and load.get("warm_up_step"):  # (context tokens, seconds) of one sequence's step
+            if ds is not None and load.get("warm_up_step") and not seeded("decode", name):  # (context, s)
                 tokens, seconds = load["warm_up_step"]
                 self.correction.seed("decode", name, float(seconds),
                                      self.cost.decode_step_time(1, self.cost.kv_bytes(tokens)))

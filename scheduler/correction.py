@@ -89,6 +89,9 @@ class CostCorrection:
         if (role, worker) not in self.seeds and observed_s > 0 and predicted_s > 0:
             self.seeds[(role, worker)] = min(self.hi, max(self.lo, observed_s / predicted_s))
 
+    def seeded(self, role: str, worker: str) -> bool:
+        return (role, worker) in self.seeds
+
     def forget(self, role: str, worker: str) -> None:
         """``worker`` starts over (restarted, or back in placement after a stuck step): at its peers' ratio until
         it has its own; a restart's new timing replaces its old one."""
