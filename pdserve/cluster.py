@@ -241,7 +241,8 @@ class LocalCluster(RequestFlow, NodeParts):
 
     def status(self) -> dict:
         """The cluster at a glance (the gateway serves it): each worker's state (alive, restarting,
-        dead), restarts, load, device, GPU ids and node; store stats (the first node's); per node, its
+        dead), restarts, load, device, GPU ids, node and speed against the cost model (``slowdown``; a
+        prefill worker's fetches from other nodes' stores, ``transfer_slowdown``); store stats (the first node's); per node, its
         state, store and workers (``nodes``); the policy; the Conductor's predicted vs delivered cache
         hits (design invariant 5), the part placed to be fetched from another node and the blocks
         replicated; failure counters. Never raises for a dead part."""
@@ -249,6 +250,7 @@ class LocalCluster(RequestFlow, NodeParts):
         self.conductor.update_loads(loads)
         self._drain_store_events()
         stats, slowdowns = self.conductor.stats(), self.conductor.slowdowns()
+        fetches = self.conductor.transfer_slowdowns()
         health = self.supervisor.snapshot()
         workers = {}
         for name in [*self.prefill, *self.decode]:
@@ -259,6 +261,8 @@ class LocalCluster(RequestFlow, NodeParts):
             info = self.workers[name]
             workers[name] = {**load, "role": h["role"], "state": h["state"], "restarts": h["restarts"],
                              "device": info.device, "gpu_ids": list(info.gpu_ids), "slowdown": slowdowns.get(name, 1.0)}
+            if name in fetches:  # a prefill worker: how its fetches from other nodes' stores compare with the model
+                workers[name]["transfer_slowdown"] = fetches[name]
         try:
             store = self.store_stats()
         except Exception:  # noqa: BLE001

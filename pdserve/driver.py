@@ -164,7 +164,8 @@ class RequestFlow:
                 raise
             self.counters.add(recomputed_tokens=handoff.recomputed_tokens,
                               kv_load_failures=int(handoff.recomputed_tokens > 0))
-            self.conductor.prefilled(rid, handoff.keys, handoff.kv_tokens, handoff.cached_tokens, handoff.busy_s)
+            self.conductor.prefilled(rid, handoff.keys, handoff.kv_tokens, handoff.cached_tokens, handoff.busy_s,
+                                     handoff.remote_tokens, handoff.timings.get("load_prefix"))
             self._drain_store_events()
             self._replicate()
             if handoff.finish_reason is not None or rid in self._cancelled:

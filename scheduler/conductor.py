@@ -15,7 +15,8 @@ What feeds the view:
   drop blocks from every worker's index;
 - each worker's observed speed (a prefill worker's busy seconds for each prompt it hands off, a decode
   worker's mean step time in its load reports) against the cost model's: its ``slowdown`` scales what the
-  policies predict for it (``scheduler.correction``; ``correct=False`` keeps the model as it is). Observed
+  policies predict for it, and a prefill worker's ``transfer_slowdown`` (its fetches of a prefix from another
+  node's store) the predicted transfer (``scheduler.correction``; ``correct=False`` keeps the model as it is). Observed
   TTFTs are kept next to the predicted ones, so ``stats()`` says how far the predictions are off;
 - liveness: a worker marked down (dead, restarting or not answering) leaves placement until it is
   marked up again; a store that restarted empty makes the Conductor forget every block (of its node).
@@ -102,7 +103,7 @@ class Conductor:
             self.down.discard(name)
             self._live()
             if self.correction is not None:
-                for role in ("prefill", "decode"):
+                for role in ("prefill", "decode", "transfer"):
                     self.correction.forget(role, name)
                 self._correct()
 
@@ -173,9 +174,11 @@ class Conductor:
             return got
 
     def prefilled(self, request_id: str, keys: list[int], kv_tokens: int, cached_tokens: int,
-                  busy_s: float | None = None) -> None:
-        """The prefill worker's report: its published blocks, the hit it delivered and (``busy_s``) its engine's
-        busy seconds since its previous prompt, which the correction sets against the model's time for this one."""
+                  busy_s: float | None = None, remote_tokens: int = 0, fetch_s: float | None = None) -> None:
+        """The prefill worker's report: its published blocks, the hit it delivered, (``busy_s``) its engine's
+        busy seconds since its previous prompt, which the correction sets against the model's time for this one,
+        and (``fetch_s``) how long loading the prefix took when ``remote_tokens`` of it came from another node's
+        store, set against the model's transfer time for them."""
         with self.lock:
             out = self.outstanding.get(request_id)
             if out is None or out.prefilled:
@@ -191,6 +194,10 @@ class Conductor:
                 if busy_s is not None:
                     self.correction.prefilled(p, busy_s, self.cost.prefill_time(n - done, done), now)
                     self._correct("prefill")
+                if remote_tokens > 0 and fetch_s is not None:
+                    self.correction.transferred(p, fetch_s, self.cost.transfer_time(self.cost.kv_bytes(remote_tokens)),
+                                                now)
+                    self._correct("transfer")
             whole = cached_tokens // self.block_size * self.block_size
             self.delivered_hit_tokens += whole
             self.delivered_partial_tokens += cached_tokens - whole
@@ -290,18 +297,25 @@ class Conductor:
                                                 ("decode", self.view.decode_state)) if name in states))
 
     def _correct(self, *roles: str) -> None:
-        """The slowdown of every worker of ``roles`` (default both) from the correction's sums, under the lock:
-        a worker's own figure moves its peers' fallback too."""
-        for role in roles or ("prefill", "decode"):
-            states = self.view.prefill_state if role == "prefill" else self.view.decode_state
+        """The slowdown of every worker of ``roles`` (default all) from the correction's sums, under the lock:
+        a worker's own figure moves its peers' fallback too. ``transfer``: a prefill worker's fetches from
+        another node's store."""
+        for role in roles or ("prefill", "decode", "transfer"):
+            states = self.view.decode_state if role == "decode" else self.view.prefill_state
+            attr = "transfer_slowdown" if role == "transfer" else "slowdown"
             for name, factor in self.correction.slowdowns(role, states, self.clock()).items():
-                states[name].slowdown = factor
+                setattr(states[name], attr, factor)
 
     def slowdowns(self) -> dict[str, float]:
         """Each worker's observed over predicted time (1.0: as the cost model says, or not yet observed)."""
         with self.lock:
             return {**{n: s.slowdown for n, s in self.view.prefill_state.items()},
                     **{n: s.slowdown for n, s in self.view.decode_state.items()}}
+
+    def transfer_slowdowns(self) -> dict[str, float]:
+        """Each prefill worker's observed over predicted time of fetching a prefix from another node's store."""
+        with self.lock:
+            return {n: s.transfer_slowdown for n, s in self.view.prefill_state.items()}
 
     def update_loads(self, loads: dict[str, dict]) -> None:
         with self.lock:

@@ -13,7 +13,10 @@ workers rest on the speed the cluster has. The simulator never corrects: there t
   count of a load report, set against the prompts reported done by then, was off by whatever prompt was
   half-way between the two (a prefill-worker ratio of 0.5 where the prompts matched the model), and on two
   identical workers that was enough to move a conversation off the worker holding its KV;
-- decode: the worker's mean step time over the model's step time at its reported batch.
+- decode: the worker's mean step time over the model's step time at its reported batch;
+- transfer: how long a prefill worker took to load a prefix from another node's store over the model's
+  transfer time for those tokens (the fallback guesses 1 GB/s; Ray between two raylets on one loaded VM moved
+  0.2), so the choice between fetching a prefix and computing it again rests on the network the cluster has.
 
 Both are ratios of sums decayed with a half-life of ``half_life_s``, so they follow a machine whose speed
 changes; the ratio stays within [``lo``, ``hi``] so that one odd report cannot shut placement. A worker with
@@ -71,6 +74,11 @@ class CostCorrection:
         """A prompt of ``worker`` is done: its engine was busy ``observed_s`` for it, the model gave it
         ``predicted_s``."""
         self._observe("prefill", worker, observed_s, predicted_s, now)
+
+    def transferred(self, worker: str, observed_s: float, predicted_s: float, now: float) -> None:
+        """``worker`` loaded a prefix from another node's store in ``observed_s``; the model gave the transfer
+        ``predicted_s``."""
+        self._observe("transfer", worker, observed_s, predicted_s, now)
 
     def decode_step(self, worker: str, observed_s: float, predicted_s: float, now: float) -> None:
         """A load report of a decode worker with a batch: its mean step time, and the model's for that batch."""

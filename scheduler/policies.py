@@ -2,7 +2,8 @@
 
 The live Conductor and the simulator call these very objects. Each predicts with a ``CostModel``:
 
-    TTFT(p) = queue(p) + [transfer of a fetched prefix] + prefill(new tokens, cached tokens) x slowdown(p)
+    TTFT(p) = queue(p) + [transfer of a fetched prefix x transfer_slowdown(p)]
+              + prefill(new tokens, cached tokens) x slowdown(p)
     TBT(d)  = decode step time of d's batch with this request added (at the time it arrives there) x slowdown(d)
 
 (``slowdown``: the live Conductor's observed-over-predicted time of each worker, ``scheduler.correction``;
@@ -51,7 +52,7 @@ class Policy:
         ps = view.prefill_state[p]
         t = ps.queue_s(view.now) + self.cost.prefill_time(n - cached, cached) * ps.slowdown
         if fetched > 0:
-            t += self.cost.transfer_time(self.cost.kv_bytes(fetched))
+            t += self.cost.transfer_time(self.cost.kv_bytes(fetched)) * ps.transfer_slowdown
         return t
 
     def tbt(self, view: ClusterView, d: str, request: PlacementRequest, after_s: float = 0.0) -> float:

@@ -63,6 +63,7 @@ class PrefillState:
     queued: int = 0  # requests placed here and not yet prefilled
     cache: PrefixIndex | None = None  # the blocks this instance holds (None: holds nothing)
     slowdown: float = 1.0  # observed over predicted prefill time (the live correction; 1 in the simulator)
+    transfer_slowdown: float = 1.0  # the same for its fetches of a prefix from another node's store
 
     def queue_s(self, now: float) -> float:
         return max(0.0, self.busy_until - now)

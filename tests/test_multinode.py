@@ -129,6 +129,9 @@ def test_a_later_turn_on_node_b_hits_what_node_a_holds(cluster, reference):
     delivered = after["delivered_hit_tokens"] - before["delivered_hit_tokens"]
     assert predicted == p.predicted_hit_tokens == delivered > 0
     assert handoff.remote_tokens >= delivered and handoff.cached_tokens >= delivered
+    fetches = cluster.conductor.correction.sums[("transfer", "prefill-1")]  # the fetch's time corrects the model's
+    assert fetches.seen >= 1 and fetches.observed > 0 and handoff.timings["load_prefix"] > 0
+    assert 0.05 <= cluster.status()["workers"]["prefill-1"]["transfer_slowdown"] <= 50.0
     assert tokens == reference(turn2)
 
 

@@ -239,3 +239,29 @@ def test_node_loss_and_replications_are_prometheus_counters():
     text = generate_latest(m.registry).decode()
     assert 'pdserve:nodes_lost_total{model_name="skv-tiny"} 1.0' in text
     assert 'pdserve:kv_replications_total{model_name="skv-tiny"} 5.0' in text
+
+
+def test_fetches_slower_than_the_model_make_the_conductor_recompute_instead():
+    """The model's network moves a 16-block prefix in about half the time recomputing it takes; the worker's
+    fetches take 3x the model's time. After three of them its ``transfer_slowdown`` says so and the prefix is
+    computed again instead (the CPU fallback guesses 1 GB/s; two raylets on one loaded VM moved 0.2 GB/s)."""
+    cost = CostModel(**{**COST.__dict__, "net_bytes_per_s": 2e5})
+    c = Conductor(make_policy("cache_aware", cost), cost, ["p0", "p1", "p2"], ["d0", "d1"], BS, 0,
+                  nodes=dict(NODES), clock=lambda: 0.0)
+    c.policy.remote_fetch = True
+    c.mark_down("p1"), c.mark_down("p2")
+    fetch = cost.transfer_time(cost.kv_bytes(16 * BS))
+    assert 0.3 < fetch / cost.prefill_time(16 * BS) < 0.7
+    placed = []
+    for i in range(5):
+        prompt = [10_000 * (i + 1) + t for t in range(20 * BS)]
+        c.view.cache_insert("c", block_keys(0, prompt[:16 * BS], BS), 16 * BS)  # only node c holds it
+        got = c.place(PlacementRequest(f"r{i}", len(prompt), prompt=tuple(prompt)))
+        placed.append(got.fetch_from)
+        if got.fetch_from:
+            c.prefilled(f"r{i}", [], 0, 16 * BS, remote_tokens=16 * BS, fetch_s=3 * fetch)
+    assert placed == ["c", "c", "c", None, None]
+    assert c.view.prefill_state["p0"].transfer_slowdown == pytest.approx(3.0)
+    assert c.view.prefill_state["p0"].slowdown == 1.0  # the prefill figure is not the transfer's
+    c.mark_down("p0"), c.mark_up("p0")  # a worker back in placement starts over
+    assert c.view.prefill_state["p0"].transfer_slowdown == 1.0
