@@ -8,7 +8,9 @@ holds its KV. Turn 2 (the history plus 32 new tokens) is then placed on node b, 
 history from a's store through Ray (``cache_aware`` with remote fetch, what a multi-node cluster
 does) or recomputing it (the same placement with remote fetch off). Every turn has a history of its
 own, so nothing on node b (store or a worker's pool) has seen it: each run crosses nodes or
-recomputes. TTFT = submit to the first token at the driver.
+recomputes. TTFT = submit to the first token at the driver. ``transfer_observed_over_model``: the fetches'
+prefix loading over the cost model's transfer time for those tokens, the ratio the Conductor's transfer
+correction learns from.
 """
 from __future__ import annotations
 
@@ -49,7 +51,7 @@ def main() -> None:
             one = SamplingParams(max_tokens=1, ignore_eos=True)
             times: dict[str, list[float]] = {"fetched": [], "recomputed": []}
             seen: dict[str, list] = {"fetched": [], "recomputed": []}
-            turn1_s = []
+            turn1_s, transfer_vs_model = [], []
             for r in range(args.runs):
                 for k, mode in enumerate(("fetched", "recomputed")):
                     # a history of its own each time: no worker's pool or store on b has seen it
@@ -69,12 +71,19 @@ def main() -> None:
                     seen[mode].append({"fetch_from": sub.placement.fetch_from, "cached": h.cached_tokens,
                                        "remote": h.remote_tokens, "load_prefix_s": round(h.timings["load_prefix"], 3),
                                        "prefill_s": round(h.timings["prefill"], 3)})
+                    if h.remote_tokens:  # what the Conductor's transfer correction sees of this fetch
+                        cost = c.conductor.cost
+                        model_s = cost.transfer_time(cost.kv_bytes(h.remote_tokens))
+                        transfer_vs_model.append(h.timings["load_prefix"] / model_s)
             res["turn1_on_a_s"] = statistics.median(turn1_s)
             for mode in times:
                 res[f"ttft_{mode}_s"] = statistics.median(times[mode])
                 res[f"ttft_{mode}_all_s"] = [round(x, 3) for x in times[mode]]
                 res[f"{mode}_runs"] = seen[mode]
             res["fetched_vs_recomputed"] = res["ttft_fetched_s"] / res["ttft_recomputed_s"]
+            res["cost_model"] = c.conductor.cost.name
+            if transfer_vs_model:  # loading the prefix over the model's transfer time (the correction's ratio)
+                res["transfer_observed_over_model"] = round(statistics.median(transfer_vs_model), 2)
     finally:
         ray.shutdown()
         cluster.shutdown()
