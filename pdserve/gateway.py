@@ -99,7 +99,8 @@ def status_message(model: str, s: dict) -> pb.ClusterStatusResponse:
                                capacity_blocks=total_blocks(w.get("capacity", 0)), device=w.get("device", ""),
                                gpu_ids=w.get("gpu_ids", []), state=w.get("state", "alive"),
                                restarts=int(w.get("restarts", 0)), node=w.get("node", ""),
-                               step_s=float(w.get("busy_s", 0.0)), slowdown=float(w.get("slowdown", 1.0)))
+                               step_s=float(w.get("busy_s", 0.0)), slowdown=float(w.get("slowdown", 1.0)),
+                               transfer_slowdown=float(w.get("transfer_slowdown", 1.0)))
                for name, w in s.get("workers", {}).items()]
     store, counters = s.get("store", {}), s.get("counters", {})
     tiers = [pb.TierStatus(tier=t, blocks=store.get("blocks", {}).get(t, 0), bytes=store.get("bytes", {}).get(t, 0),

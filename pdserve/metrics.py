@@ -62,6 +62,9 @@ class Metrics:
                                   m + ["worker"], registry=r)
         self.slowdown = Gauge("pdserve:worker_slowdown", "Each worker's observed over its cost model's predicted "
                               "time (the placement's correction; 1 = as predicted)", m + ["worker"], registry=r)
+        self.transfer_slowdown = Gauge("pdserve:worker_transfer_slowdown", "Each prefill worker's observed over "
+                                       "predicted time of fetching a prefix from another node's store (1 = as "
+                                       "predicted, or none yet)", m + ["worker"], registry=r)
         self.ttft_error = Gauge("pdserve:ttft_observed_over_predicted", "Median over recent requests of observed "
                                 "over predicted time to the first token (0 = none yet)", m, registry=r)
         self.restarts = Counter("pdserve:worker_restarts", "Times Ray restarted a worker or the store", m + ["role"],
@@ -120,6 +123,8 @@ class Metrics:
         for name, w in status.get("workers", {}).items():
             self.step_seconds.labels(lm, name).set(float(w.get("busy_s", 0.0)))
             self.slowdown.labels(lm, name).set(float(w.get("slowdown", 1.0)))
+            if "transfer_slowdown" in w:
+                self.transfer_slowdown.labels(lm, name).set(float(w["transfer_slowdown"]))
         self.ttft_error.labels(lm).set(float(status.get("ttft_observed_over_predicted", 0.0)))
         restarts = {r: 0 for r in ("prefill", "decode")}
         for w in status.get("workers", {}).values():

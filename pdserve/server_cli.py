@@ -279,6 +279,9 @@ def _status(args) -> int:
         slow = ", ".join(f"{w.name} {w.slowdown:.2f}" for w in s.workers)
         ttft = f"; TTFT {s.ttft_observed_over_predicted:.2f}" if s.ttft_observed_over_predicted else ""
         print(f"  cost model {s.cost_model}, observed / predicted time: {slow}{ttft}")
+        if any(w.node for w in s.workers):  # several nodes: prefixes may cross them
+            fetch = ", ".join(f"{w.name} {w.transfer_slowdown:.2f}" for w in s.workers if w.role == "prefill")
+            print(f"  fetches from other nodes, observed / predicted time: {fetch}")
     print(f"  failures: {s.migrations} migrations, {s.recomputed_tokens} recomputed tokens, "
           f"{s.kv_load_failures} KV load failures")
     return 0

@@ -177,10 +177,19 @@ def test_status_metrics_and_pdserve_status_show_the_correction(capsys, monkeypat
     assert cli._status(SimpleNamespace()) == 0
     out = capsys.readouterr().out
     assert "cost model cpu-fallback, observed / predicted time: prefill-0 4.90, decode-0 1.25; TTFT 3.20" in out
+    assert "fetches from other nodes" not in out  # one node: nothing crosses
+    for name, w in s["workers"].items():
+        w["node"] = "a" if name == "prefill-0" else "b"
+    s["workers"]["prefill-0"]["transfer_slowdown"] = 12.5
+    status = status_message("skv-tiny", s)
+    assert cli._status(SimpleNamespace()) == 0
+    assert "fetches from other nodes, observed / predicted time: prefill-0 12.50\n" in capsys.readouterr().out
     m = Metrics("skv-tiny")
     m.update_cluster(s)
     value = m.registry.get_sample_value
     assert value("pdserve:worker_slowdown", {"model_name": "skv-tiny", "worker": "prefill-0"}) == 4.9
+    assert value("pdserve:worker_transfer_slowdown", {"model_name": "skv-tiny", "worker": "prefill-0"}) == 12.5
+    assert value("pdserve:worker_transfer_slowdown", {"model_name": "skv-tiny", "worker": "decode-0"}) is None
     assert value("pdserve:ttft_observed_over_predicted", {"model_name": "skv-tiny"}) == 3.2
     from pdserve.dashboard import Dashboard
 

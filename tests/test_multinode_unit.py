@@ -196,11 +196,13 @@ def test_status_message_carries_each_node_with_its_store_and_workers():
 
     store = {"blocks": {"host": 5, "disk": 1}, "bytes": {"host": 500, "disk": 100}, "hit_tokens": {"host": 64, "disk": 0},
              "bytes_in": 10, "bytes_out": 20, "replicated_blocks": 4, "state": "alive"}
-    s = {"workers": {"prefill-0": {"role": "prefill", "node": "a"}, "decode-0": {"role": "decode", "node": "b"}},
+    s = {"workers": {"prefill-0": {"role": "prefill", "node": "a", "transfer_slowdown": 3.5},
+                     "decode-0": {"role": "decode", "node": "b"}},
          "nodes": {"a": {"state": "alive", "ray_node_id": "id-a", "workers": ["prefill-0"], "store": store},
                    "b": {"state": "lost", "ray_node_id": "id-b", "workers": ["decode-0"]}}}
     msg = status_message("skv-tiny", s)
     assert [w.node for w in msg.workers] == ["a", "b"]
+    assert [w.transfer_slowdown for w in msg.workers] == [3.5, 1.0]
     a, b = msg.nodes
     assert (a.name, a.state, a.store_state, a.blocks, a.bytes, a.hit_tokens, a.bytes_transferred,
             a.replicated_blocks, list(a.workers)) == ("a", "alive", "alive", 6, 600, 64, 30, 4, ["prefill-0"])
