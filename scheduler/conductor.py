@@ -16,8 +16,8 @@ What feeds the view:
 - each worker's observed speed (a prefill worker's busy seconds for each prompt it hands off, a decode
   worker's mean step time in its load reports) against the cost model's: its ``slowdown`` scales what the
   policies predict for it, and a prefill worker's ``transfer_slowdown`` (its fetches of a prefix from another
-  node's store) the predicted transfer (``scheduler.correction``; ``correct=False`` keeps the model as it is). Observed
-  TTFTs are kept next to the predicted ones, so ``stats()`` says how far the predictions are off;
+  node's store) the predicted transfer (``scheduler.correction``; ``correct=False`` keeps the model as it
+  is). Observed TTFTs are kept next to the predicted ones, so ``stats()`` says how far the predictions are off;
 - liveness: a worker marked down (dead, restarting or not answering) leaves placement until it is
   marked up again; a store that restarted empty makes the Conductor forget every block (of its node).
 
