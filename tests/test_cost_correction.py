@@ -315,14 +315,13 @@ def test_a_figure_no_longer_refreshed_drifts_back_toward_the_roles_and_the_worke
     fades like its sums (half-life 60 s), so its figure returns to the role's (the geometric mean of the two) and
     placement tries it sooner."""
     def cluster():
-        c = conductor(policy="cache_aware", slo=SLO(ttft_s=60.0, tbt_s=10.0))
+        clock = Clock()
+        c = conductor(policy="cache_aware", slo=SLO(ttft_s=60.0, tbt_s=10.0), clock=clock)
         c.view.decode_state["d1"] = type(c.view.decode_state["d0"])("d1")
         c.all_decode.append("d1")
         c._live()
-        clock = [0.0]
-        c.clock = lambda: clock[0]
         for i in range(48):
-            clock[0] = float(i)
+            clock.t = float(i)
             c.observe_load("d0", {"running": 1, "mean_step_s": 0.044})  # the model: 11 ms
             c.observe_load("d1", {"running": 1, "mean_step_s": 0.011})
         return c, clock
@@ -330,7 +329,7 @@ def test_a_figure_no_longer_refreshed_drifts_back_toward_the_roles_and_the_worke
     fresh, _ = cluster()
     stale, clock = cluster()
     for i in range(600):  # d1 keeps reporting, d0 has nothing to run
-        clock[0] = 48.0 + i
+        clock.t = 48.0 + i
         stale.observe_load("d0", {"running": 0})
         stale.observe_load("d1", {"running": 1, "mean_step_s": 0.011})
     was, now = fresh.slowdowns(), stale.slowdowns()
