@@ -47,6 +47,7 @@ class Dashboard:
                     "running": int(w.get("running", 0)), "waiting": int(w.get("waiting", 0)),
                     "queued_tokens": int(w.get("queued_tokens", 0)), "step_s": round(float(w.get("busy_s", 0.0)), 1),
                     "slowdown": round(float(w.get("slowdown", 1.0)), 2),
+                    "transfer_slowdown": round(float(w.get("transfer_slowdown", 1.0)), 2),
                     "free_blocks": total_blocks(w.get("free_blocks", 0)), "capacity_blocks": total_blocks(w.get("capacity", 0))}
                    for n, w in s.get("workers", {}).items()]
         decode = [w for w in workers if w["role"] == "decode"]

@@ -195,7 +195,8 @@ def test_status_metrics_and_pdserve_status_show_the_correction(capsys, monkeypat
 
     door = SimpleNamespace(limits=SimpleNamespace(model="skv-tiny"), serving=True, live={},
                            metrics=SimpleNamespace(recent=SimpleNamespace(percentiles=lambda: {})))
-    assert [w["slowdown"] for w in Dashboard(door).shape(s)["workers"]] == [4.9, 1.25]
+    shaped = Dashboard(door).shape(s)["workers"]
+    assert [(w["slowdown"], w["transfer_slowdown"]) for w in shaped] == [(4.9, 12.5), (1.25, 1.0)]
 
 
 def test_a_prefill_workers_timing_at_start_seeds_its_figure_at_once():

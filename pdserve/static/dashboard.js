@@ -49,7 +49,8 @@ function render(d) {
     cell(r, w.role === "decode" ? w.waiting : w.queued_tokens + " tokens queued");
     bar(r, w.capacity_blocks - w.free_blocks, w.capacity_blocks);
     cell(r, w.restarts);
-    cell(r, "x" + w.slowdown.toFixed(2));
+    const fetch = w.transfer_slowdown && w.transfer_slowdown !== 1 ? ", fetches x" + w.transfer_slowdown.toFixed(2) : "";
+    cell(r, "x" + w.slowdown.toFixed(2) + fetch);
   }
   const tb = $("tiers").tBodies[0];
   tb.replaceChildren();
