@@ -38,7 +38,7 @@ from pdserve.nodes import NodeParts
 from pdserve.supervisor import Member, Supervisor
 from pdserve.topology import PlacedNode, Topology, pinned, resolve
 from scheduler.conductor import Conductor
-from scheduler.cost_model import live_cost_model
+from scheduler.cost_model import CPU_FALLBACK, live_cost_model, with_kv_of
 from scheduler.policies import SLO, make_policy
 from scheduler.replication import HotBlockReplication
 
@@ -134,6 +134,8 @@ class LocalCluster(RequestFlow, NodeParts):
         self.fingerprint = fingerprint_of(loaded.model)
         del loaded
         cfg = self.model_config
+        if self.cost_model.name == CPU_FALLBACK.name:  # its timings are guesses, the KV sizes need not be
+            self.cost_model = self.policy.cost = with_kv_of(self.cost_model, cfg)
         self._start_stores(self.placed, BlockSpec.of(cfg), self.fingerprint, KVLayout.of(cfg), store_config)
         opts = {"store_timeout_s": self.resilience.store_timeout_s, "kv_load_failure": self.resilience.kv_load_failure}
         role_opts = {"prefill": opts, "decode": {**opts, "keepalive_s": min(2.0, self.resilience.stall_timeout_s / 4)}}

@@ -126,23 +126,31 @@ def roofline(name: str, config, hw: Hardware, bytes_per_param: float) -> CostMod
     flops = hw.flops * hw.mfu
     bw = hw.hbm_bytes_per_s * hw.mbu
     attn_width = config.n_heads * config.head_dim * config.n_layers
-    per_tok = config.kv_bytes_per_token_per_group
-    n_global = sum(1 for g in config.kv_groups if g.window is None)
-    local = [g for g in config.kv_groups if g.window is not None]
-    window = local[0].window if local else 0
-    local_layers = sum(1 for s in config.layers if s.attention == "local")
     weight_bytes = params * bytes_per_param
     return CostModel(
         name=name, prefill_overhead_s=0.02, prefill_s_per_token=2 * params / flops,
         prefill_s_per_pair=4 * attn_width / flops,
         decode_overhead_s=0.005, decode_weights_s=weight_bytes / bw, decode_s_per_seq=2 * params / flops,
-        decode_s_per_kv_byte=1 / bw,
-        kv_bytes_global_per_token=per_tok * n_global, kv_bytes_local_per_token=per_tok * len(local),
-        window=window, local_layer_frac=local_layers / config.n_layers,
+        decode_s_per_kv_byte=1 / bw, **_kv_shape(config),
         net_bytes_per_s=hw.net_bytes_per_s, net_latency_s=0.001,
         decode_kv_capacity_bytes=0.9 * hw.hbm_bytes - weight_bytes,
         source=f"roofline of {config.name} ({params / 1e9:.1f}B params) on {hw.name}: {hw.source}; "
                f"MFU {hw.mfu}, MBU {hw.mbu}")
+
+
+def _kv_shape(config) -> dict:
+    """A cost model's KV fields from a model config: facts of the model, whatever the machine."""
+    per_tok = config.kv_bytes_per_token_per_group
+    local = [g for g in config.kv_groups if g.window is not None]
+    return dict(kv_bytes_global_per_token=per_tok * (len(config.kv_groups) - len(local)),
+                kv_bytes_local_per_token=per_tok * len(local), window=local[0].window if local else 0,
+                local_layer_frac=sum(1 for s in config.layers if s.attention == "local") / config.n_layers)
+
+
+def with_kv_of(cost: CostModel, config) -> CostModel:
+    """``cost``'s timings with the KV sizes of the model it serves: a guessed model (``CPU_FALLBACK``, 1,000 bytes
+    per token) put SmolLM2's int8 KV (~12 KB per token) at a twelfth, so its transfers and KV reads too."""
+    return dataclasses.replace(cost, **_kv_shape(config), source=f"{cost.source}; KV sizes of {config.name}")
 
 
 def _param_count(c) -> int:

@@ -48,6 +48,9 @@ def test_later_turns_land_where_their_kv_is(cluster):
     assert status["policy"] == "cache_aware" and status["requests"] == 8
     assert 0 < status["predicted_hit_tokens"] <= status["delivered_hit_tokens"]
     assert status["store"]["live_leases"] == 0
+    cost = cluster.conductor.cost  # the CPU fallback (no calibration here) with the served model's KV sizes
+    assert cost is cluster.cost_model is cluster.policy.cost and cost.name == "cpu-fallback"
+    assert cost.kv_bytes(64 * bs) == pytest.approx(cluster.model_config.kv_bytes(64 * bs), rel=0.05)
 
 
 def test_unknown_policy_is_refused_before_anything_starts():

@@ -133,6 +133,23 @@ def test_roofline_presets_are_physically_sensible():
     assert CostModel.from_json(skv.to_json()) == skv
 
 
+def test_the_cpu_fallback_takes_the_kv_sizes_of_the_model_it_serves():
+    """Its timings are guesses; its 1,000 KV bytes per token were a twelfth of SmolLM2's int8 KV, so a 2k-token
+    prefix fetched from another node took 42x its predicted transfer."""
+    from model.config import QuantConfig
+    from model.presets import get_preset
+    from scheduler.cost_model import CPU_FALLBACK, with_kv_of
+
+    smol = get_preset("smollm2-135m").with_quant(QuantConfig())  # 30 layers, 3 KV heads of 64, all global
+    cost = with_kv_of(CPU_FALLBACK, smol)
+    assert cost.kv_bytes(1) == 30 * 2 * 3 * (64 + 4) == smol.kv_bytes_per_token(smol.block_size)
+    assert (cost.name, cost.prefill_time(512), cost.net_bytes_per_s) == (
+        CPU_FALLBACK.name, CPU_FALLBACK.prefill_time(512), CPU_FALLBACK.net_bytes_per_s)
+    skv = get_preset("skv-tiny").with_quant(QuantConfig())  # sliding-window groups stop growing at the window
+    long = 64 * skv.block_size
+    assert with_kv_of(CPU_FALLBACK, skv).kv_bytes(long) == pytest.approx(skv.kv_bytes(long), rel=0.05)
+
+
 def test_decision_latency_with_64_instances_is_under_a_millisecond():
     cost = preset("llama3-70b-a800")
     names = [f"p{i}" for i in range(64)]
