@@ -15,7 +15,7 @@ workers rest on the speed the cluster has. The simulator never corrects: there t
   identical workers that was enough to move a conversation off the worker holding its KV;
 - decode: the worker's mean step time over the model's step time at its reported batch;
 - transfer: how long a prefill worker took to load a prefix from another node's store over the model's
-  transfer time for those tokens (on two raylets of one VM a 2k-token prefix loaded in 42x the CPU fallback's
+  transfer time for those tokens (on two raylets of one VM a 2k-token prefix loaded in 3.9x the CPU fallback's
   time for it), so the choice between fetching a prefix and computing it again rests on the network the cluster
   has. No timing at start seeds it: until a worker has fetched, its peers' figure or the model's stands.
 
