@@ -245,9 +245,9 @@ class LocalCluster(RequestFlow, NodeParts):
         """The cluster at a glance (the gateway serves it): each worker's state (alive, restarting,
         dead), restarts, load, device, GPU ids, node and speed against the cost model (``slowdown``; a
         prefill worker's fetches from other nodes' stores, ``transfer_slowdown``); store stats (the first
-        node's); per node, its state, store and workers (``nodes``); the policy; the Conductor's predicted vs delivered cache
-        hits (design invariant 5), the part placed to be fetched from another node and the blocks
-        replicated; failure counters. Never raises for a dead part."""
+        node's); per node, its state, store and workers (``nodes``); the policy; the Conductor's predicted
+        vs delivered cache hits (design invariant 5), the part placed to be fetched from another node and
+        the blocks replicated; failure counters. Never raises for a dead part."""
         loads = self.loads(timeout_s=2.0)
         self.conductor.update_loads(loads)
         self._drain_store_events()
