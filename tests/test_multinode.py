@@ -131,7 +131,26 @@ def test_a_later_turn_on_node_b_hits_what_node_a_holds(cluster, reference):
     assert handoff.remote_tokens >= delivered and handoff.cached_tokens >= delivered
     fetches = cluster.conductor.correction.sums[("transfer", "prefill-1")]  # the fetch's time corrects the model's
     assert fetches.seen >= 1 and fetches.observed > 0 and handoff.timings["load_prefix"] > 0
-    assert 0.05 <= cluster.status()["workers"]["prefill-1"]["transfer_slowdown"] <= 50.0
+    shown = cluster.status()["workers"]["prefill-1"]["transfer_slowdown"]
+    assert shown == cluster.conductor.transfer_slowdowns()["prefill-1"] > 0
+    assert tokens == reference(turn2)
+
+
+def test_a_fetch_from_another_node_that_fails_is_recomputed_and_is_no_transfer_time(cluster, reference):
+    """The cross-node read fails on node b's prefill worker: the prefix is computed again (the same tokens), and
+    the Conductor's transfer correction takes nothing from it (the time went to a failure, not to moving KV)."""
+    turn1 = list(range(450, 450 + 50))
+    with only(cluster, "prefill-0", "decode-0"):
+        answer, _ = run(cluster, turn1, session="s-fail")
+    turn2 = turn1 + answer + list(range(20, 30))
+    seen = getattr(cluster.conductor.correction.sums.get(("transfer", "prefill-1")), "seen", 0)
+    cluster.arm_fault("prefill-1", "kv.fetch", "raise")
+    with only(cluster, "prefill-1", "decode-1"):
+        tokens, sub = run(cluster, turn2, session="s-fail")
+    handoff = sub.handoff.result()
+    assert sub.placement.fetch_from == "a"  # placed to fetch, and the fetch failed
+    assert handoff.remote_tokens == 0 and handoff.recomputed_tokens > 0
+    assert getattr(cluster.conductor.correction.sums.get(("transfer", "prefill-1")), "seen", 0) == seen
     assert tokens == reference(turn2)
 
 
