@@ -26,10 +26,17 @@ def run_turn(cluster, history, params):
 def test_later_turns_land_where_their_kv_is(cluster):
     params = SamplingParams(max_tokens=8, ignore_eos=True)
     histories = {"a": list(range(100, 160)), "b": list(range(300, 360))}
-    # first turns together: the second sees the first worker busy and goes to the other one
-    first = {k: cluster.submit(h, params) for k, h in histories.items()}
+    # first turns one on each worker, steered (placing them by the predicted queue raced the first prefill: a
+    # 22 ms prediction, and a pause of the test process between the two submits put both on prefill-0)
+    first = {}
+    for k, other in (("a", "prefill-1"), ("b", "prefill-0")):
+        cluster.conductor.mark_down(other)
+        try:
+            first[k] = cluster.submit(histories[k], params)
+        finally:
+            cluster.conductor.mark_up(other)
     home = {k: s.placement.prefill for k, s in first.items()}
-    assert set(home.values()) == {"prefill-0", "prefill-1"}
+    assert home == {"a": "prefill-0", "b": "prefill-1"}
     for k, s in first.items():
         histories[k] = histories[k] + [t for out in cluster.stream(s) for t in out.token_ids]
     bs = cluster.model_config.block_size
